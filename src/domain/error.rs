@@ -1,0 +1,74 @@
+use std::fmt;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One field that broke one of the model's constraints.
+///
+/// `field` is the path in IVS Chat's own (camelCase) naming, e.g.
+/// `messageReviewHandler.uri` or `tags.mykey`: the emulator reports it as is in a
+/// `ValidationException`'s `fieldList`, and the gRPC edge turns it into the proto's
+/// snake_case for `google.rpc.BadRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> FieldViolation {
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.description)
+    }
+}
+
+/// Every way a room operation can fail, whoever detects it. The gRPC edge maps
+/// each variant to one status code in one place (`grpc::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request breaks the model's constraints; nothing was sent upstream.
+    #[error("invalid request: {}", join(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("room not found: {0}")]
+    NotFound(String),
+    #[error("access denied: {0}")]
+    PermissionDenied(String),
+    /// IVS Chat's PendingVerification: the account cannot use the API yet.
+    #[error("pending verification: {0}")]
+    PendingVerification(String),
+    /// Quota or throttling that outlasted the SDK's retries.
+    #[error("upstream limit exceeded: {0}")]
+    ResourceExhausted(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Upstream unreachable, 5xx or timed out; or the cache database is.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A request field this version names but does not implement yet.
+    #[error("not implemented: {0}")]
+    Unimplemented(String),
+    /// Anything else. Its text is logged, never sent to clients.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Error {
+        Error::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+fn join(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}

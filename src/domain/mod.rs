@@ -1,0 +1,15 @@
+//! The core vocabulary: rooms, the changes that can be asked of them, the
+//! constraints of the IVS Chat model, and the one error type.
+//!
+//! Architecture invariant: this module knows nothing of gRPC, SQL, HTTP or the
+//! AWS SDK. Every other module converts its own types into these at its edge.
+
+mod error;
+mod room;
+pub mod validate;
+
+pub use error::{Error, FieldViolation, Result};
+pub use room::{
+    FallbackResult, ListQuery, ListedPage, MessageReviewHandler, NewRoom, Room, RoomArn, RoomPatch,
+    Timestamp,
+};

@@ -1,0 +1,117 @@
+//! Fault injection: latency, errors and AWS's per-operation TPS limit. All off by
+//! default.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// The IVS Chat room operations the emulator serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    CreateRoom,
+    GetRoom,
+    UpdateRoom,
+    DeleteRoom,
+    ListRooms,
+    TagResource,
+    UntagResource,
+    ListTagsForResource,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 8] = [
+        Operation::CreateRoom,
+        Operation::GetRoom,
+        Operation::UpdateRoom,
+        Operation::DeleteRoom,
+        Operation::ListRooms,
+        Operation::TagResource,
+        Operation::UntagResource,
+        Operation::ListTagsForResource,
+    ];
+
+    pub(crate) fn index(self) -> usize {
+        Operation::ALL
+            .iter()
+            .position(|op| *op == self)
+            .expect("every operation is in ALL")
+    }
+}
+
+impl FromStr for Operation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Operation::ALL
+            .into_iter()
+            .find(|op| format!("{op:?}") == s)
+            .ok_or_else(|| format!("unknown operation {s}"))
+    }
+}
+
+/// Which error an injected failure is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum InjectedError {
+    /// 500 InternalServerException.
+    #[default]
+    Internal,
+    /// 429 ThrottlingException.
+    Throttling,
+}
+
+/// Faults to inject. The default injects nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    /// Added before every response is sent (the operation has already happened,
+    /// as with a slow network on the way back).
+    pub latency: Duration,
+    /// Per-operation latency, instead of `latency` for those operations.
+    pub latency_by_operation: HashMap<Operation, Duration>,
+    /// Fraction of requests, 0.0 to 1.0, answered with `error` instead.
+    pub error_rate: f64,
+    pub error: InjectedError,
+    /// Calls per second allowed for each operation (AWS allows 5); over it,
+    /// ThrottlingException.
+    pub tps_limit: Option<NonZeroU32>,
+}
+
+impl Faults {
+    pub fn latency_for(&self, op: Operation) -> Duration {
+        self.latency_by_operation
+            .get(&op)
+            .copied()
+            .unwrap_or(self.latency)
+    }
+}
+
+/// The faults in force with the rate limiter built for them.
+pub(crate) struct ActiveFaults {
+    pub(crate) faults: Faults,
+    limiter: Option<Arc<DefaultKeyedRateLimiter<Operation>>>,
+}
+
+impl ActiveFaults {
+    pub(crate) fn new(faults: Faults) -> ActiveFaults {
+        let limiter = faults
+            .tps_limit
+            .map(|tps| Arc::new(RateLimiter::keyed(Quota::per_second(tps))));
+        ActiveFaults { faults, limiter }
+    }
+
+    /// Whether `op` is over its TPS limit now (and so must be throttled).
+    pub(crate) fn over_limit(&self, op: Operation) -> bool {
+        self.limiter
+            .as_ref()
+            .is_some_and(|limiter| limiter.check_key(&op).is_err())
+    }
+
+    /// Whether this request draws an injected error.
+    pub(crate) fn draw_error(&self) -> Option<InjectedError> {
+        (self.faults.error_rate > 0.0 && rand::random::<f64>() < self.faults.error_rate)
+            .then_some(self.faults.error)
+    }
+}

@@ -1,0 +1,152 @@
+//! An Amazon IVS Chat emulator for the room API, speaking the service's
+//! rest-json protocol closely enough that `aws-sdk-ivschat` and boto3 cannot
+//! tell it from AWS: same paths and methods, same JSON, same error shapes (the
+//! `x-amzn-ErrorType` header and body), same constraints (the shared table in
+//! `domain::validate`).
+//!
+//! Architecture invariant: the emulator shares only `domain` with the service.
+//! The service reaches it exactly as it reaches AWS, through the SDK.
+
+mod faults;
+mod http;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub use faults::{Faults, InjectedError, Operation};
+
+use crate::domain::{Result, Room, RoomPatch};
+use faults::ActiveFaults;
+use state::State;
+
+/// How to run an emulator.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    pub region: String,
+    pub account_id: String,
+    /// Keep rooms in this file (created if missing) so a restart keeps them.
+    pub state_file: Option<PathBuf>,
+    pub faults: Faults,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            region: "us-east-1".into(),
+            account_id: "123456789012".into(),
+            state_file: None,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// A running or runnable emulator. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Emulator {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    faults: RwLock<Arc<ActiveFaults>>,
+    calls: [AtomicU64; Operation::ALL.len()],
+    call_made: Notify,
+}
+
+impl Emulator {
+    pub fn new(config: EmulatorConfig) -> anyhow::Result<Emulator> {
+        let state = State::open(
+            &config.region,
+            &config.account_id,
+            config.state_file.as_deref(),
+        )?;
+        Ok(Emulator {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                faults: RwLock::new(Arc::new(ActiveFaults::new(config.faults))),
+                calls: Default::default(),
+                call_made: Notify::new(),
+            }),
+        })
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, http::router(self))
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    /// Binds `addr` (port 0 for any), serves in a background task for as long as
+    /// the runtime lives, and returns the endpoint URL to give the SDK.
+    pub async fn spawn(&self, addr: SocketAddr) -> std::io::Result<String> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let emulator = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = emulator.serve(listener, std::future::pending()).await {
+                tracing::error!(error = %e, "emulator stopped");
+            }
+        });
+        Ok(format!("http://{local}"))
+    }
+
+    /// Replaces the faults in force.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.shared.faults.write().expect("faults lock") = Arc::new(ActiveFaults::new(faults));
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.active_faults().faults.clone()
+    }
+
+    /// How many requests for `op` have arrived, throttled and failed ones included.
+    pub fn calls(&self, op: Operation) -> u64 {
+        self.shared.calls[op.index()].load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` requests for `op` have arrived.
+    pub async fn wait_for_calls(&self, op: Operation, n: u64) {
+        loop {
+            let notified = self.shared.call_made.notified();
+            if self.calls(op) >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Every room, for tests that compare the service's cache with "AWS".
+    pub fn rooms(&self) -> Vec<Room> {
+        self.state().rooms()
+    }
+
+    /// Updates a room directly, as another AWS client would: for tests of
+    /// changes made behind the service's back.
+    pub fn update_room(&self, arn: &str, patch: &RoomPatch) -> Result<Room> {
+        self.state().update(arn, patch)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().expect("emulator state lock")
+    }
+
+    fn active_faults(&self) -> Arc<ActiveFaults> {
+        self.shared.faults.read().expect("faults lock").clone()
+    }
+
+    fn record_call(&self, op: Operation) {
+        self.shared.calls[op.index()].fetch_add(1, Ordering::SeqCst);
+        self.shared.call_made.notify_waiters();
+    }
+}

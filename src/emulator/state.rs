@@ -1,0 +1,265 @@
+//! The emulator's rooms and what each operation does to them, free of HTTP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::Rng as _;
+use rand::distr::Alphanumeric;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{
+    Error, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch, Timestamp, validate,
+};
+
+/// The rooms of one account in one region.
+pub(crate) struct State {
+    region: String,
+    account_id: String,
+    rooms: HashMap<String, Room>,
+    file: Option<PathBuf>,
+}
+
+/// What the state file holds.
+#[derive(Serialize, Deserialize, Default)]
+struct Persisted {
+    rooms: Vec<Room>,
+}
+
+impl State {
+    /// Loads `file` if it exists; a missing file is an empty account.
+    pub(crate) fn open(
+        region: &str,
+        account_id: &str,
+        file: Option<&Path>,
+    ) -> anyhow::Result<State> {
+        let rooms = match file {
+            Some(path) if path.exists() => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("could not read emulator state {}", path.display()))?;
+                let persisted: Persisted = serde_json::from_slice(&bytes).with_context(|| {
+                    format!("could not parse emulator state {}", path.display())
+                })?;
+                persisted.rooms
+            }
+            _ => Vec::new(),
+        };
+        Ok(State {
+            region: region.to_owned(),
+            account_id: account_id.to_owned(),
+            rooms: rooms.into_iter().map(|r| (r.id.clone(), r)).collect(),
+            file: file.map(Path::to_path_buf),
+        })
+    }
+
+    pub(crate) fn create(&mut self, new: NewRoom) -> Result<Room> {
+        validate::new_room(&new)?;
+        let id: String = loop {
+            let id: String = rand::rng()
+                .sample_iter(&Alphanumeric)
+                .take(12)
+                .map(char::from)
+                .collect();
+            if !self.rooms.contains_key(&id) {
+                break id;
+            }
+        };
+        let now = Timestamp::now().truncate_to_micros();
+        let room = Room {
+            arn: RoomArn::new(&self.region, &self.account_id, &id).to_string(),
+            id: id.clone(),
+            name: new.name,
+            create_time: now,
+            update_time: now,
+            maximum_message_rate_per_second: new
+                .maximum_message_rate_per_second
+                .unwrap_or(Room::DEFAULT_MAXIMUM_MESSAGE_RATE_PER_SECOND),
+            maximum_message_length: new
+                .maximum_message_length
+                .unwrap_or(Room::DEFAULT_MAXIMUM_MESSAGE_LENGTH),
+            message_review_handler: new.message_review_handler.filter(|h| !h.uri.is_empty()),
+            tags: new.tags,
+            logging_configuration_identifiers: new.logging_configuration_identifiers,
+        };
+        self.rooms.insert(id, room.clone());
+        self.save()?;
+        Ok(room)
+    }
+
+    pub(crate) fn get(&self, identifier: &str) -> Result<Room> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        self.find(&arn).cloned()
+    }
+
+    pub(crate) fn update(&mut self, identifier: &str, patch: &RoomPatch) -> Result<Room> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        validate::room_patch(patch)?;
+        let room = self.find_mut(&arn)?;
+        patch.apply_to(room);
+        // Strictly greater than before, even for back-to-back updates.
+        let next = room
+            .update_time
+            .saturating_add(std::time::Duration::from_micros(1));
+        room.update_time = Timestamp::now().truncate_to_micros().max(next);
+        let room = room.clone();
+        self.save()?;
+        Ok(room)
+    }
+
+    pub(crate) fn delete(&mut self, identifier: &str) -> Result<()> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        self.find(&arn)?;
+        self.rooms.remove(arn.id());
+        self.save()
+    }
+
+    pub(crate) fn list(&self, query: &ListQuery) -> Result<ListedPage<Room>> {
+        validate::list_query(query)?;
+        let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => Some(decode_token(token).ok_or_else(|| {
+                Error::invalid("nextToken", "is not a token this service issued")
+            })?),
+            None => None,
+        };
+        let mut rooms: Vec<&Room> = self.rooms.values().filter(|r| query.matches(r)).collect();
+        rooms.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+        let start = match &after {
+            Some(after) => rooms.partition_point(|r| order_key(r) <= after.as_key()),
+            None => 0,
+        };
+        let limit = query.limit();
+        let page: Vec<Room> = rooms[start..]
+            .iter()
+            .take(limit)
+            .map(|r| (*r).clone())
+            .collect();
+        let next_token = (start + limit < rooms.len())
+            .then(|| page.last().map(encode_token))
+            .flatten();
+        Ok(ListedPage {
+            rooms: page,
+            next_token,
+        })
+    }
+
+    pub(crate) fn tag(&mut self, resource_arn: &str, tags: BTreeMap<String, String>) -> Result<()> {
+        let arn = self.resource(resource_arn)?;
+        validate::tags("tags", &tags)?;
+        let room = self.find_mut(&arn)?;
+        let mut merged = room.tags.clone();
+        merged.extend(tags);
+        if merged.len() > validate::MAX_TAGS {
+            return Err(Error::invalid(
+                "tags",
+                format!("a resource can have at most {} tags", validate::MAX_TAGS),
+            ));
+        }
+        // Tagging does not move updateTime, as in IVS Chat.
+        room.tags = merged;
+        self.save()
+    }
+
+    pub(crate) fn untag(&mut self, resource_arn: &str, keys: &[String]) -> Result<()> {
+        let arn = self.resource(resource_arn)?;
+        validate::tag_keys("tagKeys", keys)?;
+        let room = self.find_mut(&arn)?;
+        for key in keys {
+            room.tags.remove(key);
+        }
+        self.save()
+    }
+
+    pub(crate) fn tags(&self, resource_arn: &str) -> Result<BTreeMap<String, String>> {
+        let arn = self.resource(resource_arn)?;
+        Ok(self.find(&arn)?.tags.clone())
+    }
+
+    /// Every room, in no order.
+    pub(crate) fn rooms(&self) -> Vec<Room> {
+        self.rooms.values().cloned().collect()
+    }
+
+    fn resource(&self, resource_arn: &str) -> Result<RoomArn> {
+        validate::resource_arn("resourceArn", resource_arn)?;
+        // Only rooms carry tags here; any other resource type is unknown.
+        RoomArn::parse("resourceArn", resource_arn)
+            .map_err(|_| Error::NotFound(resource_arn.to_owned()))
+    }
+
+    fn find(&self, arn: &RoomArn) -> Result<&Room> {
+        self.rooms
+            .get(arn.id())
+            .filter(|r| r.arn == arn.as_str())
+            .ok_or_else(|| Error::NotFound(arn.id().to_owned()))
+    }
+
+    fn find_mut(&mut self, arn: &RoomArn) -> Result<&mut Room> {
+        self.rooms
+            .get_mut(arn.id())
+            .filter(|r| r.arn == arn.as_str())
+            .ok_or_else(|| Error::NotFound(arn.id().to_owned()))
+    }
+
+    /// Writes the whole state atomically (temporary file, then rename), so a
+    /// crash leaves either the old or the new state.
+    fn save(&self) -> Result<()> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let persisted = Persisted {
+            rooms: self.rooms.values().cloned().collect(),
+        };
+        let write = || -> anyhow::Result<()> {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let mut tmp = tempfile_in(dir.unwrap_or(Path::new(".")))?;
+            serde_json::to_writer(&mut tmp.1, &persisted)?;
+            tmp.1.flush()?;
+            tmp.1.sync_all()?;
+            std::fs::rename(&tmp.0, path)?;
+            Ok(())
+        };
+        write()
+            .with_context(|| format!("could not write emulator state {}", path.display()))
+            .map_err(Error::Internal)
+    }
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!(".emulator-state-{}.tmp", std::process::id()));
+    let file = std::fs::File::create(&path)?;
+    Ok((path, file))
+}
+
+/// Newest first; ties broken by id so pages never overlap.
+fn order_key(room: &Room) -> (std::cmp::Reverse<Timestamp>, &str) {
+    (std::cmp::Reverse(room.update_time), room.id.as_str())
+}
+
+struct Cursor {
+    update_time: Timestamp,
+    id: String,
+}
+
+impl Cursor {
+    fn as_key(&self) -> (std::cmp::Reverse<Timestamp>, &str) {
+        (std::cmp::Reverse(self.update_time), self.id.as_str())
+    }
+}
+
+fn encode_token(last: &Room) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{}", last.update_time.as_nanos(), last.id))
+}
+
+fn decode_token(token: &str) -> Option<Cursor> {
+    let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (nanos, id) = text.split_once(':')?;
+    Some(Cursor {
+        update_time: Timestamp::from_nanos(nanos.parse().ok()?),
+        id: id.to_owned(),
+    })
+}

@@ -1,0 +1,22 @@
+//! ivschat-rooms: a gRPC service in front of Amazon IVS Chat's room API.
+//!
+//! # Layout
+//!
+//! A request flows one way: `grpc` → `rooms` → (`store`, `upstream`) → `domain`.
+//!
+//! - [`config`]: the one clap struct; every flag is also an `IVSCHAT_ROOMS_*` variable.
+//! - [`server`]: wiring. Builds the store, the upstream client (or the embedded
+//!   emulator) and the gRPC server, and serves until shutdown.
+//! - [`grpc`]: the only home of protobuf types: the tonic service, conversions
+//!   between wire and domain types, and the one mapping from errors to `Status`.
+//! - [`rooms`]: cache policy: read-through with bounded staleness, write-through,
+//!   the update-time rule, the startup listing.
+//! - [`store`]: the only home of SQL (SQLite or Postgres through sqlx).
+//! - [`upstream`]: the only home of `aws-sdk-ivschat` types.
+//! - [`emulator`]: an IVS Chat stand-in that the real SDKs talk to.
+//! - [`domain`]: rooms, patches, the model's constraints, the error type.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod domain;
+pub mod emulator;
