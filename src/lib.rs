@@ -20,3 +20,5 @@
 
 pub mod domain;
 pub mod emulator;
+pub mod store;
+pub mod upstream;

@@ -10,6 +10,6 @@ pub mod validate;
 
 pub use error::{Error, FieldViolation, Result};
 pub use room::{
-    FallbackResult, ListQuery, ListedPage, MessageReviewHandler, NewRoom, Room, RoomArn, RoomPatch,
-    Timestamp,
+    FallbackResult, ListQuery, ListedPage, MessageReviewHandler, NewRoom, PageCursor, Room,
+    RoomArn, RoomPatch, RoomSummary, Timestamp,
 };

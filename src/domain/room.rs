@@ -163,6 +163,32 @@ impl Room {
     }
 }
 
+/// A room as ListRooms shows it: without its message limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSummary {
+    pub arn: String,
+    pub id: String,
+    pub name: String,
+    pub create_time: Timestamp,
+    pub update_time: Timestamp,
+    pub message_review_handler: Option<MessageReviewHandler>,
+    pub tags: BTreeMap<String, String>,
+    pub logging_configuration_identifiers: Vec<String>,
+}
+
+impl RoomSummary {
+    /// Whether `room` is the version this summary shows, as far as a summary
+    /// can tell (the message limits cannot change without moving updateTime).
+    pub fn shows(&self, room: &Room) -> bool {
+        self.arn == room.arn
+            && self.update_time == room.update_time
+            && self.name == room.name
+            && self.message_review_handler == room.message_review_handler
+            && self.tags == room.tags
+            && self.logging_configuration_identifiers == room.logging_configuration_identifiers
+    }
+}
+
 /// What CreateRoom asks for; `None` takes the model's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewRoom {
@@ -244,4 +270,39 @@ impl ListQuery {
 pub struct ListedPage<T> {
     pub rooms: Vec<T>,
     pub next_token: Option<String>,
+}
+
+/// Where a page of rooms (newest `updateTime` first, ties by `key`) ends: the
+/// opaque `nextToken` of ListRooms, both the emulator's and the cache's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub update_time: Timestamp,
+    pub key: String,
+}
+
+impl PageCursor {
+    pub fn encode(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}:{}",
+            self.update_time.as_nanos(),
+            self.key
+        ))
+    }
+
+    /// Decodes a `nextToken` from a request: INVALID_ARGUMENT if this service did
+    /// not issue it.
+    pub fn decode(token: &str) -> super::Result<PageCursor> {
+        use base64::Engine as _;
+        let invalid = || super::Error::invalid("nextToken", "is not a token this service issued");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| invalid())?;
+        let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+        let (nanos, key) = text.split_once(':').ok_or_else(invalid)?;
+        Ok(PageCursor {
+            update_time: Timestamp::from_nanos(nanos.parse().map_err(|_| invalid())?),
+            key: key.to_owned(),
+        })
+    }
 }

@@ -5,14 +5,13 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::Rng as _;
 use rand::distr::Alphanumeric;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Error, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch, Timestamp, validate,
+    Error, ListQuery, ListedPage, NewRoom, PageCursor, Result, Room, RoomArn, RoomPatch, Timestamp,
+    validate,
 };
 
 /// The rooms of one account in one region.
@@ -119,15 +118,15 @@ impl State {
     pub(crate) fn list(&self, query: &ListQuery) -> Result<ListedPage<Room>> {
         validate::list_query(query)?;
         let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
-            Some(token) => Some(decode_token(token).ok_or_else(|| {
-                Error::invalid("nextToken", "is not a token this service issued")
-            })?),
+            Some(token) => Some(PageCursor::decode(token)?),
             None => None,
         };
         let mut rooms: Vec<&Room> = self.rooms.values().filter(|r| query.matches(r)).collect();
         rooms.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
         let start = match &after {
-            Some(after) => rooms.partition_point(|r| order_key(r) <= after.as_key()),
+            Some(after) => rooms.partition_point(|r| {
+                order_key(r) <= (std::cmp::Reverse(after.update_time), after.key.as_str())
+            }),
             None => 0,
         };
         let limit = query.limit();
@@ -137,7 +136,15 @@ impl State {
             .map(|r| (*r).clone())
             .collect();
         let next_token = (start + limit < rooms.len())
-            .then(|| page.last().map(encode_token))
+            .then(|| {
+                page.last().map(|last| {
+                    PageCursor {
+                        update_time: last.update_time,
+                        key: last.id.clone(),
+                    }
+                    .encode()
+                })
+            })
             .flatten();
         Ok(ListedPage {
             rooms: page,
@@ -237,29 +244,4 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
 /// Newest first; ties broken by id so pages never overlap.
 fn order_key(room: &Room) -> (std::cmp::Reverse<Timestamp>, &str) {
     (std::cmp::Reverse(room.update_time), room.id.as_str())
-}
-
-struct Cursor {
-    update_time: Timestamp,
-    id: String,
-}
-
-impl Cursor {
-    fn as_key(&self) -> (std::cmp::Reverse<Timestamp>, &str) {
-        (std::cmp::Reverse(self.update_time), self.id.as_str())
-    }
-}
-
-fn encode_token(last: &Room) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}:{}", last.update_time.as_nanos(), last.id))
-}
-
-fn decode_token(token: &str) -> Option<Cursor> {
-    let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
-    let text = String::from_utf8(bytes).ok()?;
-    let (nanos, id) = text.split_once(':')?;
-    Some(Cursor {
-        update_time: Timestamp::from_nanos(nanos.parse().ok()?),
-        id: id.to_owned(),
-    })
 }
