@@ -18,7 +18,11 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod config;
 pub mod domain;
 pub mod emulator;
+pub mod grpc;
+pub mod rooms;
+pub mod server;
 pub mod store;
 pub mod upstream;

@@ -1,0 +1,252 @@
+//! Command-line and environment configuration: every flag is also an
+//! `IVSCHAT_ROOMS_*` environment variable; durations read like `1s`, `500ms`.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::emulator::InjectedError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ivschat-rooms",
+    version,
+    about = "A gRPC service in front of Amazon IVS Chat's room API, with a persistent cache",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// With no subcommand, `serve` runs with these.
+    #[command(flatten)]
+    pub serve: ServeConfig,
+}
+
+impl Cli {
+    /// The subcommand to run; a bare `ivschat-rooms` serves.
+    pub fn into_command(self) -> Command {
+        self.command.unwrap_or(Command::Serve(self.serve))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve RoomService over gRPC (the default).
+    Serve(ServeConfig),
+    /// Run the IVS Chat emulator alone, for tests that need a stand-in AWS.
+    Emulator(EmulatorArgs),
+}
+
+/// Where the service sends IVS Chat calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UpstreamKind {
+    /// An emulator started in-process on a loopback port: no AWS account needed.
+    Embedded,
+    /// AWS, configured by the standard chain (environment, profile, IMDS);
+    /// AWS_ENDPOINT_URL_IVSCHAT overrides the endpoint.
+    Aws,
+    /// An emulator already running at --emulator-url.
+    Emulator,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "IVSCHAT_ROOMS_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// The cache database: `sqlite://PATH` (created if missing) or
+    /// `postgres://USER@HOST/DB`. Default: a SQLite file in --data-dir.
+    #[arg(long, env = "IVSCHAT_ROOMS_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Directory for the default SQLite cache and the embedded emulator's state.
+    #[arg(long, env = "IVSCHAT_ROOMS_DATA_DIR", default_value = ".ivschat-rooms")]
+    pub data_dir: PathBuf,
+
+    /// Where IVS Chat calls go.
+    #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM", value_enum, default_value_t = UpstreamKind::Embedded)]
+    pub upstream: UpstreamKind,
+
+    /// The emulator's URL, with --upstream emulator.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_EMULATOR_URL",
+        required_if_eq("upstream", "emulator")
+    )]
+    pub emulator_url: Option<String>,
+
+    /// The region the embedded emulator, or the one at --emulator-url, plays.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_EMULATOR_REGION",
+        default_value = "us-east-1"
+    )]
+    pub emulator_region: String,
+
+    /// Time limit for one IVS Chat call, retries included.
+    #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Attempts per IVS Chat call, the first included (the SDK retries
+    /// throttling, 5xx and timeouts with backoff).
+    #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub upstream_max_attempts: u32,
+
+    /// How long a cached room confirmed by IVS Chat is served without asking
+    /// again (READ_CONSISTENCY_CACHED).
+    #[arg(long, env = "IVSCHAT_ROOMS_MAX_STALENESS", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_staleness: Duration,
+
+    /// How long ListRooms waits for the first full listing of IVS Chat before
+    /// answering UNAVAILABLE.
+    #[arg(long, env = "IVSCHAT_ROOMS_LISTING_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub listing_wait: Duration,
+
+    /// On SIGINT/SIGTERM, how long in-flight requests may take before the
+    /// server stops anyway.
+    #[arg(long, env = "IVSCHAT_ROOMS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    /// The cache URL, defaulting to a SQLite file in the data directory.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("rooms.db").display()))
+    }
+
+    /// Where the embedded emulator keeps its rooms: beside the cache, so that
+    /// after a restart the cache and its upstream still agree.
+    pub fn embedded_state_file(&self) -> PathBuf {
+        let url = self.database_url();
+        let sqlite_path = url
+            .strip_prefix("sqlite:")
+            .map(|rest| rest.trim_start_matches("//"))
+            .map(|rest| rest.split('?').next().unwrap_or_default())
+            .filter(|path| !path.is_empty() && *path != ":memory:");
+        match sqlite_path {
+            Some(path) => PathBuf::from(format!("{path}.emulator.json")),
+            None => self.data_dir.join("emulator.json"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EmulatorArgs {
+    /// Address to serve the IVS Chat API on.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_EMULATOR_LISTEN",
+        default_value = "127.0.0.1:4566"
+    )]
+    pub listen: SocketAddr,
+
+    /// Keep rooms in this file so a restart keeps them (default: in memory).
+    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_STATE")]
+    pub state: Option<PathBuf>,
+
+    /// Region in the ARNs handed out.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_EMULATOR_REGION",
+        default_value = "us-east-1"
+    )]
+    pub region: String,
+
+    /// Account in the ARNs handed out.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_EMULATOR_ACCOUNT_ID",
+        default_value = "123456789012"
+    )]
+    pub account_id: String,
+
+    /// Added to every response.
+    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_LATENCY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+
+    /// Fraction of requests (0 to 1) answered with --error instead.
+    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_ERROR_RATE", default_value_t = 0.0, value_parser = fraction)]
+    pub error_rate: f64,
+
+    /// The error injected at --error-rate.
+    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_ERROR", value_enum, default_value_t = InjectedError::Internal)]
+    pub error: InjectedError,
+
+    /// Calls per second allowed per operation (AWS allows 5); over it,
+    /// ThrottlingException. Default: no limit.
+    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_TPS_LIMIT")]
+    pub tps_limit: Option<NonZeroU32>,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("must be a number from 0 to 1, got {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("ivschat-rooms").chain(args.iter().copied()))
+            .expect("arguments parse")
+            .into_command()
+    }
+
+    #[test]
+    fn bare_invocation_serves_with_defaults() {
+        let Command::Serve(c) = parse(&[]) else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.upstream, UpstreamKind::Embedded);
+        assert_eq!(c.database_url(), "sqlite://.ivschat-rooms/rooms.db");
+        assert_eq!(
+            c.embedded_state_file(),
+            PathBuf::from(".ivschat-rooms/rooms.db.emulator.json")
+        );
+    }
+
+    #[test]
+    fn durations_read_as_humantime() {
+        let Command::Serve(c) = parse(&[
+            "serve",
+            "--upstream-timeout",
+            "1500ms",
+            "--max-staleness",
+            "2m",
+        ]) else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.upstream_timeout, Duration::from_millis(1500));
+        assert_eq!(c.max_staleness, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn emulator_upstream_needs_a_url() {
+        assert!(Cli::try_parse_from(["ivschat-rooms", "--upstream", "emulator"]).is_err());
+        assert!(Cli::try_parse_from(["ivschat-rooms", "emulator", "--error-rate", "1.5"]).is_err());
+    }
+
+    #[test]
+    fn postgres_cache_keeps_emulator_state_in_data_dir() {
+        let Command::Serve(c) = parse(&[
+            "--database-url",
+            "postgres://postgres@localhost/x",
+            "--data-dir",
+            "/d",
+        ]) else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.embedded_state_file(), PathBuf::from("/d/emulator.json"));
+    }
+}

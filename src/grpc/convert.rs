@@ -1,0 +1,111 @@
+//! Conversions between protobuf messages and domain values.
+
+use crate::domain::{
+    Error, FallbackResult, ListQuery, MessageReviewHandler, NewRoom, Result, Room, RoomPatch,
+    Timestamp,
+};
+use crate::rooms::Consistency;
+
+use super::proto;
+
+pub(super) fn new_room(req: proto::CreateRoomRequest) -> Result<NewRoom> {
+    Ok(NewRoom {
+        name: req.name,
+        maximum_message_rate_per_second: req.maximum_message_rate_per_second,
+        maximum_message_length: req.maximum_message_length,
+        // An empty uri on create is no handler.
+        message_review_handler: req
+            .message_review_handler
+            .map(handler)
+            .transpose()?
+            .filter(|h| !h.uri.is_empty()),
+        tags: req.tags.into_iter().collect(),
+        logging_configuration_identifiers: req.logging_configuration_identifiers,
+    })
+}
+
+pub(super) fn room_patch(req: proto::UpdateRoomRequest) -> Result<RoomPatch> {
+    Ok(RoomPatch {
+        name: req.name,
+        maximum_message_rate_per_second: req.maximum_message_rate_per_second,
+        maximum_message_length: req.maximum_message_length,
+        message_review_handler: req.message_review_handler.map(handler).transpose()?,
+        logging_configuration_identifiers: req
+            .logging_configuration_identifiers
+            .map(|ids| ids.identifiers),
+    })
+}
+
+pub(super) fn list_query(req: proto::ListRoomsRequest) -> ListQuery {
+    let non_empty = |s: String| (!s.is_empty()).then_some(s);
+    ListQuery {
+        name: non_empty(req.name),
+        message_review_handler_uri: non_empty(req.message_review_handler_uri),
+        logging_configuration_identifier: non_empty(req.logging_configuration_identifier),
+        max_results: (req.max_results != 0).then_some(req.max_results),
+        next_token: non_empty(req.next_token),
+    }
+}
+
+pub(super) fn consistency(value: i32) -> Result<Consistency> {
+    match proto::ReadConsistency::try_from(value) {
+        Ok(proto::ReadConsistency::Unspecified | proto::ReadConsistency::Cached) => {
+            Ok(Consistency::Cached)
+        }
+        Ok(proto::ReadConsistency::Strong) => Ok(Consistency::Strong),
+        Err(_) => Err(Error::invalid(
+            "consistency",
+            format!("unknown ReadConsistency value {value}"),
+        )),
+    }
+}
+
+fn handler(h: proto::MessageReviewHandler) -> Result<MessageReviewHandler> {
+    let fallback_result = match proto::FallbackResult::try_from(h.fallback_result) {
+        Ok(proto::FallbackResult::Unspecified | proto::FallbackResult::Allow) => {
+            FallbackResult::Allow
+        }
+        Ok(proto::FallbackResult::Deny) => FallbackResult::Deny,
+        Err(_) => {
+            return Err(Error::invalid(
+                "messageReviewHandler.fallbackResult",
+                format!("unknown FallbackResult value {}", h.fallback_result),
+            ));
+        }
+    };
+    Ok(MessageReviewHandler {
+        uri: h.uri,
+        fallback_result,
+    })
+}
+
+pub(super) fn room(room: Room) -> proto::Room {
+    proto::Room {
+        arn: room.arn,
+        id: room.id,
+        name: room.name,
+        create_time: Some(timestamp(room.create_time)),
+        update_time: Some(timestamp(room.update_time)),
+        maximum_message_rate_per_second: room.maximum_message_rate_per_second,
+        maximum_message_length: room.maximum_message_length,
+        message_review_handler: room
+            .message_review_handler
+            .map(|h| proto::MessageReviewHandler {
+                uri: h.uri,
+                fallback_result: match h.fallback_result {
+                    FallbackResult::Allow => proto::FallbackResult::Allow,
+                    FallbackResult::Deny => proto::FallbackResult::Deny,
+                } as i32,
+            }),
+        tags: room.tags.into_iter().collect(),
+        logging_configuration_identifiers: room.logging_configuration_identifiers,
+    }
+}
+
+fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    let nanos = t.as_nanos();
+    prost_types::Timestamp {
+        seconds: nanos.div_euclid(1_000_000_000),
+        nanos: nanos.rem_euclid(1_000_000_000) as i32,
+    }
+}

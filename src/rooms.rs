@@ -1,0 +1,354 @@
+//! Cache policy: what is read from the cache, what goes upstream, and in which
+//! order.
+//!
+//! - Reads are served from the cache while the row was confirmed by IVS Chat
+//!   within `max_staleness` (a tombstone answers NOT_FOUND the same way);
+//!   otherwise they read IVS Chat and store what it says.
+//! - Writes go to IVS Chat first; the cache then takes the result, under the
+//!   store's update-time rule, so a slow answer never overwrites a newer one.
+//! - Within this process, calls that reach IVS Chat for the same room take turns
+//!   (a per-room lock), so a read that started before a write cannot land after
+//!   it, and concurrent misses of one room wait for the first to fill the cache.
+//! - ListRooms is answered from the cache once a full listing of IVS Chat has
+//!   completed (at startup, persisted across restarts).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedMutexGuard, watch};
+
+use crate::domain::{
+    Error, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch, Timestamp, validate,
+};
+use crate::store::{CachedRoom, Store};
+use crate::upstream::Upstream;
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// A cached row confirmed within `max_staleness` will do.
+    #[default]
+    Cached,
+    /// Always ask IVS Chat.
+    Strong,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RoomsSettings {
+    /// How long a row confirmed by IVS Chat may be served without asking again.
+    pub max_staleness: Duration,
+    /// How long ListRooms waits for the first full listing before UNAVAILABLE.
+    pub listing_wait: Duration,
+}
+
+/// The room service's policy, shared by every request. Cheap to clone.
+#[derive(Clone)]
+pub struct Rooms {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    upstream: Upstream,
+    settings: RoomsSettings,
+    locks: RoomLocks,
+    /// Whether a full listing has ever completed, so ListRooms can use the cache.
+    listed: watch::Sender<bool>,
+}
+
+/// What one full listing found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListingReport {
+    /// Rooms IVS Chat listed.
+    pub listed: usize,
+    /// Rooms read with GetRoom because the cache lacked them or held an older version.
+    pub fetched: usize,
+    /// Cached rooms IVS Chat no longer has.
+    pub deleted: usize,
+}
+
+impl Rooms {
+    pub async fn new(store: Store, upstream: Upstream, settings: RoomsSettings) -> Result<Rooms> {
+        let listed = store.full_listing_at().await?.is_some();
+        Ok(Rooms {
+            inner: Arc::new(Inner {
+                store,
+                upstream,
+                settings,
+                locks: RoomLocks::default(),
+                listed: watch::Sender::new(listed),
+            }),
+        })
+    }
+
+    pub async fn create(&self, new: NewRoom) -> Result<Room> {
+        validate::new_room(&new)?;
+        let asked_at = Timestamp::now();
+        let room = self.inner.upstream.create_room(&new).await?;
+        Ok(self.keep(room, asked_at).await)
+    }
+
+    pub async fn get(&self, identifier: &str, consistency: Consistency) -> Result<Room> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        if consistency == Consistency::Cached
+            && let Some(answer) = self.fresh(&arn).await?
+        {
+            return answer;
+        }
+        let _turn = self.inner.locks.lock(&arn).await;
+        // Whoever held the turn before may just have filled the cache.
+        if consistency == Consistency::Cached
+            && let Some(answer) = self.fresh(&arn).await?
+        {
+            return answer;
+        }
+        self.refresh(&arn).await
+    }
+
+    pub async fn update(&self, identifier: &str, patch: RoomPatch) -> Result<Room> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        validate::room_patch(&patch)?;
+        let _turn = self.inner.locks.lock(&arn).await;
+        let asked_at = Timestamp::now();
+        let room = self
+            .gone_if_not_found(&arn, self.inner.upstream.update_room(&arn, &patch).await)
+            .await?;
+        Ok(self.keep(room, asked_at).await)
+    }
+
+    pub async fn delete(&self, identifier: &str) -> Result<()> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        let _turn = self.inner.locks.lock(&arn).await;
+        let asked_at = Timestamp::now();
+        self.gone_if_not_found(&arn, self.inner.upstream.delete_room(&arn).await)
+            .await?;
+        self.forget(&arn, asked_at).await;
+        Ok(())
+    }
+
+    pub async fn tag(&self, identifier: &str, tags: BTreeMap<String, String>) -> Result<Room> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        validate::tags("tags", &tags)?;
+        let _turn = self.inner.locks.lock(&arn).await;
+        self.gone_if_not_found(&arn, self.inner.upstream.tag_room(&arn, &tags).await)
+            .await?;
+        // Tagging need not move updateTime, so read the room back whole.
+        self.refresh(&arn).await
+    }
+
+    pub async fn untag(&self, identifier: &str, keys: Vec<String>) -> Result<Room> {
+        let arn = RoomArn::parse("identifier", identifier)?;
+        validate::tag_keys("tagKeys", &keys)?;
+        let _turn = self.inner.locks.lock(&arn).await;
+        self.gone_if_not_found(&arn, self.inner.upstream.untag_room(&arn, &keys).await)
+            .await?;
+        self.refresh(&arn).await
+    }
+
+    /// A page of cached rooms; waits (boundedly) for the first full listing.
+    pub async fn list(&self, query: ListQuery) -> Result<ListedPage<Room>> {
+        validate::list_query(&query)?;
+        let mut listed = self.inner.listed.subscribe();
+        let wait = listed.wait_for(|listed| *listed);
+        match tokio::time::timeout(self.inner.settings.listing_wait, wait).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(Error::Unavailable(
+                    "the cache is still being filled by a first full listing of IVS Chat".into(),
+                ));
+            }
+        }
+        self.inner.store.list(&query).await
+    }
+
+    /// Whether a full listing has completed, so ListRooms is served.
+    pub fn is_listed(&self) -> bool {
+        *self.inner.listed.borrow()
+    }
+
+    /// Lists every room in IVS Chat and brings the cache in line: new and newer
+    /// rooms are read whole (a listing shows summaries), rooms IVS Chat no longer
+    /// lists are checked one by one and forgotten if gone.
+    pub async fn full_listing(&self) -> Result<ListingReport> {
+        let started = Timestamp::now();
+        let mut report = ListingReport::default();
+        let mut query = ListQuery {
+            max_results: Some(validate::MAX_ROOM_RESULTS.max),
+            ..ListQuery::default()
+        };
+        loop {
+            let page = self.inner.upstream.list_rooms(&query).await?;
+            for summary in &page.rooms {
+                report.listed += 1;
+                let arn = RoomArn::parse("arn", &summary.arn)?;
+                match self.inner.store.get(&arn).await? {
+                    Some(cached) if !cached.deleted && summary.shows(&cached.room) => {
+                        self.inner
+                            .store
+                            .confirm(&arn, summary.update_time, started)
+                            .await?;
+                    }
+                    _ => {
+                        report.fetched += 1;
+                        let _turn = self.inner.locks.lock(&arn).await;
+                        // Gone since it was listed: refresh has forgotten it.
+                        match self.refresh(&arn).await {
+                            Ok(_) | Err(Error::NotFound(_)) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+            match page.next_token {
+                Some(token) => query.next_token = Some(token),
+                None => break,
+            }
+        }
+        // Rooms updated while we paged move to the front of the listing and may
+        // have been missed: ask for each before forgetting it.
+        for arn in self
+            .inner
+            .store
+            .live_rooms_unconfirmed_since(started)
+            .await?
+        {
+            let _turn = self.inner.locks.lock(&arn).await;
+            match self.refresh(&arn).await {
+                Ok(_) => {}
+                Err(Error::NotFound(_)) => report.deleted += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        self.inner.store.set_full_listing_at(started).await?;
+        self.inner.listed.send_replace(true);
+        Ok(report)
+    }
+
+    /// Runs the first full listing in the background, retrying with backoff
+    /// until it succeeds.
+    pub fn spawn_initial_listing(&self) -> tokio::task::JoinHandle<()> {
+        let rooms = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                match rooms.full_listing().await {
+                    Ok(report) => {
+                        tracing::info!(
+                            listed = report.listed,
+                            fetched = report.fetched,
+                            deleted = report.deleted,
+                            "full listing of IVS Chat complete; ListRooms is served from the cache"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "full listing of IVS Chat failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                    }
+                }
+            }
+        })
+    }
+
+    /// The cached answer for `arn` if it is fresh enough.
+    async fn fresh(&self, arn: &RoomArn) -> Result<Option<Result<Room>>> {
+        Ok(self
+            .inner
+            .store
+            .get(arn)
+            .await?
+            .filter(|c| c.validated_at.elapsed() <= self.inner.settings.max_staleness)
+            .map(answer))
+    }
+
+    /// Reads the room from IVS Chat and stores it. Call with the room's turn.
+    async fn refresh(&self, arn: &RoomArn) -> Result<Room> {
+        let asked_at = Timestamp::now();
+        let room = self
+            .gone_if_not_found(arn, self.inner.upstream.get_room(arn).await)
+            .await?;
+        Ok(self.keep(room, asked_at).await)
+    }
+
+    /// Stores a room IVS Chat returned and answers with what the cache holds
+    /// after, which is newer if a newer version was already there. IVS Chat has
+    /// answered, so a failing cache is logged, not returned.
+    async fn keep(&self, room: Room, asked_at: Timestamp) -> Room {
+        match self.inner.store.put(&room, asked_at).await {
+            Ok(cached) if !cached.deleted => cached.room,
+            Ok(_) => room,
+            Err(e) => {
+                tracing::error!(error = %e, arn = %room.arn, "could not cache a room IVS Chat returned");
+                room
+            }
+        }
+    }
+
+    /// Passes `result` on; a NOT_FOUND from IVS Chat also forgets the room.
+    async fn gone_if_not_found<T>(&self, arn: &RoomArn, result: Result<T>) -> Result<T> {
+        if let Err(Error::NotFound(_)) = &result {
+            self.forget(arn, Timestamp::now()).await;
+            return Err(Error::NotFound(arn.to_string()));
+        }
+        result
+    }
+
+    async fn forget(&self, arn: &RoomArn, at: Timestamp) {
+        if let Err(e) = self.inner.store.mark_deleted(arn, at).await {
+            tracing::error!(error = %e, %arn, "could not record a deleted room in the cache");
+        }
+    }
+}
+
+fn answer(cached: CachedRoom) -> Result<Room> {
+    if cached.deleted {
+        Err(Error::NotFound(cached.room.arn))
+    } else {
+        Ok(cached.room)
+    }
+}
+
+/// One async lock per room, created on demand and dropped when unused.
+#[derive(Default)]
+struct RoomLocks {
+    locks: Mutex<HashMap<RoomArn, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct Turn<'a> {
+    locks: &'a RoomLocks,
+    arn: RoomArn,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl RoomLocks {
+    async fn lock(&self, arn: &RoomArn) -> Turn<'_> {
+        let lock = self
+            .locks
+            .lock()
+            .expect("room locks")
+            .entry(arn.clone())
+            .or_default()
+            .clone();
+        Turn {
+            locks: self,
+            arn: arn.clone(),
+            guard: Some(lock.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self.locks.locks.lock().expect("room locks");
+        // Only the map holds it: nobody holds or awaits this room's turn.
+        if locks
+            .get(&self.arn)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(&self.arn);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Wiring: builds the store, the upstream (or the embedded emulator), the room
+//! policy and the gRPC server, and serves until shutdown.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use futures::FutureExt as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{ServeConfig, UpstreamKind};
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::grpc::{RoomService, proto};
+use crate::rooms::{Rooms, RoomsSettings};
+use crate::store::Store;
+use crate::upstream::{Upstream, UpstreamSettings};
+
+/// Serves RoomService on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish for at most `config.shutdown_grace`.
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = Store::open(&config.database_url()).await?;
+    let upstream = upstream(&config).await?;
+    let rooms = Rooms::new(
+        store,
+        upstream,
+        RoomsSettings {
+            max_staleness: config.max_staleness,
+            listing_wait: config.listing_wait,
+        },
+    )
+    .await
+    .context("could not read the cache")?;
+    let listing = rooms.spawn_initial_listing();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<proto::room_service_server::RoomServiceServer<RoomService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("could not build reflection v1")?;
+    // grpcurl 1.8 and grpcio only speak v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("could not build reflection v1alpha")?;
+
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "serving ivschat.rooms.v1.RoomService");
+    let shutdown = shutdown.shared();
+    let serve = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(RoomService::new(rooms).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone());
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        result = serve => result.context("gRPC server failed"),
+        () = async { shutdown.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight requests outlasted the shutdown grace period");
+            Ok(())
+        }
+    };
+    listing.abort();
+    result
+}
+
+/// Binds `config.listen` and serves until SIGINT or SIGTERM.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", config.listen))?;
+    run(config, listener, shutdown_signal()).await
+}
+
+async fn upstream(config: &ServeConfig) -> anyhow::Result<Upstream> {
+    let settings = UpstreamSettings {
+        timeout: config.upstream_timeout,
+        max_attempts: config.upstream_max_attempts,
+    };
+    Ok(match config.upstream {
+        UpstreamKind::Aws => Upstream::aws(settings).await,
+        UpstreamKind::Emulator => {
+            let url = config
+                .emulator_url
+                .as_deref()
+                .context("--upstream emulator needs --emulator-url")?;
+            Upstream::at_endpoint(url, &config.emulator_region, settings)
+        }
+        UpstreamKind::Embedded => {
+            let state_file = config.embedded_state_file();
+            let emulator = Emulator::new(EmulatorConfig {
+                region: config.emulator_region.clone(),
+                state_file: Some(state_file.clone()),
+                ..EmulatorConfig::default()
+            })?;
+            let url = emulator
+                .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .context("could not start the embedded emulator")?;
+            tracing::warn!(
+                %url,
+                state = %state_file.display(),
+                "upstream is the embedded IVS Chat emulator: no AWS is being used (--upstream aws for AWS)"
+            );
+            Upstream::at_endpoint(&url, &config.emulator_region, settings)
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutting down");
+}
+
+/// Runs the emulator alone until SIGINT or SIGTERM.
+pub async fn run_emulator(args: crate::config::EmulatorArgs) -> anyhow::Result<()> {
+    let emulator = Emulator::new(EmulatorConfig {
+        region: args.region,
+        account_id: args.account_id,
+        state_file: args.state,
+        faults: crate::emulator::Faults {
+            latency: args.latency,
+            error_rate: args.error_rate,
+            error: args.error,
+            tps_limit: args.tps_limit,
+            ..Default::default()
+        },
+    })?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", args.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "IVS Chat emulator listening");
+    emulator.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
