@@ -15,7 +15,8 @@ use crate::emulator::InjectedError;
     name = "ivschat-rooms",
     version,
     about = "A gRPC service in front of Amazon IVS Chat's room API, with a persistent cache",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -53,7 +53,8 @@ impl FromStr for Operation {
     }
 }
 
-/// Which error an injected failure is.
+/// Which error an injected failure is: each error shape of the model, plus
+/// one the model does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum InjectedError {
     /// 500 InternalServerException.
@@ -61,6 +62,16 @@ pub enum InjectedError {
     Internal,
     /// 429 ThrottlingException.
     Throttling,
+    /// 402 ServiceQuotaExceededException.
+    ServiceQuotaExceeded,
+    /// 403 AccessDeniedException.
+    AccessDenied,
+    /// 403 PendingVerification.
+    PendingVerification,
+    /// 409 ConflictException.
+    Conflict,
+    /// 400 with an error type no model defines.
+    Unmodeled,
 }
 
 /// Faults to inject. The default injects nothing.

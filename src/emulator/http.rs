@@ -170,14 +170,7 @@ async fn handle(
     let response = if faults.over_limit(op) {
         throttled(faults.faults.tps_limit.map_or(0, |n| n.get()))
     } else if let Some(injected) = faults.draw_error() {
-        match injected {
-            InjectedError::Internal => aws_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalServerException",
-                json!({ "message": "injected fault" }),
-            ),
-            InjectedError::Throttling => throttled(0),
-        }
+        injected_error(injected)
     } else {
         let result = run(&mut em.state());
         result.unwrap_or_else(|reply| reply.0)
@@ -187,6 +180,23 @@ async fn handle(
         tokio::time::sleep(latency).await;
     }
     with_request_id(response)
+}
+
+fn injected_error(injected: InjectedError) -> Response {
+    let message = "injected fault".to_owned();
+    match injected {
+        InjectedError::Internal => error_response(Error::Internal(anyhow::anyhow!(message))),
+        InjectedError::Throttling => throttled(0),
+        InjectedError::ServiceQuotaExceeded => error_response(Error::ResourceExhausted(message)),
+        InjectedError::AccessDenied => error_response(Error::PermissionDenied(message)),
+        InjectedError::PendingVerification => error_response(Error::PendingVerification(message)),
+        InjectedError::Conflict => error_response(Error::Conflict(message)),
+        InjectedError::Unmodeled => aws_error(
+            StatusCode::BAD_REQUEST,
+            "InjectedUnmodeledException",
+            json!({ "message": "injected fault with internal detail 7f3a" }),
+        ),
+    }
 }
 
 /// An error already turned into its HTTP response.
@@ -242,7 +252,7 @@ fn error_response(e: Error) -> Response {
             json!({ "message": message, "resourceId": "", "resourceType": "ROOM", "limit": 0 }),
         ),
         e @ (Error::Unavailable(_) | Error::Unimplemented(_) | Error::Internal(_)) => {
-            tracing::error!(error = %e, "emulator internal error");
+            tracing::debug!(error = %e, "emulator internal error");
             aws_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalServerException",

@@ -191,9 +191,14 @@ impl State {
 
     fn resource(&self, resource_arn: &str) -> Result<RoomArn> {
         validate::resource_arn("resourceArn", resource_arn)?;
-        // Only rooms carry tags here; any other resource type is unknown.
-        RoomArn::parse("resourceArn", resource_arn)
-            .map_err(|_| Error::NotFound(resource_arn.to_owned()))
+        // Only rooms carry tags here; any other resource type is unknown. The
+        // model's ResourceId is `[a-zA-Z0-9]+`: the part after the slash.
+        RoomArn::parse("resourceArn", resource_arn).map_err(|_| {
+            let id = resource_arn
+                .rsplit_once('/')
+                .map_or(resource_arn, |(_, id)| id);
+            Error::NotFound(id.to_owned())
+        })
     }
 
     fn find(&self, arn: &RoomArn) -> Result<&Room> {
@@ -236,8 +241,14 @@ impl State {
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(format!(".emulator-state-{}.tmp", std::process::id()));
-    let file = std::fs::File::create(&path)?;
+    // Unique per write: emulators in one process may keep state files in one
+    // directory, and a shared name would let one's rename take the other's file.
+    let path = dir.join(format!(
+        ".emulator-state-{}-{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let file = std::fs::File::create_new(&path)?;
     Ok((path, file))
 }
 
