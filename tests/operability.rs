@@ -1,0 +1,174 @@
+//! What operators and grpcurl users rely on: health, reflection (v1 and
+//! v1alpha), and the embedded default upstream surviving restarts.
+
+mod common;
+
+use clap::Parser as _;
+use common::{TestDb, TestServer, emulator, proto, serve_config};
+use ivschat_rooms::config::{Cli, Command};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const ROOM_SERVICE: &str = "ivschat.rooms.v1.RoomService";
+
+async fn channel(server: &TestServer) -> Channel {
+    Channel::from_shared(server.channel_uri())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// grpc.health.v1 reports the server and RoomService as SERVING.
+#[tokio::test]
+async fn health_reports_serving() {
+    let db = TestDb::sqlite();
+    let (_emulator, url) = emulator().await;
+    let server = TestServer::start(serve_config(&db.url, &url, &[])).await;
+    let mut health = HealthClient::new(channel(&server).await);
+    for service in ["", ROOM_SERVICE] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+}
+
+/// Reflection v1 lists our services and describes RoomService.
+#[tokio::test]
+async fn reflection_v1_describes_the_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let db = TestDb::sqlite();
+    let (_emulator, url) = emulator().await;
+    let server = TestServer::start(serve_config(&db.url, &url, &[])).await;
+    let mut client = ServerReflectionClient::new(channel(&server).await);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol(ROOM_SERVICE.into()),
+    ]
+    .map(|m| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    });
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list")
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for expected in [ROOM_SERVICE, "grpc.health.v1.Health"] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected file descriptors")
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
+
+/// Reflection v1alpha, the only one grpcurl 1.8 and grpcio speak, answers too.
+#[tokio::test]
+async fn reflection_v1alpha_lists_the_service() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let db = TestDb::sqlite();
+    let (_emulator, url) = emulator().await;
+    let server = TestServer::start(serve_config(&db.url, &url, &[])).await;
+    let mut client = ServerReflectionClient::new(channel(&server).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list")
+    };
+    assert!(list.service.iter().any(|s| s.name == ROOM_SERVICE));
+}
+
+/// With the embedded default upstream, rooms survive a restart in both the
+/// cache and the emulator's state file, which sits beside the cache.
+#[tokio::test]
+async fn embedded_upstream_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let config = || {
+        let args = ["ivschat-rooms", "--listen", "127.0.0.1:0", "--data-dir"];
+        match Cli::try_parse_from(args.into_iter().chain([data_dir.to_str().unwrap()]))
+            .unwrap()
+            .into_command()
+        {
+            Command::Serve(config) => config,
+            Command::Emulator(_) => unreachable!(),
+        }
+    };
+    let mut server = TestServer::start(config()).await;
+    let room = server
+        .client
+        .create_room(proto::CreateRoomRequest {
+            name: "persistent".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    server.stop().await;
+    assert!(data_dir.join("rooms.db").exists());
+    assert!(data_dir.join("rooms.db.emulator.json").exists());
+
+    let mut server = TestServer::start(config()).await;
+    let strong = server
+        .client
+        .get_room(proto::GetRoomRequest {
+            identifier: room.arn.clone(),
+            consistency: proto::ReadConsistency::Strong as i32,
+        })
+        .await
+        .expect("the emulator kept the room")
+        .into_inner();
+    assert_eq!(strong, room);
+    let listed = server
+        .client
+        .list_rooms(proto::ListRoomsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.rooms, [room]);
+}
