@@ -233,7 +233,8 @@ impl RoomPatch {
     }
 }
 
-/// ListRooms' filters and page position. Empty filters are absent filters.
+/// ListRooms' filters and page position. `None` is no filter; `Some("")` matches
+/// rooms whose field is empty (no name, no review handler).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListQuery {
     pub name: Option<String>,

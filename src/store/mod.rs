@@ -147,7 +147,7 @@ impl Store {
                logging_configuration_identifiers = excluded.logging_configuration_identifiers, \
                validated_at = excluded.validated_at, deleted_at = NULL \
              WHERE excluded.update_time > rooms.update_time \
-                OR (excluded.update_time = rooms.update_time AND rooms.deleted_at IS NULL)"
+                OR (excluded.update_time = rooms.update_time)"
         ))
         .bind(room.arn.as_str())
         .bind(room.id.as_str())
@@ -190,8 +190,10 @@ impl Store {
         };
         let limit = query.limit();
         // Filters left out bind NULL and match everything. The logging filter
-        // looks for the quoted ARN in the JSON array: the ARN pattern admits no
-        // quote, `%` or `_`, so LIKE matches it exactly.
+        // looks for the quoted ARN in the JSON array (the quotes keep an ARN that
+        // is a prefix of another from matching it). Not with LIKE: SQLite's LIKE
+        // ignores ASCII case, and identifiers differing only in case are
+        // distinct; REPLACE compares exactly on both backends.
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
@@ -199,7 +201,8 @@ impl Store {
              WHERE deleted_at IS NULL \
                AND ($1 IS NULL OR name = $1) \
                AND ($2 IS NULL OR COALESCE(review_handler_uri, '') = $2) \
-               AND ($3 IS NULL OR logging_configuration_identifiers LIKE $3) \
+               AND ($3 IS NULL OR REPLACE(logging_configuration_identifiers, $3, '') \
+                                  <> logging_configuration_identifiers) \
                AND ($4 IS NULL OR update_time < $4 OR (update_time = $4 AND arn > $5)) \
              ORDER BY update_time DESC, arn \
              LIMIT $6"
@@ -210,7 +213,8 @@ impl Store {
             query
                 .logging_configuration_identifier
                 .as_ref()
-                .map(|id| format!("%\"{id}\"%")),
+                // The identifier as a JSON string, exactly as the array holds it.
+                .map(|id| serde_json::Value::from(id.as_str()).to_string()),
         )
         .bind(after.as_ref().map(|c| c.update_time.as_nanos()))
         .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
