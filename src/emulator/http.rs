@@ -173,7 +173,7 @@ async fn handle(
         injected_error(injected)
     } else {
         let result = run(&mut em.state());
-        result.unwrap_or_else(|reply| reply.0)
+        result.unwrap_or_else(|reply| *reply.0)
     };
     let latency = faults.faults.latency_for(op);
     if !latency.is_zero() {
@@ -200,11 +200,11 @@ fn injected_error(injected: InjectedError) -> Response {
 }
 
 /// An error already turned into its HTTP response.
-struct Reply(Response);
+struct Reply(Box<Response>);
 
 impl From<Error> for Reply {
     fn from(e: Error) -> Self {
-        Reply(error_response(e))
+        Reply(Box::new(error_response(e)))
     }
 }
 
@@ -306,11 +306,11 @@ fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Reply> {
         return Ok(T::default());
     }
     serde_json::from_slice(body).map_err(|e| {
-        Reply(aws_error(
+        Reply(Box::new(aws_error(
             StatusCode::BAD_REQUEST,
             "SerializationException",
             json!({ "message": format!("could not parse request body: {e}") }),
-        ))
+        )))
     })
 }
 
