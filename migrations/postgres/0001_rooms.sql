@@ -1,7 +1,8 @@
 -- The room cache. Times are nanoseconds since the Unix epoch (BIGINT), so they
 -- compare the same way in SQLite, Postgres and Rust.
 CREATE TABLE rooms (
-    arn TEXT PRIMARY KEY NOT NULL,
+    -- Byte order, as in SQLite, so ties in update_time list in the same order.
+    arn TEXT COLLATE "C" PRIMARY KEY NOT NULL,
     id TEXT NOT NULL,
     name TEXT NOT NULL,
     create_time BIGINT NOT NULL,

@@ -131,7 +131,8 @@ impl Store {
         };
         // Replace when newer; when equal, refresh (content may differ, e.g. tags)
         // unless the row is a tombstone: a room seen deleted stays deleted until a
-        // strictly newer version proves otherwise.
+        // strictly newer version proves otherwise. Confirming the same version
+        // again never moves validated_at back.
         sqlx::query(concat!(
             "INSERT INTO rooms (",
             columns!(),
@@ -145,9 +146,12 @@ impl Store {
                review_handler_fallback = excluded.review_handler_fallback, \
                tags = excluded.tags, \
                logging_configuration_identifiers = excluded.logging_configuration_identifiers, \
-               validated_at = excluded.validated_at, deleted_at = NULL \
+               validated_at = CASE WHEN excluded.update_time = rooms.update_time \
+                   AND rooms.validated_at > excluded.validated_at \
+                 THEN rooms.validated_at ELSE excluded.validated_at END, \
+               deleted_at = NULL \
              WHERE excluded.update_time > rooms.update_time \
-                OR (excluded.update_time = rooms.update_time)"
+                OR (excluded.update_time = rooms.update_time AND rooms.deleted_at IS NULL)"
         ))
         .bind(room.arn.as_str())
         .bind(room.id.as_str())
@@ -247,12 +251,7 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter()
-            .map(|row| {
-                Ok(RoomArn::parse(
-                    "arn",
-                    row.try_get::<String, _>(0)?.as_str(),
-                )?)
-            })
+            .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
             .collect()
     }
 
@@ -314,16 +313,13 @@ fn cached_room(row: &AnyRow) -> Result<CachedRoom> {
 fn room(row: &AnyRow) -> Result<Room> {
     let uri: Option<String> = row.try_get("review_handler_uri")?;
     let fallback: Option<String> = row.try_get("review_handler_fallback")?;
-    let message_review_handler = match uri {
-        Some(uri) => Some(MessageReviewHandler {
-            uri,
-            fallback_result: fallback
-                .as_deref()
-                .and_then(FallbackResult::parse)
-                .unwrap_or_default(),
-        }),
-        None => None,
-    };
+    let message_review_handler = uri.map(|uri| MessageReviewHandler {
+        uri,
+        fallback_result: fallback
+            .as_deref()
+            .and_then(FallbackResult::parse)
+            .unwrap_or_default(),
+    });
     let tags: String = row.try_get("tags")?;
     let logging: String = row.try_get("logging_configuration_identifiers")?;
     Ok(Room {
@@ -349,14 +345,14 @@ fn int(n: i64) -> Result<i32> {
 fn sqlite_url(url: &str) -> anyhow::Result<String> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
-    if !path.is_empty() && path != ":memory:" {
-        if let Some(dir) = Path::new(path)
+    if !path.is_empty()
+        && path != ":memory:"
+        && let Some(dir) = Path::new(path)
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("could not create directory {}", dir.display()))?;
-        }
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("could not create directory {}", dir.display()))?;
     }
     let params = if params.split('&').any(|p| p.starts_with("mode=")) {
         params.to_owned()

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+#[allow(unused_imports)] // not every test file talks gRPC
 pub use ivschat_rooms::grpc::proto;
 
 /// The Postgres server to create test databases on, e.g.
