@@ -682,8 +682,8 @@ async fn unreachable_or_slow_upstream_is_unavailable(db: TestDb) {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }
 
-/// A slow GetRoom answer that IVS Chat produced before an update can never
-/// overwrite the update in the cache: the older version loses.
+/// A GetRoom answer that IVS Chat produced before an update, but that arrives
+/// after it, can never overwrite the update in the cache: the older version loses.
 async fn older_answer_never_overwrites_newer(db: TestDb) {
     let (emulator, url) = emulator().await;
     // Two servers on one cache, so their calls really race.
@@ -696,13 +696,7 @@ async fn older_answer_never_overwrites_newer(db: TestDb) {
         .unwrap()
         .into_inner();
 
-    emulator.set_faults(Faults {
-        latency_by_operation: HashMap::from([(
-            Operation::GetRoom,
-            std::time::Duration::from_millis(500),
-        )]),
-        ..Default::default()
-    });
+    let held = emulator.hold_responses(Operation::GetRoom);
     let gets = emulator.calls(Operation::GetRoom);
     let slow_read = tokio::spawn({
         let mut client = a.client.clone();
@@ -725,6 +719,7 @@ async fn older_answer_never_overwrites_newer(db: TestDb) {
         .await
         .unwrap()
         .into_inner();
+    held.release();
     let answered = slow_read.await.unwrap().unwrap().into_inner();
     assert_eq!(
         answered, v2,

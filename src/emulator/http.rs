@@ -159,7 +159,7 @@ async fn unknown_operation() -> Response {
 }
 
 /// Applies the faults in force, runs `op` against the rooms, then delays the
-/// response by the configured latency.
+/// response by the configured latency and while a test holds it back.
 async fn handle(
     em: &Emulator,
     op: Operation,
@@ -179,6 +179,7 @@ async fn handle(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    em.wait_if_held(op).await;
     with_request_id(response)
 }
 

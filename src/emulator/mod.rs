@@ -11,13 +11,14 @@ mod faults;
 mod http;
 mod state;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 pub use faults::{Faults, InjectedError, Operation};
 
@@ -57,6 +58,33 @@ struct Shared {
     faults: RwLock<Arc<ActiveFaults>>,
     calls: [AtomicU64; Operation::ALL.len()],
     call_made: Notify,
+    /// Operations whose responses wait for a `HeldResponses` to be released.
+    held: Mutex<HashMap<Operation, watch::Receiver<bool>>>,
+}
+
+/// Responses of one operation held back until this is released or dropped:
+/// the operation has happened, its answer has not arrived. Lets tests order
+/// a race by events instead of by latency.
+pub struct HeldResponses {
+    emulator: Emulator,
+    op: Operation,
+    release: watch::Sender<bool>,
+}
+
+impl HeldResponses {
+    pub fn release(self) {}
+}
+
+impl Drop for HeldResponses {
+    fn drop(&mut self) {
+        self.emulator
+            .shared
+            .held
+            .lock()
+            .expect("held lock")
+            .remove(&self.op);
+        self.release.send_replace(true);
+    }
 }
 
 impl Emulator {
@@ -72,6 +100,7 @@ impl Emulator {
                 faults: RwLock::new(Arc::new(ActiveFaults::new(config.faults))),
                 calls: Default::default(),
                 call_made: Notify::new(),
+                held: Mutex::default(),
             }),
         })
     }
@@ -108,6 +137,37 @@ impl Emulator {
 
     pub fn faults(&self) -> Faults {
         self.active_faults().faults.clone()
+    }
+
+    /// Holds back every response to `op` (from now on) until the returned
+    /// value is released or dropped.
+    pub fn hold_responses(&self, op: Operation) -> HeldResponses {
+        let (release, released) = watch::channel(false);
+        self.shared
+            .held
+            .lock()
+            .expect("held lock")
+            .insert(op, released);
+        HeldResponses {
+            emulator: self.clone(),
+            op,
+            release,
+        }
+    }
+
+    /// Waits while responses to `op` are held.
+    async fn wait_if_held(&self, op: Operation) {
+        let held = self
+            .shared
+            .held
+            .lock()
+            .expect("held lock")
+            .get(&op)
+            .cloned();
+        if let Some(mut released) = held {
+            // An error means the sender is gone, which releases too.
+            let _ = released.wait_for(|released| *released).await;
+        }
     }
 
     /// How many requests for `op` have arrived, throttled and failed ones included.
