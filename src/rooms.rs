@@ -11,12 +11,16 @@
 //!   it, and concurrent misses of one room wait for the first to fill the cache.
 //! - ListRooms is answered from the cache once a full listing of IVS Chat has
 //!   completed (at startup, persisted across restarts).
+//! - An exchange with IVS Chat, and the cache step that follows it, run to
+//!   completion in a task of their own, even if the client gives up: a write
+//!   IVS Chat has made always reaches the cache. Shutdown waits for them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedMutexGuard, watch};
+use tokio_util::task::TaskTracker;
 
 use crate::domain::{
     Error, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch, Timestamp, validate,
@@ -55,6 +59,8 @@ struct Inner {
     locks: RoomLocks,
     /// Whether a full listing has ever completed, so ListRooms can use the cache.
     listed: watch::Sender<bool>,
+    /// Exchanges with IVS Chat under way, detached from their requests.
+    exchanges: TaskTracker,
 }
 
 /// What one full listing found.
@@ -78,15 +84,19 @@ impl Rooms {
                 settings,
                 locks: RoomLocks::default(),
                 listed: watch::Sender::new(listed),
+                exchanges: TaskTracker::new(),
             }),
         })
     }
 
     pub async fn create(&self, new: NewRoom) -> Result<Room> {
         validate::new_room(&new)?;
-        let asked_at = Timestamp::now();
-        let room = self.inner.upstream.create_room(&new).await?;
-        Ok(self.keep(room, asked_at).await)
+        self.exchange(|rooms| async move {
+            let asked_at = Timestamp::now();
+            let room = rooms.inner.upstream.create_room(&new).await?;
+            Ok(rooms.keep(room, asked_at).await)
+        })
+        .await
     }
 
     pub async fn get(&self, identifier: &str, consistency: Consistency) -> Result<Room> {
@@ -96,54 +106,103 @@ impl Rooms {
         {
             return answer;
         }
-        let _turn = self.inner.locks.lock(&arn).await;
-        // Whoever held the turn before may just have filled the cache.
-        if consistency == Consistency::Cached
-            && let Some(answer) = self.fresh(&arn).await?
-        {
-            return answer;
-        }
-        self.refresh(&arn).await
+        self.exchange(|rooms| async move {
+            let _turn = rooms.inner.locks.lock(&arn).await;
+            // Whoever held the turn before may just have filled the cache.
+            if consistency == Consistency::Cached
+                && let Some(answer) = rooms.fresh(&arn).await?
+            {
+                return answer;
+            }
+            rooms.refresh(&arn).await
+        })
+        .await
     }
 
     pub async fn update(&self, identifier: &str, patch: RoomPatch) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::room_patch(&patch)?;
-        let _turn = self.inner.locks.lock(&arn).await;
-        let asked_at = Timestamp::now();
-        let room = self
-            .gone_if_not_found(&arn, self.inner.upstream.update_room(&arn, &patch).await)
-            .await?;
-        Ok(self.keep(room, asked_at).await)
+        self.exchange(|rooms| async move {
+            let _turn = rooms.inner.locks.lock(&arn).await;
+            let asked_at = Timestamp::now();
+            let room = rooms
+                .gone_if_not_found(&arn, rooms.inner.upstream.update_room(&arn, &patch).await)
+                .await?;
+            Ok(rooms.keep(room, asked_at).await)
+        })
+        .await
     }
 
     pub async fn delete(&self, identifier: &str) -> Result<()> {
         let arn = RoomArn::parse("identifier", identifier)?;
-        let _turn = self.inner.locks.lock(&arn).await;
-        let asked_at = Timestamp::now();
-        self.gone_if_not_found(&arn, self.inner.upstream.delete_room(&arn).await)
-            .await?;
-        self.forget(&arn, asked_at).await;
-        Ok(())
+        self.exchange(|rooms| async move {
+            let _turn = rooms.inner.locks.lock(&arn).await;
+            rooms
+                .gone_if_not_found(&arn, rooms.inner.upstream.delete_room(&arn).await)
+                .await?;
+            rooms.forget(&arn).await;
+            Ok(())
+        })
+        .await
     }
 
     pub async fn tag(&self, identifier: &str, tags: BTreeMap<String, String>) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::tags("tags", &tags)?;
-        let _turn = self.inner.locks.lock(&arn).await;
-        self.gone_if_not_found(&arn, self.inner.upstream.tag_room(&arn, &tags).await)
-            .await?;
-        // Tagging need not move updateTime, so read the room back whole.
-        self.refresh(&arn).await
+        self.exchange(|rooms| async move {
+            let _turn = rooms.inner.locks.lock(&arn).await;
+            rooms
+                .gone_if_not_found(&arn, rooms.inner.upstream.tag_room(&arn, &tags).await)
+                .await?;
+            // Tagging need not move updateTime, so read the room back whole.
+            rooms.refresh(&arn).await
+        })
+        .await
     }
 
     pub async fn untag(&self, identifier: &str, keys: Vec<String>) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::tag_keys("tagKeys", &keys)?;
-        let _turn = self.inner.locks.lock(&arn).await;
-        self.gone_if_not_found(&arn, self.inner.upstream.untag_room(&arn, &keys).await)
-            .await?;
-        self.refresh(&arn).await
+        self.exchange(|rooms| async move {
+            let _turn = rooms.inner.locks.lock(&arn).await;
+            rooms
+                .gone_if_not_found(&arn, rooms.inner.upstream.untag_room(&arn, &keys).await)
+                .await?;
+            rooms.refresh(&arn).await
+        })
+        .await
+    }
+
+    /// Runs an exchange with IVS Chat (and the cache step after it) in a task
+    /// of its own, so that a client that gives up cannot cut it in half.
+    async fn exchange<T, F, Fut>(&self, work: F) -> Result<T>
+    where
+        F: FnOnce(Rooms) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.inner
+            .exchanges
+            .spawn(work(self.clone()))
+            .await
+            .map_err(|e| {
+                Error::Internal(anyhow::anyhow!("an exchange with IVS Chat failed: {e}"))
+            })?
+    }
+
+    /// Waits, at most `within`, for exchanges with IVS Chat under way to finish
+    /// and reach the cache. New requests should have stopped coming.
+    pub async fn drain(&self, within: Duration) {
+        self.inner.exchanges.close();
+        if tokio::time::timeout(within, self.inner.exchanges.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                unfinished = self.inner.exchanges.len(),
+                "exchanges with IVS Chat outlasted the shutdown grace period"
+            );
+        }
     }
 
     /// A page of cached rooms; waits (boundedly) for the first full listing.
@@ -194,7 +253,7 @@ impl Rooms {
                         let _turn = self.inner.locks.lock(&arn).await;
                         // Gone since it was listed: refresh has forgotten it.
                         match self.refresh(&arn).await {
-                            Ok(_) | Err(Error::NotFound(_)) => {}
+                            Ok(_) | Err(Error::NotFound { .. }) => {}
                             Err(e) => return Err(e),
                         }
                     }
@@ -216,7 +275,7 @@ impl Rooms {
             let _turn = self.inner.locks.lock(&arn).await;
             match self.refresh(&arn).await {
                 Ok(_) => {}
-                Err(Error::NotFound(_)) => report.deleted += 1,
+                Err(Error::NotFound { .. }) => report.deleted += 1,
                 Err(e) => return Err(e),
             }
         }
@@ -288,15 +347,17 @@ impl Rooms {
 
     /// Passes `result` on; a NOT_FOUND from IVS Chat also forgets the room.
     async fn gone_if_not_found<T>(&self, arn: &RoomArn, result: Result<T>) -> Result<T> {
-        if let Err(Error::NotFound(_)) = &result {
-            self.forget(arn, Timestamp::now()).await;
-            return Err(Error::NotFound(arn.to_string()));
+        if let Err(Error::NotFound { .. }) = &result {
+            self.forget(arn).await;
+            return Err(Error::room_not_found(arn.as_str()));
         }
         result
     }
 
-    async fn forget(&self, arn: &RoomArn, at: Timestamp) {
-        if let Err(e) = self.inner.store.mark_deleted(arn, at).await {
+    /// Records that IVS Chat has just said the room is gone: any answer from
+    /// an exchange that started before now cannot bring it back.
+    async fn forget(&self, arn: &RoomArn) {
+        if let Err(e) = self.inner.store.mark_deleted(arn, Timestamp::now()).await {
             tracing::error!(error = %e, %arn, "could not record a deleted room in the cache");
         }
     }
@@ -304,7 +365,7 @@ impl Rooms {
 
 fn answer(cached: CachedRoom) -> Result<Room> {
     if cached.deleted {
-        Err(Error::NotFound(cached.room.arn))
+        Err(Error::room_not_found(&cached.room.arn))
     } else {
         Ok(cached.room)
     }

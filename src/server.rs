@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use futures::FutureExt as _;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{ServeConfig, UpstreamKind};
@@ -16,16 +17,17 @@ use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamSettings};
 
 /// Serves RoomService on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish for at most `config.shutdown_grace`.
+/// in-flight requests, and the exchanges with IVS Chat they started, finish
+/// for at most `config.shutdown_grace` each.
 pub async fn run(
     config: ServeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = Store::open(&config.database_url()).await?;
-    let upstream = upstream(&config).await?;
+    let (upstream, embedded) = upstream(&config).await?;
     let rooms = Rooms::new(
-        store,
+        store.clone(),
         upstream,
         RoomsSettings {
             max_staleness: config.max_staleness,
@@ -59,7 +61,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RoomService::new(rooms).into_server())
+        .add_service(RoomService::new(rooms.clone()).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone());
     let grace = config.shutdown_grace;
     let result = tokio::select! {
@@ -70,7 +72,27 @@ pub async fn run(
         }
     };
     listing.abort();
+    // Exchanges with IVS Chat outlive their requests; let them reach the cache
+    // before the upstream and the cache go away.
+    rooms.drain(grace).await;
+    if let Some(embedded) = embedded {
+        embedded.stop().await;
+    }
+    store.close().await;
     result
+}
+
+/// The embedded emulator, stopped after the last exchange with it.
+struct Embedded {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Embedded {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
 }
 
 /// Binds `config.listen` and serves until SIGINT or SIGTERM.
@@ -81,19 +103,22 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     run(config, listener, shutdown_signal()).await
 }
 
-async fn upstream(config: &ServeConfig) -> anyhow::Result<Upstream> {
+async fn upstream(config: &ServeConfig) -> anyhow::Result<(Upstream, Option<Embedded>)> {
     let settings = UpstreamSettings {
         timeout: config.upstream_timeout,
         max_attempts: config.upstream_max_attempts,
     };
     Ok(match config.upstream {
-        UpstreamKind::Aws => Upstream::aws(settings).await,
+        UpstreamKind::Aws => (Upstream::aws(settings).await?, None),
         UpstreamKind::Emulator => {
             let url = config
                 .emulator_url
                 .as_deref()
                 .context("--upstream emulator needs --emulator-url")?;
-            Upstream::at_endpoint(url, &config.emulator_region, settings)
+            (
+                Upstream::at_endpoint(url, &config.emulator_region, settings),
+                None,
+            )
         }
         UpstreamKind::Embedded => {
             let state_file = config.embedded_state_file();
@@ -102,8 +127,11 @@ async fn upstream(config: &ServeConfig) -> anyhow::Result<Upstream> {
                 state_file: Some(state_file.clone()),
                 ..EmulatorConfig::default()
             })?;
-            let url = emulator
-                .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+            let (stop, stopped) = oneshot::channel::<()>();
+            let (url, task) = emulator
+                .spawn_until(SocketAddr::from(([127, 0, 0, 1], 0)), async move {
+                    let _ = stopped.await;
+                })
                 .await
                 .context("could not start the embedded emulator")?;
             tracing::warn!(
@@ -111,7 +139,10 @@ async fn upstream(config: &ServeConfig) -> anyhow::Result<Upstream> {
                 state = %state_file.display(),
                 "upstream is the embedded IVS Chat emulator: no AWS is being used (--upstream aws for AWS)"
             );
-            Upstream::at_endpoint(&url, &config.emulator_region, settings)
+            (
+                Upstream::at_endpoint(&url, &config.emulator_region, settings),
+                Some(Embedded { stop, task }),
+            )
         }
     })
 }

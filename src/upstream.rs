@@ -38,15 +38,20 @@ pub struct Upstream {
 impl Upstream {
     /// AWS, configured by aws-config's standard chain: environment, profile,
     /// IMDS; `AWS_ENDPOINT_URL_IVSCHAT` / `AWS_ENDPOINT_URL` override the endpoint.
-    pub async fn aws(settings: UpstreamSettings) -> Upstream {
+    pub async fn aws(settings: UpstreamSettings) -> anyhow::Result<Upstream> {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(retry_config(settings))
             .timeout_config(timeout_config(settings))
             .load()
             .await;
-        Upstream {
+        // Without a region every call would fail; say so now.
+        anyhow::ensure!(
+            shared.region().is_some(),
+            "no AWS region configured: set AWS_REGION or a region in the AWS profile"
+        );
+        Ok(Upstream {
             client: Client::new(&shared),
-        }
+        })
     }
 
     /// An IVS Chat at `endpoint_url` that takes any credentials (the emulator).
@@ -79,8 +84,7 @@ impl Upstream {
                 new.logging_configuration_identifiers.clone(),
             ))
             .send()
-            .await
-            .map_err(from_sdk_error)?;
+            .await?;
         room_from_output!(out)
     }
 
@@ -90,8 +94,7 @@ impl Upstream {
             .get_room()
             .identifier(arn.as_str())
             .send()
-            .await
-            .map_err(from_sdk_error)?;
+            .await?;
         room_from_output!(out)
     }
 
@@ -106,8 +109,7 @@ impl Upstream {
             .set_message_review_handler(patch.message_review_handler.as_ref().map(to_sdk_handler))
             .set_logging_configuration_identifiers(patch.logging_configuration_identifiers.clone())
             .send()
-            .await
-            .map_err(from_sdk_error)?;
+            .await?;
         room_from_output!(out)
     }
 
@@ -116,8 +118,7 @@ impl Upstream {
             .delete_room()
             .identifier(arn.as_str())
             .send()
-            .await
-            .map_err(from_sdk_error)?;
+            .await?;
         Ok(())
     }
 
@@ -131,8 +132,7 @@ impl Upstream {
             .set_max_results(query.max_results)
             .set_next_token(query.next_token.clone())
             .send()
-            .await
-            .map_err(from_sdk_error)?;
+            .await?;
         let rooms = out
             .rooms()
             .iter()
@@ -169,8 +169,7 @@ impl Upstream {
             .resource_arn(arn.as_str())
             .set_tags(Some(tags.clone().into_iter().collect()))
             .send()
-            .await
-            .map_err(from_sdk_error)?;
+            .await?;
         Ok(())
     }
 
@@ -180,8 +179,7 @@ impl Upstream {
             .resource_arn(arn.as_str())
             .set_tag_keys(Some(keys.to_vec()))
             .send()
-            .await
-            .map_err(from_sdk_error)?;
+            .await?;
         Ok(())
     }
 }
@@ -286,19 +284,32 @@ validation_fields!(
     aws_sdk_ivschat::operation::untag_resource::UntagResourceError,
 );
 
-/// The one mapping from SDK failures to our errors, after the SDK's retries.
+/// The one mapping from SDK failures to our errors, after the SDK's retries:
+/// upstream calls just use `?`.
+impl<E> From<SdkError<E, HttpResponse>> for Error
+where
+    E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
+{
+    fn from(err: SdkError<E, HttpResponse>) -> Error {
+        from_sdk_error(err)
+    }
+}
+
 fn from_sdk_error<E>(err: SdkError<E, HttpResponse>) -> Error
 where
     E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
 {
     match err {
         SdkError::ServiceError(service) => {
-            let server_fault = service.raw().status().is_server_error();
+            let status = service.raw().status();
             let e = service.into_err();
             let message = e.message().unwrap_or_default().to_owned();
             let code = e.code().unwrap_or_default().to_owned();
             match code.as_str() {
-                "ResourceNotFoundException" => Error::NotFound(message),
+                "ResourceNotFoundException" => Error::NotFound {
+                    resource_id: String::new(),
+                    message,
+                },
                 "ValidationException" => {
                     let fields = e.validation_fields().unwrap_or_default();
                     let violations = if fields.is_empty() {
@@ -316,8 +327,13 @@ where
                 "ServiceQuotaExceededException" | "ThrottlingException" => {
                     Error::ResourceExhausted(message)
                 }
+                // Throttled under another name (e.g. TooManyRequestsException).
+                _ if status.as_u16() == 429 => Error::ResourceExhausted(message),
                 "ConflictException" => Error::Conflict(message),
-                _ if server_fault => Error::Unavailable(format!("IVS Chat failed: {message}")),
+                _ if status.is_server_error() => {
+                    tracing::warn!(%code, %message, status = status.as_u16(), "IVS Chat failed");
+                    Error::Unavailable(format!("IVS Chat failed with HTTP {}", status.as_u16()))
+                }
                 code => {
                     Error::Internal(anyhow::Error::new(e).context(format!("IVS Chat error {code}")))
                 }

@@ -15,10 +15,11 @@ const LOGGING_A: &str = "arn:aws:ivschat:us-east-1:123456789012:logging-configur
 const LOGGING_B: &str = "arn:aws:ivschat:us-east-1:123456789012:logging-configuration/loggingB0002";
 const UNKNOWN_ROOM: &str = "arn:aws:ivschat:us-east-1:123456789012:room/doesNotExist";
 
-/// A server on `db` in front of a fresh emulator.
+/// A server on `db` in front of a fresh emulator, its startup listing done.
 async fn setup(db: &TestDb, extra: &[&str]) -> (TestServer, Emulator, String) {
     let (emulator, url) = emulator().await;
-    let server = TestServer::start(serve_config(&db.url, &url, extra)).await;
+    let mut server = TestServer::start(serve_config(&db.url, &url, extra)).await;
+    server.wait_listed().await;
     (server, emulator, url)
 }
 
@@ -570,6 +571,15 @@ async fn invalid_requests_never_reach_upstream(db: TestDb) {
             .unwrap_err(),
             vec!["tag_keys[0]"],
         ),
+        (
+            c.untag_room(proto::UntagRoomRequest {
+                identifier: room.arn.clone(),
+                tag_keys: vec![],
+            })
+            .await
+            .unwrap_err(),
+            vec!["tag_keys"],
+        ),
     ];
     for (i, (status, fields)) in cases.iter().enumerate() {
         assert_eq!(status.code(), Code::InvalidArgument, "case {i}: {status:?}");
@@ -667,11 +677,11 @@ async fn unreachable_or_slow_upstream_is_unavailable(db: TestDb) {
     let err = server.client.create_room(create("slow")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
-    // A port nobody listens on: bind one, then free it.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port that is bound (so nobody else takes it) but not listening:
+    // connections to it are refused.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = reserved.local_addr().unwrap();
     let mut server =
         TestServer::start(serve_config(&db.url, &format!("http://{closed}"), &[])).await;
     let err = server
@@ -689,6 +699,8 @@ async fn older_answer_never_overwrites_newer(db: TestDb) {
     // Two servers on one cache, so their calls really race.
     let mut a = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
     let mut b = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
+    a.wait_listed().await;
+    b.wait_listed().await;
     let room = a
         .client
         .create_room(create("v1"))
@@ -707,7 +719,8 @@ async fn older_answer_never_overwrites_newer(db: TestDb) {
                 .await
         }
     });
-    // The emulator has read v1 and is holding its answer back.
+    // The emulator has read v1 (calls are counted once handled) and is holding
+    // its answer back.
     emulator.wait_for_calls(Operation::GetRoom, gets + 1).await;
     let v2 = b
         .client
@@ -835,7 +848,122 @@ async fn restart_keeps_the_cache(db: TestDb) {
     assert_eq!(listed.rooms, [room]);
 }
 
+/// Throttling that outlasts the SDK's retries is RESOURCE_EXHAUSTED, after
+/// exactly --upstream-max-attempts calls.
+async fn throttling_after_retries_is_resource_exhausted(db: TestDb) {
+    let (mut server, emulator, _) = setup(&db, &["--upstream-max-attempts", "3"]).await;
+    emulator.set_faults(Faults {
+        error_rate: 1.0,
+        error: InjectedError::Throttling,
+        ..Default::default()
+    });
+    let err = server.client.create_room(create("x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(emulator.calls(Operation::CreateRoom), 3);
+}
+
+/// A client that gives up after IVS Chat has made its write does not keep the
+/// write from the cache: the exchange runs to completion (and shutdown waits
+/// for it).
+async fn abandoned_write_still_reaches_the_cache(db: TestDb) {
+    let (mut server, emulator, url) = setup(&db, &[]).await;
+    let held = emulator.hold_responses(Operation::CreateRoom);
+    let mut request = tonic::Request::new(create("abandoned"));
+    request.set_timeout(std::time::Duration::from_millis(100));
+    let abandoned = tokio::spawn({
+        let mut client = server.client.clone();
+        async move { client.create_room(request).await }
+    });
+    emulator.wait_for_calls(Operation::CreateRoom, 1).await;
+    let err = abandoned.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    held.release();
+    server.stop().await;
+
+    // Served from the cache alone: IVS Chat now fails every call.
+    emulator.set_faults(Faults {
+        error_rate: 1.0,
+        ..Default::default()
+    });
+    let mut server =
+        TestServer::start(serve_config(&db.url, &url, &["--listing-wait", "0s"])).await;
+    let listed = server
+        .client
+        .list_rooms(proto::ListRoomsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rooms;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].arn, emulator.rooms()[0].arn);
+}
+
+/// An UpdateRoom answer that arrives after another server deleted the room
+/// does not bring the room back into the cache.
+async fn late_answer_does_not_resurrect_a_deleted_room(db: TestDb) {
+    let (emulator, url) = emulator().await;
+    let mut a = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
+    let mut b = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
+    a.wait_listed().await;
+    b.wait_listed().await;
+    let room = a
+        .client
+        .create_room(create("doomed"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let held = emulator.hold_responses(Operation::UpdateRoom);
+    let late_update = tokio::spawn({
+        let mut client = a.client.clone();
+        let arn = room.arn.clone();
+        async move {
+            client
+                .update_room(proto::UpdateRoomRequest {
+                    identifier: arn,
+                    name: Some("updated".into()),
+                    ..Default::default()
+                })
+                .await
+        }
+    });
+    emulator.wait_for_calls(Operation::UpdateRoom, 1).await;
+    b.client
+        .delete_room(proto::DeleteRoomRequest {
+            identifier: room.arn.clone(),
+        })
+        .await
+        .expect("delete");
+    held.release();
+    late_update
+        .await
+        .unwrap()
+        .expect("IVS Chat did apply the update");
+
+    for server in [&mut a, &mut b] {
+        let err = server
+            .client
+            .get_room(get(&room.arn, proto::ReadConsistency::Cached))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        let listed = server
+            .client
+            .list_rooms(proto::ListRoomsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.rooms.is_empty(), "{:?}", listed.rooms);
+    }
+}
+
 on_both_backends!(
+    throttling_after_retries_is_resource_exhausted,
+    abandoned_write_still_reaches_the_cache,
+    late_answer_does_not_resurrect_a_deleted_room,
     create_then_get_round_trips,
     cached_reads_spare_upstream,
     stale_rows_are_read_again,

@@ -285,6 +285,14 @@ async fn equal_update_time_with_different_content_replaces(db: common::TestDb) {
         live(&other, 1_300)
     );
     assert_eq!(get(&store, "eq1").await, Some(live(&other, 1_300)));
+
+    // Different content observed by a call that started earlier loses: it is
+    // the older view of the same version.
+    let stale = with_tags(room("eq1", 300), &[("stale", "1")]);
+    assert_eq!(
+        store.put(&stale, ts(1_250)).await.unwrap(),
+        live(&other, 1_300)
+    );
 }
 
 /// An equal `update_time` with the same content keeps the content and moves
@@ -307,10 +315,10 @@ async fn equal_update_time_same_content_moves_validated_at(db: common::TestDb) {
     assert_eq!(store.put(&r, ts(3_000)).await.unwrap(), live(&r, 5_000));
 }
 
-/// `mark_deleted` leaves a tombstone: `get` says deleted; a `put` of the same
-/// (or an older) `update_time` does not bring the room back, a strictly newer
-/// one does.
-async fn tombstone_holds_until_a_newer_version(db: common::TestDb) {
+/// `mark_deleted` leaves a tombstone: `get` says deleted; an answer to a call
+/// that started before the deletion was recorded never brings the room back,
+/// whatever its version; one to a call that started after it does.
+async fn tombstone_holds_against_earlier_calls(db: common::TestDb) {
     let store = open(&db).await;
     let r = with_tags(room("del1", 500), &[("k", "v")]);
     store.put(&r, ts(1_000)).await.unwrap();
@@ -323,26 +331,35 @@ async fn tombstone_holds_until_a_newer_version(db: common::TestDb) {
     };
     assert_eq!(get(&store, "del1").await, Some(tombstone.clone()));
 
-    // A slow GetRoom answered before the deletion, same version or changed tags.
-    assert_eq!(store.put(&r, ts(3_000)).await.unwrap(), tombstone);
+    // Slow answers to calls that started before the deletion was recorded:
+    // the same version, changed tags, older, or even newer (an UpdateRoom on
+    // another replica that IVS Chat applied before the delete).
+    assert_eq!(store.put(&r, ts(1_900)).await.unwrap(), tombstone);
     let retagged = with_tags(room("del1", 500), &[("k", "other")]);
-    assert_eq!(store.put(&retagged, ts(3_001)).await.unwrap(), tombstone);
+    assert_eq!(store.put(&retagged, ts(1_901)).await.unwrap(), tombstone);
     let older = room("del1", 499);
-    assert_eq!(store.put(&older, ts(3_002)).await.unwrap(), tombstone);
+    assert_eq!(store.put(&older, ts(1_902)).await.unwrap(), tombstone);
+    let newer = room("del1", 501);
+    assert_eq!(store.put(&newer, ts(2_000)).await.unwrap(), tombstone);
     assert_eq!(get(&store, "del1").await, Some(tombstone));
 
-    // A room recreated (or updated) after all is newer than the tombstone.
-    let newer = room("del1", 501);
+    // A call that started after the deletion and still found the room: the
+    // deletion was wrong (or IVS Chat was not yet consistent), the room is back.
     assert_eq!(
         store.put(&newer, ts(4_000)).await.unwrap(),
         live(&newer, 4_000)
     );
     assert_eq!(get(&store, "del1").await, Some(live(&newer, 4_000)));
+
+    // A deletion recorded before the last confirmation does not apply.
+    store.mark_deleted(&arn("del1"), ts(3_000)).await.unwrap();
+    assert_eq!(get(&store, "del1").await, Some(live(&newer, 4_000)));
 }
 
-/// `mark_deleted` of a room the cache never held stores nothing, and leaves
-/// other rooms alone.
-async fn mark_deleted_of_unknown_room_is_a_no_op(db: common::TestDb) {
+/// `mark_deleted` of a room the cache never held leaves a tombstone too, so a
+/// slow answer from another replica cannot bring it in; other rooms are left
+/// alone, and the tombstone is never listed.
+async fn mark_deleted_of_unknown_room_leaves_a_tombstone(db: common::TestDb) {
     let store = open(&db).await;
     let other = room("kept1", 600);
     store.put(&other, ts(10)).await.unwrap();
@@ -351,12 +368,16 @@ async fn mark_deleted_of_unknown_room_is_a_no_op(db: common::TestDb) {
         .mark_deleted(&arn("neverSeen1"), ts(20))
         .await
         .unwrap();
-    assert_eq!(get(&store, "neverSeen1").await, None);
+    let tombstone = get(&store, "neverSeen1").await.expect("a tombstone");
+    assert!(tombstone.deleted);
+    assert_eq!(tombstone.validated_at, ts(20));
     assert_eq!(get(&store, "kept1").await, Some(live(&other, 10)));
+    let listed = store.list(&ListQuery::default()).await.unwrap();
+    assert_eq!(listed.rooms, [other]);
 
-    // Nothing to resurrect either: a later put of it is a plain insert.
-    let later = room("neverSeen1", 1);
-    assert_eq!(store.put(&later, ts(30)).await.unwrap(), live(&later, 30));
+    let slow = room("neverSeen1", 1);
+    assert!(store.put(&slow, ts(15)).await.unwrap().deleted);
+    assert_eq!(store.put(&slow, ts(30)).await.unwrap(), live(&slow, 30));
 }
 
 /// `list` shows only live rooms, newest `update_time` first, equal
@@ -811,8 +832,8 @@ on_both_backends!(
     older_update_time_is_refused,
     equal_update_time_with_different_content_replaces,
     equal_update_time_same_content_moves_validated_at,
-    tombstone_holds_until_a_newer_version,
-    mark_deleted_of_unknown_room_is_a_no_op,
+    tombstone_holds_against_earlier_calls,
+    mark_deleted_of_unknown_room_leaves_a_tombstone,
     list_is_live_rooms_newest_first,
     list_pages_visit_every_room_once,
     list_filters_by_name,

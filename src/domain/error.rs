@@ -36,8 +36,13 @@ pub enum Error {
     /// The request breaks the model's constraints; nothing was sent upstream.
     #[error("invalid request: {}", join(.0))]
     InvalidArgument(Vec<FieldViolation>),
-    #[error("room not found: {0}")]
-    NotFound(String),
+    /// `resource_id` as IVS Chat's ResourceNotFoundException names it;
+    /// `message` says what is missing.
+    #[error("{message}")]
+    NotFound {
+        resource_id: String,
+        message: String,
+    },
     #[error("access denied: {0}")]
     PermissionDenied(String),
     /// IVS Chat's PendingVerification: the account cannot use the API yet.
@@ -62,6 +67,14 @@ pub enum Error {
 impl Error {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Error {
         Error::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// No room `room` (an id or an ARN).
+    pub fn room_not_found(room: &str) -> Error {
+        Error::NotFound {
+            resource_id: room.to_owned(),
+            message: format!("room {room} not found"),
+        }
     }
 }
 

@@ -260,9 +260,13 @@ pub fn tags(field: &str, tags: &BTreeMap<String, String>) -> Result<()> {
     v.finish()
 }
 
-/// UntagResource's `tagKeys`.
+/// UntagResource's `tagKeys`: required, and as a query-string list an empty
+/// one is a missing one.
 pub fn tag_keys(field: &str, keys: &[String]) -> Result<()> {
     let mut v = Violations::default();
+    if keys.is_empty() {
+        v.0.push(FieldViolation::new(field, "is required"));
+    }
     v.count(field, MAX_TAGS, keys.len());
     for (i, key) in keys.iter().enumerate() {
         v.string(&format!("{field}[{i}]"), Shape::TagKey, key);

@@ -134,9 +134,6 @@ async fn untag_resource(
             .filter(|(k, _)| k == "tagKeys")
             .map(|(_, v)| v.into_owned())
             .collect();
-        if keys.is_empty() {
-            return Err(Error::invalid("tagKeys", "is required").into());
-        }
         rooms.untag(&resource_arn, &keys)?;
         Ok(ok_json(json!({})))
     })
@@ -163,18 +160,23 @@ async fn unknown_operation() -> Response {
 async fn handle(
     em: &Emulator,
     op: Operation,
-    run: impl FnOnce(&mut Rooms) -> Result<Response, Reply>,
+    run: impl FnOnce(&mut Rooms) -> Result<Response, Reply> + Send + 'static,
 ) -> Response {
-    em.record_call(op);
     let faults = em.active_faults();
     let response = if faults.over_limit(op) {
         throttled(faults.faults.tps_limit.map_or(0, |n| n.get()))
     } else if let Some(injected) = faults.draw_error() {
         injected_error(injected)
     } else {
-        let result = run(&mut em.state());
-        result.unwrap_or_else(|reply| *reply.0)
+        // The state file is written (and synced) under the lock: off the
+        // async workers.
+        let state = em.clone();
+        match tokio::task::spawn_blocking(move || run(&mut state.state())).await {
+            Ok(result) => result.unwrap_or_else(|reply| *reply.0),
+            Err(e) => error_response(Error::Internal(anyhow::anyhow!("handler panicked: {e}"))),
+        }
     };
+    em.record_call(op);
     let latency = faults.faults.latency_for(op);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -227,10 +229,13 @@ fn error_response(e: Error) -> Response {
                 json!({ "message": message, "reason": "FIELD_VALIDATION_FAILED", "fieldList": fields }),
             )
         }
-        Error::NotFound(id) => aws_error(
+        Error::NotFound {
+            resource_id,
+            message,
+        } => aws_error(
             StatusCode::NOT_FOUND,
             "ResourceNotFoundException",
-            json!({ "message": format!("room {id} not found"), "resourceId": id, "resourceType": "ROOM" }),
+            json!({ "message": message, "resourceId": resource_id, "resourceType": "ROOM" }),
         ),
         Error::PermissionDenied(message) => aws_error(
             StatusCode::FORBIDDEN,

@@ -119,15 +119,26 @@ impl Emulator {
     /// Binds `addr` (port 0 for any), serves in a background task for as long as
     /// the runtime lives, and returns the endpoint URL to give the SDK.
     pub async fn spawn(&self, addr: SocketAddr) -> std::io::Result<String> {
+        let (url, _task) = self.spawn_until(addr, std::future::pending()).await?;
+        Ok(url)
+    }
+
+    /// Like [`Emulator::spawn`], but stops when `shutdown` completes; the task
+    /// ends once the server has.
+    pub async fn spawn_until(
+        &self,
+        addr: SocketAddr,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<(String, tokio::task::JoinHandle<()>)> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let emulator = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = emulator.serve(listener, std::future::pending()).await {
+        let task = tokio::spawn(async move {
+            if let Err(e) = emulator.serve(listener, shutdown).await {
                 tracing::error!(error = %e, "emulator stopped");
             }
         });
-        Ok(format!("http://{local}"))
+        Ok((format!("http://{local}"), task))
     }
 
     /// Replaces the faults in force.
@@ -170,12 +181,14 @@ impl Emulator {
         }
     }
 
-    /// How many requests for `op` have arrived, throttled and failed ones included.
+    /// How many requests for `op` have been handled (the operation has happened,
+    /// or was refused), throttled and failed ones included. Counted before any
+    /// latency or hold delays the response.
     pub fn calls(&self, op: Operation) -> u64 {
         self.shared.calls[op.index()].load(Ordering::SeqCst)
     }
 
-    /// Waits until at least `n` requests for `op` have arrived.
+    /// Waits until at least `n` requests for `op` have been handled.
     pub async fn wait_for_calls(&self, op: Operation, n: u64) {
         loop {
             let notified = self.shared.call_made.notified();
@@ -197,7 +210,7 @@ impl Emulator {
         self.state().update(arn, patch)
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.shared.state.lock().expect("emulator state lock")
     }
 

@@ -197,7 +197,10 @@ impl State {
             let id = resource_arn
                 .rsplit_once('/')
                 .map_or(resource_arn, |(_, id)| id);
-            Error::NotFound(id.to_owned())
+            Error::NotFound {
+                resource_id: id.to_owned(),
+                message: format!("resource {resource_arn} not found"),
+            }
         })
     }
 
@@ -205,14 +208,14 @@ impl State {
         self.rooms
             .get(arn.id())
             .filter(|r| r.arn == arn.as_str())
-            .ok_or_else(|| Error::NotFound(arn.id().to_owned()))
+            .ok_or_else(|| Error::room_not_found(arn.id()))
     }
 
     fn find_mut(&mut self, arn: &RoomArn) -> Result<&mut Room> {
         self.rooms
             .get_mut(arn.id())
             .filter(|r| r.arn == arn.as_str())
-            .ok_or_else(|| Error::NotFound(arn.id().to_owned()))
+            .ok_or_else(|| Error::room_not_found(arn.id()))
     }
 
     /// Writes the whole state atomically (temporary file, then rename), so a

@@ -28,7 +28,7 @@ pub fn to_status(error: Error) -> Status {
             );
             Status::with_error_details(Code::InvalidArgument, message, details)
         }
-        Error::NotFound(room) => Status::not_found(format!("room not found: {room}")),
+        Error::NotFound { message, .. } => Status::not_found(message),
         Error::PermissionDenied(message) => {
             Status::permission_denied(format!("IVS Chat denied access: {message}"))
         }

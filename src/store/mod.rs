@@ -6,9 +6,11 @@
 //! (`migrations/sqlite`, `migrations/postgres`), run at startup.
 //!
 //! Architecture invariant: a stored room is only ever replaced by a version
-//! whose `update_time` is newer, or equal with different content (a tag change
-//! does not move `updateTime`). The rule is one SQL statement, so it holds
-//! whatever the interleaving of writers, in one process or many.
+//! whose `update_time` is newer, or equal and observed no earlier (a tag change
+//! does not move `updateTime`); a room IVS Chat said is gone (a tombstone) only
+//! comes back with an answer to a call that started after that. Each rule is
+//! the `WHERE` of one SQL statement, so it holds whatever the interleaving of
+//! writers, in one process or many.
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -121,18 +123,18 @@ impl Store {
         row.map(|row| cached_room(&row)).transpose()
     }
 
-    /// Stores `room` as confirmed by IVS Chat at `validated_at`, unless the cache
-    /// already holds a newer version (or the room's tombstone). Returns the row
-    /// the cache holds afterwards, which is `room` or the newer one.
+    /// Stores `room` as IVS Chat returned it to a call that started at
+    /// `validated_at`, unless the cache holds a newer version, the same version
+    /// observed later, or a tombstone recorded after that call started. Returns
+    /// the row the cache holds afterwards.
     pub async fn put(&self, room: &Room, validated_at: Timestamp) -> Result<CachedRoom> {
         let (uri, fallback) = match &room.message_review_handler {
             Some(h) => (Some(h.uri.as_str()), Some(h.fallback_result.as_str())),
             None => (None, None),
         };
-        // Replace when newer; when equal, refresh (content may differ, e.g. tags)
-        // unless the row is a tombstone: a room seen deleted stays deleted until a
-        // strictly newer version proves otherwise. Confirming the same version
-        // again never moves validated_at back.
+        // A live row: replace when newer; when equal (content may differ, e.g.
+        // tags), when observed no earlier, so validated_at never moves back. A
+        // tombstone: only an answer to a call that started after it.
         sqlx::query(concat!(
             "INSERT INTO rooms (",
             columns!(),
@@ -146,12 +148,12 @@ impl Store {
                review_handler_fallback = excluded.review_handler_fallback, \
                tags = excluded.tags, \
                logging_configuration_identifiers = excluded.logging_configuration_identifiers, \
-               validated_at = CASE WHEN excluded.update_time = rooms.update_time \
-                   AND rooms.validated_at > excluded.validated_at \
-                 THEN rooms.validated_at ELSE excluded.validated_at END, \
-               deleted_at = NULL \
-             WHERE excluded.update_time > rooms.update_time \
-                OR (excluded.update_time = rooms.update_time AND rooms.deleted_at IS NULL)"
+               validated_at = excluded.validated_at, deleted_at = NULL \
+             WHERE (rooms.deleted_at IS NULL \
+                    AND (excluded.update_time > rooms.update_time \
+                         OR (excluded.update_time = rooms.update_time \
+                             AND excluded.validated_at >= rooms.validated_at))) \
+                OR (rooms.deleted_at IS NOT NULL AND excluded.validated_at > rooms.deleted_at)"
         ))
         .bind(room.arn.as_str())
         .bind(room.id.as_str())
@@ -175,14 +177,24 @@ impl Store {
         })
     }
 
-    /// Records that IVS Chat says the room is gone. A room the cache never held
-    /// needs no tombstone.
+    /// Records that IVS Chat said at `at` that the room is gone, unless a call
+    /// that started after `at` has seen it since. A room the cache never held
+    /// gets a tombstone too (with empty content), so that a slow answer from
+    /// another replica cannot bring it in.
     pub async fn mark_deleted(&self, arn: &RoomArn, at: Timestamp) -> Result<()> {
-        sqlx::query("UPDATE rooms SET deleted_at = $1, validated_at = $1 WHERE arn = $2")
-            .bind(at.as_nanos())
-            .bind(arn.as_str())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(concat!(
+            "INSERT INTO rooms (",
+            columns!(),
+            ") VALUES ($1, $2, '', 0, 0, 0, 0, NULL, NULL, '{}', '[]', $3, $3) \
+             ON CONFLICT (arn) DO UPDATE SET \
+               deleted_at = excluded.deleted_at, validated_at = excluded.validated_at \
+             WHERE rooms.validated_at <= excluded.validated_at"
+        ))
+        .bind(arn.as_str())
+        .bind(arn.id())
+        .bind(at.as_nanos())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

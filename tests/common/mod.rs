@@ -212,7 +212,17 @@ impl TestServer {
         }
     }
 
-    /// Stops the server gracefully and waits until it has.
+    /// Waits until the startup listing of IVS Chat has completed (ListRooms
+    /// waits for it), so no background upstream call runs after this.
+    pub async fn wait_listed(&mut self) {
+        self.client
+            .list_rooms(proto::ListRoomsRequest::default())
+            .await
+            .expect("the startup listing completes");
+    }
+
+    /// Stops the server gracefully (in-flight exchanges with IVS Chat included)
+    /// and waits until it has.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
