@@ -866,7 +866,7 @@ async fn throttling_after_retries_is_resource_exhausted(db: TestDb) {
 /// write from the cache: the exchange runs to completion (and shutdown waits
 /// for it).
 async fn abandoned_write_still_reaches_the_cache(db: TestDb) {
-    let (mut server, emulator, url) = setup(&db, &[]).await;
+    let (server, emulator, url) = setup(&db, &[]).await;
     let held = emulator.hold_responses(Operation::CreateRoom);
     let mut request = tonic::Request::new(create("abandoned"));
     request.set_timeout(std::time::Duration::from_millis(100));
