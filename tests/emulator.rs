@@ -2283,3 +2283,26 @@ async fn state_files_in_one_directory_are_independent() {
         assert_eq!(on_disk, in_memory, "{name} holds exactly its own rooms");
     }
 }
+
+/// Unknown paths and wrong methods get AWS's error shape, not a bare 404/405.
+#[tokio::test]
+async fn unknown_operations_have_aws_error_shape() {
+    let h = start().await;
+    for (method, path) in [
+        (reqwest::Method::POST, "/NoSuchOperation"),
+        (reqwest::Method::PUT, "/CreateRoom"),
+        (reqwest::Method::GET, "/GetRoom"),
+    ] {
+        let (status, error_type, body) = h.raw(method.clone(), path, Some("{}")).await;
+        assert_eq!(status, 404, "{method} {path}");
+        assert_eq!(
+            error_type.as_deref(),
+            Some("UnknownOperationException"),
+            "{method} {path}"
+        );
+        assert_eq!(
+            body["__type"], "UnknownOperationException",
+            "{method} {path}"
+        );
+    }
+}

@@ -31,6 +31,7 @@ pub(super) fn router(emulator: Emulator) -> Router {
             get(list_tags).post(tag_resource).delete(untag_resource),
         )
         .fallback(unknown_operation)
+        .method_not_allowed_fallback(unknown_operation)
         .with_state(emulator)
 }
 
