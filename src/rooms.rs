@@ -221,11 +221,6 @@ impl Rooms {
         self.inner.store.list(&query).await
     }
 
-    /// Whether a full listing has completed, so ListRooms is served.
-    pub fn is_listed(&self) -> bool {
-        *self.inner.listed.borrow()
-    }
-
     /// Lists every room in IVS Chat and brings the cache in line: new and newer
     /// rooms are read whole (a listing shows summaries), rooms IVS Chat no longer
     /// lists are checked one by one and forgotten if gone.
