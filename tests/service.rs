@@ -23,6 +23,18 @@ async fn setup(db: &TestDb, extra: &[&str]) -> (TestServer, Emulator, String) {
     (server, emulator, url)
 }
 
+/// Two servers on one cache in front of one emulator, startup listings done,
+/// so their calls really race.
+async fn two_replicas(db: &TestDb) -> (TestServer, TestServer, Emulator) {
+    let (emulator, url) = emulator().await;
+    let config = serve_config(&db.url, &url, &["--max-staleness", "1h"]);
+    let mut a = TestServer::start(config.clone()).await;
+    let mut b = TestServer::start(config).await;
+    a.wait_listed().await;
+    b.wait_listed().await;
+    (a, b, emulator)
+}
+
 fn create(name: &str) -> proto::CreateRoomRequest {
     proto::CreateRoomRequest {
         name: name.into(),
@@ -695,12 +707,7 @@ async fn unreachable_or_slow_upstream_is_unavailable(db: TestDb) {
 /// A GetRoom answer that IVS Chat produced before an update, but that arrives
 /// after it, can never overwrite the update in the cache: the older version loses.
 async fn older_answer_never_overwrites_newer(db: TestDb) {
-    let (emulator, url) = emulator().await;
-    // Two servers on one cache, so their calls really race.
-    let mut a = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
-    let mut b = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
-    a.wait_listed().await;
-    b.wait_listed().await;
+    let (mut a, mut b, emulator) = two_replicas(&db).await;
     let room = a
         .client
         .create_room(create("v1"))
@@ -752,9 +759,7 @@ async fn older_answer_never_overwrites_newer(db: TestDb) {
 /// Concurrent updates through two servers leave the cache holding exactly
 /// what IVS Chat holds.
 async fn racing_updates_converge(db: TestDb) {
-    let (emulator, url) = emulator().await;
-    let a = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
-    let b = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
+    let (a, b, emulator) = two_replicas(&db).await;
     let room = a
         .client
         .clone()
@@ -904,11 +909,7 @@ async fn abandoned_write_still_reaches_the_cache(db: TestDb) {
 /// An UpdateRoom answer that arrives after another server deleted the room
 /// does not bring the room back into the cache.
 async fn late_answer_does_not_resurrect_a_deleted_room(db: TestDb) {
-    let (emulator, url) = emulator().await;
-    let mut a = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
-    let mut b = TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
-    a.wait_listed().await;
-    b.wait_listed().await;
+    let (mut a, mut b, emulator) = two_replicas(&db).await;
     let room = a
         .client
         .create_room(create("doomed"))
