@@ -39,6 +39,9 @@ pub enum Command {
     Serve(ServeConfig),
     /// Run the IVS Chat emulator alone, for tests that need a stand-in AWS.
     Emulator(EmulatorArgs),
+    /// Print room changes from a running server, one per line; resumes by
+    /// itself after a disconnect.
+    Watch(WatchArgs),
 }
 
 /// Where the service sends IVS Chat calls.
@@ -112,6 +115,35 @@ pub struct ServeConfig {
     /// server stops anyway.
     #[arg(long, env = "IVSCHAT_ROOMS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// How often the reconciler looks for rooms changed in IVS Chat behind
+    /// this service's back (one ListRooms call, plus a GetRoom per changed room).
+    #[arg(long, env = "IVSCHAT_ROOMS_RECONCILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+
+    /// How often the reconciler lists every room, to find rooms deleted or
+    /// created in IVS Chat and tag-only changes.
+    #[arg(long, env = "IVSCHAT_ROOMS_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub resync_interval: Duration,
+
+    /// How often an idle WatchRooms stream gets a progress bookmark.
+    #[arg(long, env = "IVSCHAT_ROOMS_BOOKMARK_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub bookmark_interval: Duration,
+
+    /// How many of the newest change events are kept for watchers to resume
+    /// from (at least 1).
+    #[arg(long, env = "IVSCHAT_ROOMS_EVENT_RETENTION_COUNT", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_retention_count: u64,
+
+    /// Change events older than this are compacted away, newest excepted
+    /// (`0s`: keep by count only).
+    #[arg(long, env = "IVSCHAT_ROOMS_EVENT_RETENTION_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub event_retention_age: Duration,
+
+    /// How often compaction of the change log runs.
+    #[arg(long, env = "IVSCHAT_ROOMS_COMPACTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub compaction_interval: Duration,
 }
 
 impl ServeConfig {
@@ -184,6 +216,33 @@ pub struct EmulatorArgs {
     /// ThrottlingException. Default: no limit.
     #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_TPS_LIMIT")]
     pub tps_limit: Option<NonZeroU32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// The server to watch.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+
+    /// Start after this revision (every later event, in order) instead of now.
+    #[arg(long, conflicts_with = "snapshot")]
+    pub after_revision: Option<u64>,
+
+    /// Print every matching room first (as SNAPSHOT lines), then changes.
+    #[arg(long)]
+    pub snapshot: bool,
+
+    /// One JSON object per line, for jq.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only these rooms (ARNs); all rooms when none are given.
+    #[arg(value_name = "ROOM_ARN")]
+    pub rooms: Vec<String>,
 }
 
 fn fraction(s: &str) -> Result<f64, String> {

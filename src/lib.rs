@@ -21,7 +21,9 @@
 pub mod config;
 pub mod domain;
 pub mod emulator;
+pub mod feed;
 pub mod grpc;
+pub mod reconciler;
 pub mod rooms;
 pub mod server;
 pub mod store;

@@ -20,6 +20,7 @@ async fn main() -> ExitCode {
     let result = match cli.into_command() {
         Command::Serve(config) => server::serve(config).await,
         Command::Emulator(args) => server::run_emulator(args).await,
+        Command::Watch(args) => ivschat_rooms::grpc::watch(args, std::io::stdout().lock()).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

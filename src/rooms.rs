@@ -23,10 +23,15 @@ use tokio::sync::{OwnedMutexGuard, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::domain::{
-    Error, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch, Timestamp, validate,
+    Error, EventSource, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch,
+    Timestamp, validate,
 };
 use crate::store::{CachedRoom, Store};
 use crate::upstream::Upstream;
+
+/// How often ListRooms, waiting for the first full listing, checks whether
+/// another replica has completed it.
+const LISTED_RECHECK: Duration = Duration::from_millis(250);
 
 /// How fresh a read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,7 +99,7 @@ impl Rooms {
         self.exchange(|rooms| async move {
             let asked_at = Timestamp::now();
             let room = rooms.inner.upstream.create_room(&new).await?;
-            Ok(rooms.keep(room, asked_at).await)
+            Ok(rooms.keep(room, asked_at, EventSource::Api).await)
         })
         .await
     }
@@ -114,7 +119,8 @@ impl Rooms {
             {
                 return answer;
             }
-            rooms.refresh(&arn).await
+            // A change found here was made behind this service's back.
+            rooms.refresh(&arn, EventSource::Reconciler).await
         })
         .await
     }
@@ -128,7 +134,7 @@ impl Rooms {
             let room = rooms
                 .gone_if_not_found(&arn, rooms.inner.upstream.update_room(&arn, &patch).await)
                 .await?;
-            Ok(rooms.keep(room, asked_at).await)
+            Ok(rooms.keep(room, asked_at, EventSource::Api).await)
         })
         .await
     }
@@ -140,7 +146,7 @@ impl Rooms {
             rooms
                 .gone_if_not_found(&arn, rooms.inner.upstream.delete_room(&arn).await)
                 .await?;
-            rooms.forget(&arn).await;
+            rooms.forget(&arn, EventSource::Api).await;
             Ok(())
         })
         .await
@@ -155,7 +161,7 @@ impl Rooms {
                 .gone_if_not_found(&arn, rooms.inner.upstream.tag_room(&arn, &tags).await)
                 .await?;
             // Tagging need not move updateTime, so read the room back whole.
-            rooms.refresh(&arn).await
+            rooms.refresh(&arn, EventSource::Api).await
         })
         .await
     }
@@ -168,7 +174,7 @@ impl Rooms {
             rooms
                 .gone_if_not_found(&arn, rooms.inner.upstream.untag_room(&arn, &keys).await)
                 .await?;
-            rooms.refresh(&arn).await
+            rooms.refresh(&arn, EventSource::Api).await
         })
         .await
     }
@@ -205,14 +211,32 @@ impl Rooms {
         }
     }
 
-    /// A page of cached rooms; waits (boundedly) for the first full listing.
-    pub async fn list(&self, query: ListQuery) -> Result<ListedPage<Room>> {
+    /// A page of cached rooms and the change-log revision it reflects; waits
+    /// (boundedly) for the first full listing, which may be another replica's.
+    pub async fn list(&self, query: ListQuery) -> Result<(ListedPage<Room>, u64)> {
         validate::list_query(&query)?;
-        let mut listed = self.inner.listed.subscribe();
-        let wait = listed.wait_for(|listed| *listed);
+        let wait = async {
+            let mut listed = self.inner.listed.subscribe();
+            let mut recheck = tokio::time::interval(LISTED_RECHECK);
+            loop {
+                if *listed.borrow_and_update() {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = listed.changed() => {}
+                    _ = recheck.tick() => {
+                        // The reconciler may run on another replica.
+                        if self.inner.store.full_listing_at().await?.is_some() {
+                            self.inner.listed.send_replace(true);
+                        }
+                    }
+                }
+            }
+        };
         match tokio::time::timeout(self.inner.settings.listing_wait, wait).await {
-            Ok(Ok(_)) => {}
-            _ => {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
                 return Err(Error::Unavailable(
                     "the cache is still being filled by a first full listing of IVS Chat".into(),
                 ));
@@ -223,7 +247,9 @@ impl Rooms {
 
     /// Lists every room in IVS Chat and brings the cache in line: new and newer
     /// rooms are read whole (a listing shows summaries), rooms IVS Chat no longer
-    /// lists are checked one by one and forgotten if gone.
+    /// lists are checked one by one and forgotten if gone. Changes found are
+    /// logged as RECONCILER. Tag-only changes are found too: a summary shows
+    /// the tags.
     pub async fn full_listing(&self) -> Result<ListingReport> {
         let started = Timestamp::now();
         let mut report = ListingReport::default();
@@ -247,7 +273,7 @@ impl Rooms {
                         report.fetched += 1;
                         let _turn = self.inner.locks.lock(&arn).await;
                         // Gone since it was listed: refresh has forgotten it.
-                        match self.refresh(&arn).await {
+                        match self.refresh(&arn, EventSource::Reconciler).await {
                             Ok(_) | Err(Error::NotFound { .. }) => {}
                             Err(e) => return Err(e),
                         }
@@ -268,7 +294,7 @@ impl Rooms {
             .await?
         {
             let _turn = self.inner.locks.lock(&arn).await;
-            match self.refresh(&arn).await {
+            match self.refresh(&arn, EventSource::Reconciler).await {
                 Ok(_) => {}
                 Err(Error::NotFound { .. }) => report.deleted += 1,
                 Err(e) => return Err(e),
@@ -279,31 +305,53 @@ impl Rooms {
         Ok(report)
     }
 
-    /// Runs the first full listing in the background, retrying with backoff
-    /// until it succeeds.
-    pub fn spawn_initial_listing(&self) -> tokio::task::JoinHandle<()> {
-        let rooms = self.clone();
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(500);
-            loop {
-                match rooms.full_listing().await {
-                    Ok(report) => {
-                        tracing::info!(
-                            listed = report.listed,
-                            fetched = report.fetched,
-                            deleted = report.deleted,
-                            "full listing of IVS Chat complete; ListRooms is served from the cache"
-                        );
-                        return;
+    /// Looks for rooms changed in IVS Chat since the cache last saw them,
+    /// newest first: IVS Chat lists by updateTime descending, so paging stops
+    /// at the first page with nothing newer than the cache. Usually one
+    /// upstream call. Changed rooms are read whole and logged as RECONCILER.
+    pub async fn reconcile_recent(&self) -> Result<ListingReport> {
+        let started = Timestamp::now();
+        let mut report = ListingReport::default();
+        let mut query = ListQuery {
+            max_results: Some(validate::MAX_ROOM_RESULTS.max),
+            ..ListQuery::default()
+        };
+        loop {
+            let page = self.inner.upstream.list_rooms(&query).await?;
+            let mut newer_on_page = false;
+            for summary in &page.rooms {
+                report.listed += 1;
+                let arn = RoomArn::parse("arn", &summary.arn)?;
+                let cached = self.inner.store.get(&arn).await?;
+                let (newer, differs) = match &cached {
+                    Some(c) if !c.deleted => (
+                        summary.update_time > c.room.update_time,
+                        // Same version, other content: a tag-only change.
+                        summary.update_time == c.room.update_time && !summary.shows(&c.room),
+                    ),
+                    // New to the cache, or listed although we saw it deleted.
+                    _ => (true, false),
+                };
+                newer_on_page |= newer;
+                if newer || differs {
+                    report.fetched += 1;
+                    let _turn = self.inner.locks.lock(&arn).await;
+                    match self.refresh(&arn, EventSource::Reconciler).await {
+                        Ok(_) | Err(Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "full listing of IVS Chat failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(60));
-                    }
+                } else if cached.is_some() {
+                    self.inner
+                        .store
+                        .confirm(&arn, summary.update_time, started)
+                        .await?;
                 }
             }
-        })
+            match page.next_token {
+                Some(token) if newer_on_page => query.next_token = Some(token),
+                _ => return Ok(report),
+            }
+        }
     }
 
     /// The cached answer for `arn` if it is fresh enough.
@@ -317,20 +365,21 @@ impl Rooms {
             .map(answer))
     }
 
-    /// Reads the room from IVS Chat and stores it. Call with the room's turn.
-    async fn refresh(&self, arn: &RoomArn) -> Result<Room> {
+    /// Reads the room from IVS Chat and stores it; a change found is logged
+    /// as made by `source`. Call with the room's turn.
+    async fn refresh(&self, arn: &RoomArn, source: EventSource) -> Result<Room> {
         let asked_at = Timestamp::now();
         let room = self
             .gone_if_not_found(arn, self.inner.upstream.get_room(arn).await)
             .await?;
-        Ok(self.keep(room, asked_at).await)
+        Ok(self.keep(room, asked_at, source).await)
     }
 
     /// Stores a room IVS Chat returned and answers with what the cache holds
     /// after, which is newer if a newer version was already there. IVS Chat has
     /// answered, so a failing cache is logged, not returned.
-    async fn keep(&self, room: Room, asked_at: Timestamp) -> Room {
-        match self.inner.store.put(&room, asked_at).await {
+    async fn keep(&self, room: Room, asked_at: Timestamp, source: EventSource) -> Room {
+        match self.inner.store.put(&room, asked_at, source).await {
             Ok(cached) if !cached.deleted => cached.room,
             Ok(_) => room,
             Err(e) => {
@@ -340,10 +389,11 @@ impl Rooms {
         }
     }
 
-    /// Passes `result` on; a NOT_FOUND from IVS Chat also forgets the room.
+    /// Passes `result` on; a NOT_FOUND from IVS Chat also forgets the room,
+    /// which was deleted behind this service's back.
     async fn gone_if_not_found<T>(&self, arn: &RoomArn, result: Result<T>) -> Result<T> {
         if let Err(Error::NotFound { .. }) = &result {
-            self.forget(arn).await;
+            self.forget(arn, EventSource::Reconciler).await;
             return Err(Error::room_not_found(arn.as_str()));
         }
         result
@@ -351,8 +401,13 @@ impl Rooms {
 
     /// Records that IVS Chat has just said the room is gone: any answer from
     /// an exchange that started before now cannot bring it back.
-    async fn forget(&self, arn: &RoomArn) {
-        if let Err(e) = self.inner.store.mark_deleted(arn, Timestamp::now()).await {
+    async fn forget(&self, arn: &RoomArn, source: EventSource) {
+        if let Err(e) = self
+            .inner
+            .store
+            .mark_deleted(arn, Timestamp::now(), source)
+            .await
+        {
             tracing::error!(error = %e, %arn, "could not record a deleted room in the cache");
         }
     }

@@ -9,7 +9,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::{ServeConfig, UpstreamKind};
+use crate::feed::{Feed, FeedSettings};
+use crate::reconciler::{self, ReconcileSettings};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::grpc::{RoomService, proto};
 use crate::rooms::{Rooms, RoomsSettings};
@@ -36,7 +40,28 @@ pub async fn run(
     )
     .await
     .context("could not read the cache")?;
-    let listing = rooms.spawn_initial_listing();
+    let feed = Feed::start(
+        store.clone(),
+        FeedSettings {
+            bookmark_interval: config.bookmark_interval,
+            retention_count: config.event_retention_count,
+            retention_age: Some(config.event_retention_age).filter(|age| !age.is_zero()),
+            compaction_interval: config.compaction_interval,
+            ..FeedSettings::default()
+        },
+    )
+    .await
+    .context("could not read the change log")?;
+    let stop_reconciler = CancellationToken::new();
+    let reconciler = tokio::spawn(reconciler::run(
+        rooms.clone(),
+        store.clone(),
+        ReconcileSettings {
+            interval: config.reconcile_interval,
+            resync_interval: config.resync_interval,
+        },
+        stop_reconciler.clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -61,8 +86,19 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RoomService::new(rooms.clone()).into_server())
+        .add_service(RoomService::new(rooms.clone(), feed.clone()).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone());
+    // Watch streams never end by themselves: end them (UNAVAILABLE, with the
+    // revision to resume after) as soon as shutdown begins, so that the
+    // server's wait for in-flight requests is not a wait for the grace period.
+    let feed_stopped = tokio::spawn({
+        let feed = feed.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.await;
+            feed.stop().await;
+        }
+    });
     let grace = config.shutdown_grace;
     let result = tokio::select! {
         result = serve => result.context("gRPC server failed"),
@@ -71,7 +107,10 @@ pub async fn run(
             Ok(())
         }
     };
-    listing.abort();
+    stop_reconciler.cancel();
+    let _ = reconciler.await;
+    feed.stop().await;
+    feed_stopped.abort();
     // Exchanges with IVS Chat outlive their requests; let them reach the cache
     // before the upstream and the cache go away.
     rooms.drain(grace).await;

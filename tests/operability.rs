@@ -136,7 +136,7 @@ async fn embedded_upstream_survives_restart() {
             .into_command()
         {
             Command::Serve(config) => config,
-            Command::Emulator(_) => unreachable!(),
+            Command::Emulator(_) | Command::Watch(_) => unreachable!(),
         }
     };
     let mut server = TestServer::start(config()).await;

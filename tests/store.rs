@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ivschat_rooms::domain::{
-    Error, FallbackResult, ListQuery, MessageReviewHandler, Room, RoomArn, Timestamp,
+    Error, EventSource, FallbackResult, ListQuery, MessageReviewHandler, Room, RoomArn,
+    Timestamp,
 };
 use ivschat_rooms::store::{CachedRoom, Store};
 use rand::seq::SliceRandom as _;
@@ -19,6 +20,8 @@ const ARN_PREFIX: &str = "arn:aws:ivschat:us-east-1:123456789012";
 const LAMBDA: &str = "arn:aws:lambda:us-east-1:123456789012:function:review";
 /// `LAMBDA` is a prefix of it.
 const LAMBDA_LONGER: &str = "arn:aws:lambda:us-east-1:123456789012:function:review2";
+
+const API: EventSource = EventSource::Api;
 
 fn ts(nanos: i64) -> Timestamp {
     Timestamp::from_nanos(nanos)
@@ -93,7 +96,7 @@ async fn get(store: &Store, id: &str) -> Option<CachedRoom> {
 async fn all_pages(store: &Store, mut query: ListQuery) -> Vec<Vec<Room>> {
     let mut pages = Vec::new();
     loop {
-        let page = store.list(&query).await.unwrap();
+        let page = store.list(&query).await.unwrap().0;
         assert!(
             page.rooms.len() <= query.limit(),
             "a page of {} rooms when at most {} were asked for",
@@ -157,12 +160,12 @@ async fn put_then_get_round_trips_every_field(db: common::TestDb) {
 
     let validated = 1_700_000_002_000_000_001;
     assert_eq!(
-        store.put(&full, ts(validated)).await.unwrap(),
+        store.put(&full, ts(validated), API).await.unwrap(),
         live(&full, validated)
     );
-    assert_eq!(store.put(&bare, ts(7)).await.unwrap(), live(&bare, 7));
+    assert_eq!(store.put(&bare, ts(7), API).await.unwrap(), live(&bare, 7));
     assert_eq!(
-        store.put(&allowing, ts(8)).await.unwrap(),
+        store.put(&allowing, ts(8), API).await.unwrap(),
         live(&allowing, 8)
     );
 
@@ -195,7 +198,7 @@ async fn put_then_get_round_trips_every_field(db: common::TestDb) {
 async fn newer_update_time_replaces(db: common::TestDb) {
     let store = open(&db).await;
     let old = with_tags(room("upd1", 100), &[("v", "1")]);
-    store.put(&old, ts(1_000)).await.unwrap();
+    store.put(&old, ts(1_000), API).await.unwrap();
 
     let new = with_logging(
         with_handler(
@@ -212,13 +215,13 @@ async fn newer_update_time_replaces(db: common::TestDb) {
         ),
         &["log1"],
     );
-    assert_eq!(store.put(&new, ts(900)).await.unwrap(), live(&new, 900));
+    assert_eq!(store.put(&new, ts(900), API).await.unwrap(), live(&new, 900));
     assert_eq!(get(&store, "upd1").await, Some(live(&new, 900)));
 
     // And back to no handler, no tags, no logging with a yet newer version.
     let newest = room("upd1", 102);
     assert_eq!(
-        store.put(&newest, ts(901)).await.unwrap(),
+        store.put(&newest, ts(901), API).await.unwrap(),
         live(&newest, 901)
     );
     assert_eq!(get(&store, "upd1").await, Some(live(&newest, 901)));
@@ -235,7 +238,7 @@ async fn older_update_time_is_refused(db: common::TestDb) {
         },
         &[("v", "new")],
     );
-    store.put(&newer, ts(1_000)).await.unwrap();
+    store.put(&newer, ts(1_000), API).await.unwrap();
 
     let older = with_handler(
         with_tags(
@@ -249,7 +252,7 @@ async fn older_update_time_is_refused(db: common::TestDb) {
         FallbackResult::Allow,
     );
     assert_eq!(
-        store.put(&older, ts(2_000)).await.unwrap(),
+        store.put(&older, ts(2_000), API).await.unwrap(),
         live(&newer, 1_000)
     );
     assert_eq!(get(&store, "old1").await, Some(live(&newer, 1_000)));
@@ -260,18 +263,18 @@ async fn older_update_time_is_refused(db: common::TestDb) {
 async fn equal_update_time_with_different_content_replaces(db: common::TestDb) {
     let store = open(&db).await;
     let first = with_tags(room("eq1", 300), &[("a", "1")]);
-    store.put(&first, ts(1_000)).await.unwrap();
+    store.put(&first, ts(1_000), API).await.unwrap();
 
     let retagged = with_tags(room("eq1", 300), &[("a", "1"), ("b", "2")]);
     assert_eq!(
-        store.put(&retagged, ts(1_100)).await.unwrap(),
+        store.put(&retagged, ts(1_100), API).await.unwrap(),
         live(&retagged, 1_100)
     );
     assert_eq!(get(&store, "eq1").await, Some(live(&retagged, 1_100)));
 
     let untagged = room("eq1", 300);
     assert_eq!(
-        store.put(&untagged, ts(1_200)).await.unwrap(),
+        store.put(&untagged, ts(1_200), API).await.unwrap(),
         live(&untagged, 1_200)
     );
     assert_eq!(get(&store, "eq1").await, Some(live(&untagged, 1_200)));
@@ -281,7 +284,7 @@ async fn equal_update_time_with_different_content_replaces(db: common::TestDb) {
         &["log1"],
     );
     assert_eq!(
-        store.put(&other, ts(1_300)).await.unwrap(),
+        store.put(&other, ts(1_300), API).await.unwrap(),
         live(&other, 1_300)
     );
     assert_eq!(get(&store, "eq1").await, Some(live(&other, 1_300)));
@@ -290,7 +293,7 @@ async fn equal_update_time_with_different_content_replaces(db: common::TestDb) {
     // the older view of the same version.
     let stale = with_tags(room("eq1", 300), &[("stale", "1")]);
     assert_eq!(
-        store.put(&stale, ts(1_250)).await.unwrap(),
+        store.put(&stale, ts(1_250), API).await.unwrap(),
         live(&other, 1_300)
     );
 }
@@ -307,12 +310,12 @@ async fn equal_update_time_same_content_moves_validated_at(db: common::TestDb) {
         ),
         &["log1", "log2"],
     );
-    store.put(&r, ts(1_000)).await.unwrap();
-    assert_eq!(store.put(&r, ts(5_000)).await.unwrap(), live(&r, 5_000));
+    store.put(&r, ts(1_000), API).await.unwrap();
+    assert_eq!(store.put(&r, ts(5_000), API).await.unwrap(), live(&r, 5_000));
     assert_eq!(get(&store, "same1").await, Some(live(&r, 5_000)));
     // A confirmation that was asked for earlier but answered later never
     // moves validated_at back.
-    assert_eq!(store.put(&r, ts(3_000)).await.unwrap(), live(&r, 5_000));
+    assert_eq!(store.put(&r, ts(3_000), API).await.unwrap(), live(&r, 5_000));
 }
 
 /// `mark_deleted` leaves a tombstone: `get` says deleted; an answer to a call
@@ -321,9 +324,9 @@ async fn equal_update_time_same_content_moves_validated_at(db: common::TestDb) {
 async fn tombstone_holds_against_earlier_calls(db: common::TestDb) {
     let store = open(&db).await;
     let r = with_tags(room("del1", 500), &[("k", "v")]);
-    store.put(&r, ts(1_000)).await.unwrap();
+    store.put(&r, ts(1_000), API).await.unwrap();
 
-    store.mark_deleted(&arn("del1"), ts(2_000)).await.unwrap();
+    store.mark_deleted(&arn("del1"), ts(2_000), API).await.unwrap();
     let tombstone = CachedRoom {
         room: r.clone(),
         validated_at: ts(2_000),
@@ -334,25 +337,25 @@ async fn tombstone_holds_against_earlier_calls(db: common::TestDb) {
     // Slow answers to calls that started before the deletion was recorded:
     // the same version, changed tags, older, or even newer (an UpdateRoom on
     // another replica that IVS Chat applied before the delete).
-    assert_eq!(store.put(&r, ts(1_900)).await.unwrap(), tombstone);
+    assert_eq!(store.put(&r, ts(1_900), API).await.unwrap(), tombstone);
     let retagged = with_tags(room("del1", 500), &[("k", "other")]);
-    assert_eq!(store.put(&retagged, ts(1_901)).await.unwrap(), tombstone);
+    assert_eq!(store.put(&retagged, ts(1_901), API).await.unwrap(), tombstone);
     let older = room("del1", 499);
-    assert_eq!(store.put(&older, ts(1_902)).await.unwrap(), tombstone);
+    assert_eq!(store.put(&older, ts(1_902), API).await.unwrap(), tombstone);
     let newer = room("del1", 501);
-    assert_eq!(store.put(&newer, ts(2_000)).await.unwrap(), tombstone);
+    assert_eq!(store.put(&newer, ts(2_000), API).await.unwrap(), tombstone);
     assert_eq!(get(&store, "del1").await, Some(tombstone));
 
     // A call that started after the deletion and still found the room: the
     // deletion was wrong (or IVS Chat was not yet consistent), the room is back.
     assert_eq!(
-        store.put(&newer, ts(4_000)).await.unwrap(),
+        store.put(&newer, ts(4_000), API).await.unwrap(),
         live(&newer, 4_000)
     );
     assert_eq!(get(&store, "del1").await, Some(live(&newer, 4_000)));
 
     // A deletion recorded before the last confirmation does not apply.
-    store.mark_deleted(&arn("del1"), ts(3_000)).await.unwrap();
+    store.mark_deleted(&arn("del1"), ts(3_000), API).await.unwrap();
     assert_eq!(get(&store, "del1").await, Some(live(&newer, 4_000)));
 }
 
@@ -362,22 +365,22 @@ async fn tombstone_holds_against_earlier_calls(db: common::TestDb) {
 async fn mark_deleted_of_unknown_room_leaves_a_tombstone(db: common::TestDb) {
     let store = open(&db).await;
     let other = room("kept1", 600);
-    store.put(&other, ts(10)).await.unwrap();
+    store.put(&other, ts(10), API).await.unwrap();
 
     store
-        .mark_deleted(&arn("neverSeen1"), ts(20))
+        .mark_deleted(&arn("neverSeen1"), ts(20), API)
         .await
         .unwrap();
     let tombstone = get(&store, "neverSeen1").await.expect("a tombstone");
     assert!(tombstone.deleted);
     assert_eq!(tombstone.validated_at, ts(20));
     assert_eq!(get(&store, "kept1").await, Some(live(&other, 10)));
-    let listed = store.list(&ListQuery::default()).await.unwrap();
+    let listed = store.list(&ListQuery::default()).await.unwrap().0;
     assert_eq!(listed.rooms, [other]);
 
     let slow = room("neverSeen1", 1);
-    assert!(store.put(&slow, ts(15)).await.unwrap().deleted);
-    assert_eq!(store.put(&slow, ts(30)).await.unwrap(), live(&slow, 30));
+    assert!(store.put(&slow, ts(15), API).await.unwrap().deleted);
+    assert_eq!(store.put(&slow, ts(30), API).await.unwrap(), live(&slow, 30));
 }
 
 /// `list` shows only live rooms, newest `update_time` first, equal
@@ -395,12 +398,12 @@ async fn list_is_live_rooms_newest_first(db: common::TestDb) {
         room("gone2", 25),
     ];
     for r in &rooms {
-        store.put(r, ts(1)).await.unwrap();
+        store.put(r, ts(1), API).await.unwrap();
     }
-    store.mark_deleted(&arn("gone1"), ts(2)).await.unwrap();
-    store.mark_deleted(&arn("gone2"), ts(2)).await.unwrap();
+    store.mark_deleted(&arn("gone1"), ts(2), API).await.unwrap();
+    store.mark_deleted(&arn("gone2"), ts(2), API).await.unwrap();
 
-    let page = store.list(&ListQuery::default()).await.unwrap();
+    let page = store.list(&ListQuery::default()).await.unwrap().0;
     assert_eq!(page.next_token, None);
     let ids: Vec<&str> = page.rooms.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["a1", "tieA", "tieB", "tieC", "c1", "b1"]);
@@ -408,8 +411,8 @@ async fn list_is_live_rooms_newest_first(db: common::TestDb) {
     assert_eq!(page.rooms[0], rooms[1]);
 
     // A deleted room brought back by a newer version is listed again.
-    store.put(&room("gone1", 41), ts(3)).await.unwrap();
-    let page = store.list(&ListQuery::default()).await.unwrap();
+    store.put(&room("gone1", 41), ts(3), API).await.unwrap();
+    let page = store.list(&ListQuery::default()).await.unwrap().0;
     assert_eq!(page.rooms[0], room("gone1", 41));
     assert_eq!(page.rooms.len(), 7);
 }
@@ -424,9 +427,9 @@ async fn list_pages_visit_every_room_once(db: common::TestDb) {
     for i in 0..14_i64 {
         let id = format!("page{:02}", (i * 5) % 14);
         let r = room(&id, 1_000 + i / 3);
-        store.put(&r, ts(1)).await.unwrap();
+        store.put(&r, ts(1), API).await.unwrap();
         if i % 5 == 4 {
-            store.mark_deleted(&r.arn(), ts(2)).await.unwrap();
+            store.mark_deleted(&r.arn(), ts(2), API).await.unwrap();
         } else {
             expected.push((r.update_time.as_nanos(), r.arn));
         }
@@ -469,9 +472,9 @@ async fn list_filters_by_name(db: common::TestDb) {
         named("n6", 60, "lobby"),
         named("n7", 70, ""),
     ] {
-        store.put(&r, ts(1)).await.unwrap();
+        store.put(&r, ts(1), API).await.unwrap();
     }
-    store.mark_deleted(&arn("n6"), ts(2)).await.unwrap();
+    store.mark_deleted(&arn("n6"), ts(2), API).await.unwrap();
 
     let query = ListQuery {
         name: Some("lobby".to_owned()),
@@ -486,7 +489,7 @@ async fn list_filters_by_name(db: common::TestDb) {
         name: Some("nobody".to_owned()),
         ..ListQuery::default()
     };
-    assert_eq!(store.list(&none).await.unwrap().rooms, []);
+    assert_eq!(store.list(&none).await.unwrap().0.rooms, []);
     // `Some("")` is the rooms without a name, not every room.
     let unnamed = ListQuery {
         name: Some(String::new()),
@@ -507,9 +510,9 @@ async fn list_filters_by_review_handler_uri(db: common::TestDb) {
         room("h4", 40),
         with_handler(room("h5", 50), LAMBDA, FallbackResult::Deny),
     ] {
-        store.put(&r, ts(1)).await.unwrap();
+        store.put(&r, ts(1), API).await.unwrap();
     }
-    store.mark_deleted(&arn("h5"), ts(2)).await.unwrap();
+    store.mark_deleted(&arn("h5"), ts(2), API).await.unwrap();
 
     let by_uri = |uri: &str| ListQuery {
         message_review_handler_uri: Some(uri.to_owned()),
@@ -549,9 +552,9 @@ async fn list_filters_by_logging_configuration_identifier(db: common::TestDb) {
         room("l6", 60),
         with_logging(room("l7", 70), &["abcd"]),
     ] {
-        store.put(&r, ts(1)).await.unwrap();
+        store.put(&r, ts(1), API).await.unwrap();
     }
-    store.mark_deleted(&arn("l7"), ts(2)).await.unwrap();
+    store.mark_deleted(&arn("l7"), ts(2), API).await.unwrap();
 
     let by_log = |id: &str| ListQuery {
         logging_configuration_identifier: Some(log_arn(id)),
@@ -589,7 +592,7 @@ async fn list_filters_by_logging_configuration_identifier(db: common::TestDb) {
 async fn list_rejects_an_invalid_next_token(db: common::TestDb) {
     use base64::Engine as _;
     let store = open(&db).await;
-    store.put(&room("tok1", 1), ts(1)).await.unwrap();
+    store.put(&room("tok1", 1), ts(1), API).await.unwrap();
 
     let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
     for token in [
@@ -617,19 +620,19 @@ async fn list_rejects_an_invalid_next_token(db: common::TestDb) {
         next_token: Some(String::new()),
         ..ListQuery::default()
     };
-    assert_eq!(store.list(&empty).await.unwrap().rooms, [room("tok1", 1)]);
+    assert_eq!(store.list(&empty).await.unwrap().0.rooms, [room("tok1", 1)]);
 }
 
 /// `live_rooms_unconfirmed_since(t)` is the live rooms with `validated_at`
 /// strictly before `t`: not tombstones, not rooms confirmed at or after `t`.
 async fn live_rooms_unconfirmed_since_lists_stale_live_rooms(db: common::TestDb) {
     let store = open(&db).await;
-    store.put(&room("s1", 1), ts(100)).await.unwrap();
-    store.put(&room("s2", 1), ts(199)).await.unwrap();
-    store.put(&room("s3", 1), ts(200)).await.unwrap();
-    store.put(&room("s4", 1), ts(300)).await.unwrap();
-    store.put(&room("s5", 1), ts(50)).await.unwrap();
-    store.mark_deleted(&arn("s5"), ts(60)).await.unwrap();
+    store.put(&room("s1", 1), ts(100), API).await.unwrap();
+    store.put(&room("s2", 1), ts(199), API).await.unwrap();
+    store.put(&room("s3", 1), ts(200), API).await.unwrap();
+    store.put(&room("s4", 1), ts(300), API).await.unwrap();
+    store.put(&room("s5", 1), ts(50), API).await.unwrap();
+    store.mark_deleted(&arn("s5"), ts(60), API).await.unwrap();
 
     let unconfirmed = |t: i64| {
         let store = store.clone();
@@ -661,7 +664,7 @@ async fn live_rooms_unconfirmed_since_lists_stale_live_rooms(db: common::TestDb)
 async fn confirm_moves_validated_at_of_the_matching_live_version(db: common::TestDb) {
     let store = open(&db).await;
     let r = with_tags(room("c1", 700), &[("k", "v")]);
-    store.put(&r, ts(1_000)).await.unwrap();
+    store.put(&r, ts(1_000), API).await.unwrap();
 
     // Another version than the cached one: nothing moves.
     store.confirm(&arn("c1"), ts(699), ts(2_000)).await.unwrap();
@@ -676,7 +679,7 @@ async fn confirm_moves_validated_at_of_the_matching_live_version(db: common::Tes
     assert_eq!(get(&store, "c1").await, Some(live(&r, 2_000)));
 
     // A tombstone is not confirmed: it stays deleted at its time.
-    store.mark_deleted(&arn("c1"), ts(3_000)).await.unwrap();
+    store.mark_deleted(&arn("c1"), ts(3_000), API).await.unwrap();
     store.confirm(&arn("c1"), ts(700), ts(4_000)).await.unwrap();
     assert_eq!(
         get(&store, "c1").await,
@@ -735,10 +738,10 @@ async fn reopening_keeps_rooms(db: common::TestDb) {
         &["log1"],
     );
     let other = room("keep2", 10);
-    store.put(&kept, ts(100)).await.unwrap();
-    store.put(&other, ts(101)).await.unwrap();
-    store.put(&room("gone1", 30), ts(102)).await.unwrap();
-    store.mark_deleted(&arn("gone1"), ts(103)).await.unwrap();
+    store.put(&kept, ts(100), API).await.unwrap();
+    store.put(&other, ts(101), API).await.unwrap();
+    store.put(&room("gone1", 30), ts(102), API).await.unwrap();
+    store.mark_deleted(&arn("gone1"), ts(103), API).await.unwrap();
     store.close().await;
 
     let reopened = open(&db).await;
@@ -753,13 +756,13 @@ async fn reopening_keeps_rooms(db: common::TestDb) {
             .deleted
     );
     assert_eq!(
-        reopened.list(&ListQuery::default()).await.unwrap().rooms,
+        reopened.list(&ListQuery::default()).await.unwrap().0.rooms,
         [kept.clone(), other]
     );
 
     // And the update-time rule still holds on the reopened store.
     assert_eq!(
-        reopened.put(&room("keep1", 19), ts(200)).await.unwrap(),
+        reopened.put(&room("keep1", 19), ts(200), API).await.unwrap(),
         live(&kept, 100)
     );
 }
@@ -796,7 +799,7 @@ async fn concurrent_puts_keep_the_newest(db: common::TestDb) {
                 start.wait().await;
                 // validated_at follows update_time, as it would in real life.
                 let validated_at = ts(version.update_time.as_nanos() * 10);
-                let stored = store.put(&version, validated_at).await.unwrap();
+                let stored = store.put(&version, validated_at, API).await.unwrap();
                 (version, stored)
             })
         })
@@ -820,7 +823,7 @@ async fn concurrent_puts_keep_the_newest(db: common::TestDb) {
     let expected = live(&newest, newest.update_time.as_nanos() * 10);
     assert_eq!(get(&store, "race1").await, Some(expected), "seed {seed}");
     assert_eq!(
-        store.list(&ListQuery::default()).await.unwrap().rooms,
+        store.list(&ListQuery::default()).await.unwrap().0.rooms,
         [newest],
         "seed {seed}"
     );
@@ -860,7 +863,7 @@ async fn sqlite_creates_missing_directories() {
     let store = Store::open(&url).await.unwrap();
     assert!(path.is_file(), "{} was not created", path.display());
     let r = room("dir1", 1);
-    assert_eq!(store.put(&r, ts(2)).await.unwrap(), live(&r, 2));
+    assert_eq!(store.put(&r, ts(2), API).await.unwrap(), live(&r, 2));
     store.close().await;
 
     let reopened = Store::open(&url).await.unwrap();

@@ -56,6 +56,15 @@ pub enum Error {
     /// Upstream unreachable, 5xx or timed out; or the cache database is.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A watch asked to resume from a revision the change log no longer holds
+    /// (compacted) or does not hold yet.
+    #[error("{message}")]
+    RevisionOutOfRange {
+        message: String,
+        /// The oldest revision the log still holds: a watch can resume with
+        /// `after_revision` at least one less than this.
+        oldest_available_revision: u64,
+    },
     /// A request field this version names but does not implement yet.
     #[error("not implemented: {0}")]
     Unimplemented(String),

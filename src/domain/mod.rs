@@ -5,10 +5,12 @@
 //! AWS SDK. Every other module converts its own types into these at its edge.
 
 mod error;
+mod event;
 mod room;
 pub mod validate;
 
 pub use error::{Error, FieldViolation, Result};
+pub use event::{EventKind, EventSource, RoomEvent};
 pub use room::{
     FallbackResult, ListQuery, ListedPage, MessageReviewHandler, NewRoom, PageCursor, Room,
     RoomArn, RoomPatch, RoomSummary, Timestamp,

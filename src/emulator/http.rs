@@ -258,7 +258,10 @@ fn error_response(e: Error) -> Response {
             "ServiceQuotaExceededException",
             json!({ "message": message, "resourceId": "", "resourceType": "ROOM", "limit": 0 }),
         ),
-        e @ (Error::Unavailable(_) | Error::Unimplemented(_) | Error::Internal(_)) => {
+        e @ (Error::Unavailable(_)
+        | Error::Unimplemented(_)
+        | Error::RevisionOutOfRange { .. }
+        | Error::Internal(_)) => {
             tracing::debug!(error = %e, "emulator internal error");
             aws_error(
                 StatusCode::INTERNAL_SERVER_ERROR,

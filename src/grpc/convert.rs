@@ -1,9 +1,10 @@
 //! Conversions between protobuf messages and domain values.
 
 use crate::domain::{
-    Error, FallbackResult, ListQuery, MessageReviewHandler, NewRoom, Result, Room, RoomPatch,
-    Timestamp,
+    Error, EventKind, EventSource, FallbackResult, ListQuery, MessageReviewHandler, NewRoom,
+    Result, Room, RoomArn, RoomPatch, Timestamp,
 };
+use crate::feed::{WatchItem, WatchRequest};
 use crate::rooms::Consistency;
 
 use super::proto;
@@ -45,6 +46,61 @@ pub(super) fn list_query(req: proto::ListRoomsRequest) -> ListQuery {
         max_results: (req.max_results != 0).then_some(req.max_results),
         next_token: non_empty(req.next_token),
     }
+}
+
+pub(super) fn watch_request(req: proto::WatchRoomsRequest) -> Result<WatchRequest> {
+    let mut arns = Vec::with_capacity(req.identifiers.len());
+    let mut violations = Vec::new();
+    for (i, identifier) in req.identifiers.iter().enumerate() {
+        match RoomArn::parse(&format!("identifiers[{i}]"), identifier) {
+            Ok(arn) => arns.push(arn),
+            Err(Error::InvalidArgument(v)) => violations.extend(v),
+            Err(e) => return Err(e),
+        }
+    }
+    if !violations.is_empty() {
+        return Err(Error::InvalidArgument(violations));
+    }
+    Ok(WatchRequest {
+        arns,
+        after_revision: req.after_revision,
+        include_snapshot: req.include_snapshot,
+    })
+}
+
+pub(super) fn watch_item(item: WatchItem) -> proto::WatchRoomsResponse {
+    use proto::watch_rooms_response::Kind;
+    let kind = match item {
+        WatchItem::Snapshot(r) => Kind::Event(proto::RoomEvent {
+            r#type: proto::EventType::Snapshot as i32,
+            room: Some(room(r)),
+            ..proto::RoomEvent::default()
+        }),
+        WatchItem::Event(event) => Kind::Event(proto::RoomEvent {
+            revision: event.revision,
+            r#type: match event.kind {
+                EventKind::Created => proto::EventType::Created,
+                EventKind::Updated => proto::EventType::Updated,
+                EventKind::Deleted => proto::EventType::Deleted,
+            } as i32,
+            room: Some(room(event.room.clone())),
+            previous: event.previous.clone().map(room),
+            changed_fields: event.changed_fields.clone(),
+            source: match event.source {
+                EventSource::Api => proto::EventSource::Api,
+                EventSource::Reconciler => proto::EventSource::Reconciler,
+            } as i32,
+            observed_at: Some(timestamp(event.observed_at)),
+        }),
+        WatchItem::Progress {
+            revision,
+            snapshot_complete,
+        } => Kind::Progress(proto::Progress {
+            revision,
+            snapshot_complete,
+        }),
+    };
+    proto::WatchRoomsResponse { kind: Some(kind) }
 }
 
 pub(super) fn consistency(value: i32) -> Result<Consistency> {

@@ -7,6 +7,7 @@
 mod convert;
 mod service;
 mod status;
+mod watch_client;
 
 /// The generated protobuf and tonic code for `ivschat.rooms.v1`.
 pub mod proto {
@@ -20,3 +21,4 @@ pub mod proto {
 
 pub use service::RoomService;
 pub use status::to_status;
+pub use watch_client::watch;

@@ -1,8 +1,12 @@
 //! `ivschat.rooms.v1.RoomService` on top of [`Rooms`].
 
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use crate::domain::{Error, Result};
+use crate::feed::Feed;
 use crate::rooms::Rooms;
 
 use super::proto::room_service_server as server;
@@ -12,11 +16,12 @@ use super::{convert, proto, to_status};
 #[derive(Clone)]
 pub struct RoomService {
     rooms: Rooms,
+    feed: Feed,
 }
 
 impl RoomService {
-    pub fn new(rooms: Rooms) -> RoomService {
-        RoomService { rooms }
+    pub fn new(rooms: Rooms, feed: Feed) -> RoomService {
+        RoomService { rooms, feed }
     }
 
     /// The tonic server for this service.
@@ -40,8 +45,26 @@ fn reply<T, U>(result: Result<T>, convert: impl FnOnce(T) -> U) -> Result<Respon
     result.map(|t| Response::new(convert(t))).map_err(to_status)
 }
 
+type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchRoomsResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl server::RoomService for RoomService {
+    type WatchRoomsStream = WatchStream;
+
+    async fn watch_rooms(
+        &self,
+        request: Request<proto::WatchRoomsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let result = async {
+            let request = convert::watch_request(request.into_inner())?;
+            self.feed.watch(request).await
+        };
+        reply(result.await, |items| {
+            Box::pin(items.map(|item| item.map(convert::watch_item).map_err(to_status)))
+                as WatchStream
+        })
+    }
+
     async fn create_room(
         &self,
         request: Request<proto::CreateRoomRequest>,
@@ -96,11 +119,11 @@ impl server::RoomService for RoomService {
         request: Request<proto::ListRoomsRequest>,
     ) -> Result<Response<proto::ListRoomsResponse>, Status> {
         let query = convert::list_query(request.into_inner());
-        reply(self.rooms.list(query).await, |page| {
+        reply(self.rooms.list(query).await, |(page, revision)| {
             proto::ListRoomsResponse {
                 rooms: page.rooms.into_iter().map(convert::room).collect(),
                 next_token: page.next_token.unwrap_or_default(),
-                revision: 0,
+                revision,
             }
         })
     }

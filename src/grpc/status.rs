@@ -40,6 +40,20 @@ pub fn to_status(error: Error) -> Status {
         }
         Error::Conflict(message) => Status::aborted(format!("conflict: {message}")),
         Error::Unavailable(message) => Status::unavailable(message),
+        Error::RevisionOutOfRange {
+            message,
+            oldest_available_revision,
+        } => {
+            let details = ErrorDetails::with_error_info(
+                "REVISION_OUT_OF_RANGE",
+                "ivschat-rooms",
+                [(
+                    "oldest_available_revision".to_owned(),
+                    oldest_available_revision.to_string(),
+                )],
+            );
+            Status::with_error_details(Code::OutOfRange, message, details)
+        }
         Error::Unimplemented(message) => Status::unimplemented(message),
         Error::Internal(e) => {
             tracing::error!(error = format!("{e:#}"), "internal error");

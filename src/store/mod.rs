@@ -14,23 +14,29 @@
 
 use std::path::Path;
 use std::str::FromStr as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row as _};
+use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Row as _, Transaction};
+use tokio::sync::watch;
 
 use crate::domain::{
-    Error, FallbackResult, ListQuery, ListedPage, MessageReviewHandler, PageCursor, Result, Room,
-    RoomArn, Timestamp,
+    Error, EventKind, EventSource, FallbackResult, ListQuery, ListedPage, MessageReviewHandler,
+    PageCursor, Result, Room, RoomArn, RoomEvent, Timestamp,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
+/// The Postgres channel a commit with events is announced on (payload: the
+/// newest revision), so that replicas sharing the database learn of it.
+const EVENTS_CHANNEL: &str = "ivschat_rooms_events";
+
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
+pub enum Backend {
     Sqlite,
     Postgres,
 }
@@ -45,9 +51,48 @@ pub struct CachedRoom {
     pub deleted: bool,
 }
 
+/// The cache and its change log. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    backend: Backend,
+    url: Arc<str>,
+    /// The newest revision this process knows to be committed: raised by its
+    /// own commits, and on Postgres by other replicas' notifications.
+    committed: Arc<watch::Sender<u64>>,
+}
+
+/// The Postgres advisory lock held by the replica that reconciles ("ivsr").
+const LEADER_LOCK: i64 = 0x6976_7372;
+
+/// This replica's turn to reconcile; see [`Store::try_lead`]. Dropping it
+/// gives the turn up.
+pub struct Leadership {
+    conn: Option<AnyConnection>,
+}
+
+impl Leadership {
+    /// Whether the turn is still held: the connection holding it still works.
+    pub async fn check(&mut self) -> Result<()> {
+        if let Some(conn) = &mut self.conn {
+            sqlx::query("SELECT 1").execute(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives the turn up at once.
+    pub async fn resign(mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// Rooms as of one revision of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub rooms: Vec<Room>,
 }
 
 /// The `rooms` columns, in the order `room` reads them; a macro so statements
@@ -57,6 +102,13 @@ macro_rules! columns {
         "arn, id, name, create_time, update_time, \
          maximum_message_rate_per_second, maximum_message_length, review_handler_uri, \
          review_handler_fallback, tags, logging_configuration_identifiers, validated_at, deleted_at"
+    };
+}
+
+/// The `room_events` columns, in the order `event` reads them.
+macro_rules! event_columns {
+    () => {
+        "revision, arn, kind, source, observed_at, room, previous, changed_fields"
     };
 }
 
@@ -106,27 +158,45 @@ impl Store {
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await,
         }
         .context("could not run database migrations")?;
-        Ok(Store { pool })
+        let store = Store {
+            pool,
+            backend,
+            url: url.into(),
+            committed: Arc::new(watch::Sender::new(0)),
+        };
+        let revision = store.revision().await?;
+        store.committed.send_replace(revision);
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The cached row for `arn`, tombstones included.
     pub async fn get(&self, arn: &RoomArn) -> Result<Option<CachedRoom>> {
-        let row = sqlx::query(concat!("SELECT ", columns!(), " FROM rooms WHERE arn = $1"))
-            .bind(arn.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| cached_room(&row)).transpose()
+        let mut conn = self.pool.acquire().await?;
+        get_row(&mut conn, arn).await
     }
 
     /// Stores `room` as IVS Chat returned it to a call that started at
     /// `validated_at`, unless the cache holds a newer version, the same version
-    /// observed later, or a tombstone recorded after that call started. Returns
-    /// the row the cache holds afterwards.
-    pub async fn put(&self, room: &Room, validated_at: Timestamp) -> Result<CachedRoom> {
+    /// observed later, or a tombstone recorded after that call started. A
+    /// visible change is logged, in the same transaction, as an event from
+    /// `source`. Returns the row the cache holds afterwards.
+    pub async fn put(
+        &self,
+        room: &Room,
+        validated_at: Timestamp,
+        source: EventSource,
+    ) -> Result<CachedRoom> {
         let (uri, fallback) = match &room.message_review_handler {
             Some(h) => (Some(h.uri.as_str()), Some(h.fallback_result.as_str())),
             None => (None, None),
         };
+        let arn = room.arn();
+        let mut tx = self.begin_write().await?;
+        let before = get_row(&mut tx, &arn).await?;
         // A live row: replace when newer; when equal (content may differ, e.g.
         // tags), when observed no earlier, so validated_at never moves back. A
         // tombstone: only an answer to a call that started after it.
@@ -165,18 +235,29 @@ impl Store {
                 .context("could not encode logging configuration identifiers")?,
         )
         .bind(validated_at.as_nanos())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.get(&room.arn()).await?.ok_or_else(|| {
-            anyhow::anyhow!("room {} vanished right after it was stored", room.arn).into()
-        })
+        let after = get_row(&mut tx, &arn).await?.ok_or_else(|| {
+            anyhow::anyhow!("room {arn} vanished right after it was stored")
+        })?;
+        self.commit_with_event(tx, before.as_ref(), Some(&after), source)
+            .await?;
+        Ok(after)
     }
 
     /// Records that IVS Chat said at `at` that the room is gone, unless a call
     /// that started after `at` has seen it since. A room the cache never held
     /// gets a tombstone too (with empty content), so that a slow answer from
-    /// another replica cannot bring it in.
-    pub async fn mark_deleted(&self, arn: &RoomArn, at: Timestamp) -> Result<()> {
+    /// another replica cannot bring it in. Deleting a live room logs a DELETED
+    /// event from `source`.
+    pub async fn mark_deleted(
+        &self,
+        arn: &RoomArn,
+        at: Timestamp,
+        source: EventSource,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let before = get_row(&mut tx, arn).await?;
         sqlx::query(concat!(
             "INSERT INTO rooms (",
             columns!(),
@@ -188,18 +269,281 @@ impl Store {
         .bind(arn.as_str())
         .bind(arn.id())
         .bind(at.as_nanos())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        let after = get_row(&mut tx, arn).await?;
+        self.commit_with_event(tx, before.as_ref(), after.as_ref(), source)
+            .await
+    }
+
+    /// Starts a transaction that writes the cache. Its first statement takes
+    /// the `revision` row (SQLite: the database's write lock; Postgres: the
+    /// row's lock) until commit, so writers, and the revisions they hand out,
+    /// go one at a time in commit order, in this process or any other.
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE cache_state SET value = value WHERE key = 'revision'")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
+    /// Appends the event for `before` → `after` (if anything visible changed)
+    /// and commits, so the change and its event land together or not at all.
+    async fn commit_with_event(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        before: Option<&CachedRoom>,
+        after: Option<&CachedRoom>,
+        source: EventSource,
+    ) -> Result<()> {
+        fn visible(c: Option<&CachedRoom>) -> Option<&Room> {
+            c.filter(|c| !c.deleted).map(|c| &c.room)
+        }
+        let Some(event) =
+            RoomEvent::between(visible(before), visible(after), source, Timestamp::now())
+        else {
+            tx.commit().await?;
+            return Ok(());
+        };
+        let revision: i64 = sqlx::query_scalar(
+            "UPDATE cache_state SET value = value + 1 WHERE key = 'revision' RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(concat!(
+            "INSERT INTO room_events (",
+            event_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(revision)
+        .bind(event.room.arn.as_str())
+        .bind(event.kind.as_str())
+        .bind(event.source.as_str())
+        .bind(event.observed_at.as_nanos())
+        .bind(serde_json::to_string(&event.room).context("could not encode a room")?)
+        .bind(
+            event
+                .previous
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .context("could not encode a room")?,
+        )
+        .bind(serde_json::to_string(&event.changed_fields).context("could not encode fields")?)
+        .execute(&mut *tx)
+        .await?;
+        if self.backend == Backend::Postgres {
+            // Delivered to listeners when (and only if) the transaction commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(EVENTS_CHANNEL)
+                .bind(revision.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.saw_committed(revision_from(revision)?);
         Ok(())
     }
 
-    /// One page of live rooms, newest `update_time` first, as ListRooms pages.
-    pub async fn list(&self, query: &ListQuery) -> Result<ListedPage<Room>> {
+    /// Raises the newest revision known committed.
+    fn saw_committed(&self, revision: u64) {
+        self.committed.send_if_modified(|known| {
+            let newer = revision > *known;
+            if newer {
+                *known = revision;
+            }
+            newer
+        });
+    }
+
+    /// The newest revision known committed, updated by this process's commits
+    /// and (after [`Store::listen`]) by other replicas'.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    /// On Postgres, listens for other replicas' commits until `stop`, raising
+    /// [`Store::committed`]; SQLite has no other writers to hear from. A lost
+    /// connection is retried; notifications missed meanwhile are found by
+    /// readers of the log, which is the source of truth.
+    pub async fn listen(&self, stop: tokio_util::sync::CancellationToken) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            let listener = async {
+                let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+                listener.listen(EVENTS_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(listener)
+            };
+            let mut listener = match tokio::select! {
+                () = stop.cancelled() => return,
+                listener = listener => listener,
+            } {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "could not listen for change notifications");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            // Commits made before listening started.
+            if let Ok(revision) = self.revision().await {
+                self.saw_committed(revision);
+            }
+            loop {
+                let notification = tokio::select! {
+                    () = stop.cancelled() => return,
+                    n = listener.try_recv() => n,
+                };
+                match notification {
+                    Ok(Some(n)) => {
+                        if let Ok(revision) = n.payload().parse() {
+                            self.saw_committed(revision);
+                        }
+                    }
+                    // The connection was lost: re-read, then listen again.
+                    Ok(None) => {
+                        if let Ok(revision) = self.revision().await {
+                            self.saw_committed(revision);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change notifications interrupted");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries to become the one replica that reconciles with IVS Chat. On
+    /// Postgres this is a session advisory lock on a connection of its own: it
+    /// is held while that connection lives, so it passes to another replica
+    /// when this one dies. SQLite serves one process: it always leads.
+    pub async fn try_lead(&self) -> Result<Option<Leadership>> {
+        if self.backend == Backend::Sqlite {
+            return Ok(Some(Leadership { conn: None }));
+        }
+        let mut conn = AnyConnection::connect(&self.url).await?;
+        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if led {
+            Ok(Some(Leadership { conn: Some(conn) }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    /// The newest revision handed out (0 before the first change).
+    pub async fn revision(&self) -> Result<u64> {
+        let revision: i64 =
+            sqlx::query_scalar("SELECT value FROM cache_state WHERE key = 'revision'")
+                .fetch_one(&self.pool)
+                .await?;
+        revision_from(revision)
+    }
+
+    /// Up to `limit` events with a revision greater than `after`, in order.
+    pub async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<RoomEvent>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM room_events WHERE revision > $1 ORDER BY revision LIMIT $2"
+        ))
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(event).collect()
+    }
+
+    /// The oldest revision the log still holds, if any.
+    pub async fn oldest_revision(&self) -> Result<Option<u64>> {
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(revision) FROM room_events")
+            .fetch_one(&self.pool)
+            .await?;
+        oldest.map(revision_from).transpose()
+    }
+
+    /// Deletes events beyond the newest `keep` or observed before `older_than`,
+    /// but never the newest event. Returns how many were deleted.
+    pub async fn compact(&self, keep: u64, older_than: Option<Timestamp>) -> Result<u64> {
+        let newest = self.revision().await?;
+        let by_count = newest.saturating_sub(keep.max(1));
+        let result = sqlx::query(
+            "DELETE FROM room_events \
+             WHERE revision < $1 AND (revision <= $2 OR observed_at < $3)",
+        )
+        .bind(i64::try_from(newest).unwrap_or(i64::MAX))
+        .bind(i64::try_from(by_count).unwrap_or(i64::MAX))
+        .bind(older_than.map_or(i64::MIN, Timestamp::as_nanos))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// The live rooms among `arns` (all live rooms when empty) and the revision
+    /// they reflect, read in one transaction.
+    pub async fn snapshot(&self, arns: &[RoomArn]) -> Result<Snapshot> {
+        let mut tx = self.begin_read().await?;
+        let revision = revision_in(&mut tx).await?;
+        let rooms = if arns.is_empty() {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM rooms WHERE deleted_at IS NULL ORDER BY arn"
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+            rows.iter().map(room).collect::<Result<Vec<_>>>()?
+        } else {
+            let mut rooms = Vec::with_capacity(arns.len());
+            for arn in arns {
+                if let Some(cached) = get_row(&mut tx, arn).await?
+                    && !cached.deleted
+                {
+                    rooms.push(cached.room);
+                }
+            }
+            rooms
+        };
+        tx.commit().await?;
+        Ok(Snapshot { revision, rooms })
+    }
+
+    /// A transaction whose reads all see one snapshot of the database.
+    async fn begin_read(&self) -> Result<Transaction<'static, Any>> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await?;
+        }
+        // SQLite (WAL): a read transaction sees one snapshot from its first read.
+        Ok(tx)
+    }
+
+    /// One page of live rooms, newest `update_time` first, as ListRooms pages,
+    /// and the revision of the change log it reflects.
+    pub async fn list(&self, query: &ListQuery) -> Result<(ListedPage<Room>, u64)> {
         let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => Some(PageCursor::decode(token)?),
             None => None,
         };
         let limit = query.limit();
+        let mut tx = self.begin_read().await?;
+        let revision = revision_in(&mut tx).await?;
         // Filters left out bind NULL and match everything. The logging filter
         // looks for the quoted ARN in the JSON array (the quotes keep an ARN that
         // is a prefix of another from matching it). Not with LIKE: SQLite's LIKE
@@ -231,8 +575,9 @@ impl Store {
         .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
         // One more than asked, to know whether there is a next page.
         .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let mut rooms = rows.iter().map(room).collect::<Result<Vec<_>>>()?;
         let next_token = if rooms.len() > limit {
             rooms.truncate(limit);
@@ -246,7 +591,7 @@ impl Store {
         } else {
             None
         };
-        Ok(ListedPage { rooms, next_token })
+        Ok((ListedPage { rooms, next_token }, revision))
     }
 
     /// Live rooms not confirmed by IVS Chat since `before`: after a full listing
@@ -307,6 +652,49 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+async fn get_row(conn: &mut AnyConnection, arn: &RoomArn) -> Result<Option<CachedRoom>> {
+    let row = sqlx::query(concat!("SELECT ", columns!(), " FROM rooms WHERE arn = $1"))
+        .bind(arn.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|row| cached_room(&row)).transpose()
+}
+
+async fn revision_in(conn: &mut AnyConnection) -> Result<u64> {
+    let revision: i64 = sqlx::query_scalar("SELECT value FROM cache_state WHERE key = 'revision'")
+        .fetch_one(&mut *conn)
+        .await?;
+    revision_from(revision)
+}
+
+fn revision_from(revision: i64) -> Result<u64> {
+    Ok(u64::try_from(revision).context("negative revision in the change log")?)
+}
+
+fn event(row: &AnyRow) -> Result<RoomEvent> {
+    let kind: String = row.try_get("kind")?;
+    let source: String = row.try_get("source")?;
+    let room: String = row.try_get("room")?;
+    let previous: Option<String> = row.try_get("previous")?;
+    let changed_fields: String = row.try_get("changed_fields")?;
+    Ok(RoomEvent {
+        revision: revision_from(row.try_get("revision")?)?,
+        kind: EventKind::parse(&kind)
+            .with_context(|| format!("unknown event kind {kind:?} in the change log"))?,
+        source: EventSource::parse(&source)
+            .with_context(|| format!("unknown event source {source:?} in the change log"))?,
+        observed_at: Timestamp::from_nanos(row.try_get("observed_at")?),
+        room: serde_json::from_str(&room).context("corrupt room in the change log")?,
+        previous: previous
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .context("corrupt previous room in the change log")?,
+        changed_fields: serde_json::from_str(&changed_fields)
+            .context("corrupt changed fields in the change log")?,
+    })
 }
 
 fn cached_room(row: &AnyRow) -> Result<CachedRoom> {

@@ -172,7 +172,7 @@ pub fn serve_config(db_url: &str, emulator_url: &str, extra: &[&str]) -> ServeCo
     let cli = Cli::try_parse_from(args.iter().chain(extra)).expect("test flags parse");
     match cli.into_command() {
         Command::Serve(config) => config,
-        Command::Emulator(_) => unreachable!("serve was asked for"),
+        Command::Emulator(_) | Command::Watch(_) => unreachable!("serve was asked for"),
     }
 }
 

@@ -1,0 +1,405 @@
+//! The change feed: room events from the store's change log, delivered to
+//! watchers in revision order.
+//!
+//! - One tailer per process reads new events from the log into a bounded ring
+//!   in memory. It wakes on this process's commits and, on Postgres, on other
+//!   replicas' notifications (LISTEN/NOTIFY); a slow safety tick covers a lost
+//!   notification. The log is the source of truth, the ring only a cache of
+//!   its tail.
+//! - Each watcher is a stream with its own position. It reads from the ring,
+//!   or from the log when it has fallen behind the ring, in batches, so its
+//!   memory is bounded and a slow watcher holds up nobody: writers never wait
+//!   for watchers, and the tailer never waits for a watcher either.
+//! - Revisions are dense, so a watcher that finds a gap knows that part of
+//!   the log was compacted and ends with OUT_OF_RANGE instead of skipping.
+//! - An idle watcher gets a progress bookmark every `bookmark_interval`, on
+//!   its own timer.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::domain::{Error, Result, Room, RoomArn, RoomEvent, Timestamp};
+use crate::store::Store;
+
+/// How many events a watcher takes at a time from the ring or the log.
+const BATCH: usize = 256;
+
+#[derive(Debug, Clone, Copy)]
+pub struct FeedSettings {
+    /// How many of the newest events the ring keeps in memory.
+    pub ring_capacity: usize,
+    /// How often an idle watch stream gets a progress bookmark.
+    pub bookmark_interval: Duration,
+    /// How often the tailer reads the log even without a notification.
+    pub safety_interval: Duration,
+    /// Events kept in the log, newest first (at least the newest one).
+    pub retention_count: u64,
+    /// Events older than this are compacted away (none when unset).
+    pub retention_age: Option<Duration>,
+    /// How often compaction runs.
+    pub compaction_interval: Duration,
+}
+
+impl Default for FeedSettings {
+    fn default() -> Self {
+        FeedSettings {
+            ring_capacity: 4096,
+            bookmark_interval: Duration::from_secs(10),
+            safety_interval: Duration::from_secs(2),
+            retention_count: 100_000,
+            retention_age: Some(Duration::from_secs(24 * 3600)),
+            compaction_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a watcher asks for.
+#[derive(Debug, Clone, Default)]
+pub struct WatchRequest {
+    /// Only these rooms; all rooms when empty.
+    pub arns: Vec<RoomArn>,
+    /// Every event after this revision; from now when unset.
+    pub after_revision: Option<u64>,
+    /// Start with the matching rooms as they are, then their changes.
+    pub include_snapshot: bool,
+}
+
+/// One item of a watch stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchItem {
+    /// A room as it is at the snapshot's revision.
+    Snapshot(Room),
+    Event(Arc<RoomEvent>),
+    /// The watcher has seen everything up to `revision`.
+    Progress {
+        revision: u64,
+        snapshot_complete: bool,
+    },
+}
+
+/// The process's change feed. Cheap to clone.
+#[derive(Clone)]
+pub struct Feed {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    settings: FeedSettings,
+    ring: RwLock<VecDeque<Arc<RoomEvent>>>,
+    /// The newest revision in the ring (every event up to it has been read).
+    tailed: watch::Sender<u64>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Feed {
+    /// Starts the tailer, the Postgres listener and the compactor.
+    pub async fn start(store: Store, settings: FeedSettings) -> Result<Feed> {
+        let revision = store.revision().await?;
+        let feed = Feed {
+            inner: Arc::new(Inner {
+                store,
+                settings,
+                ring: RwLock::new(VecDeque::with_capacity(settings.ring_capacity.min(1024))),
+                tailed: watch::Sender::new(revision),
+                stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        let inner = &feed.inner;
+        let store = inner.store.clone();
+        let stop = inner.stop.clone();
+        inner.tasks.spawn(async move { store.listen(stop).await });
+        inner.tasks.spawn(feed.clone().tail());
+        inner.tasks.spawn(feed.clone().compact());
+        Ok(feed)
+    }
+
+    /// Ends every watch stream (with UNAVAILABLE, so clients resume elsewhere)
+    /// and stops the background tasks.
+    pub async fn stop(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    /// The newest revision the feed has delivered to its ring.
+    pub fn revision(&self) -> u64 {
+        *self.inner.tailed.borrow()
+    }
+
+    /// Waits until the feed has taken in `revision`.
+    pub async fn caught_up(&self, revision: u64) {
+        let mut tailed = self.inner.tailed.subscribe();
+        let _ = tailed.wait_for(|t| *t >= revision).await;
+    }
+
+    async fn tail(self) {
+        let inner = &self.inner;
+        let mut committed = inner.store.committed();
+        let mut tick = tokio::time::interval(inner.settings.safety_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Err(e) = self.read_new().await {
+                tracing::warn!(error = %e, "could not read the change log");
+            }
+            tokio::select! {
+                () = inner.stop.cancelled() => return,
+                changed = committed.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
+    /// Moves every event after the ring's newest into the ring.
+    async fn read_new(&self) -> Result<()> {
+        let inner = &self.inner;
+        loop {
+            let after = *inner.tailed.borrow();
+            let events = inner.store.events_after(after, BATCH).await?;
+            let Some(last) = events.last().map(|e| e.revision) else {
+                return Ok(());
+            };
+            {
+                let mut ring = inner.ring.write().expect("ring");
+                // Compacted past the ring (a long outage): start afresh.
+                if events[0].revision != after + 1 {
+                    ring.clear();
+                }
+                for event in events {
+                    if ring.len() == inner.settings.ring_capacity {
+                        ring.pop_front();
+                    }
+                    ring.push_back(Arc::new(event));
+                }
+            }
+            inner.tailed.send_replace(last);
+        }
+    }
+
+    async fn compact(self) {
+        let inner = &self.inner;
+        let settings = inner.settings;
+        let mut tick = tokio::time::interval(settings.compaction_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = inner.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let older_than = settings
+                .retention_age
+                .map(|age| Timestamp::from_system_time(std::time::SystemTime::now() - age));
+            match inner
+                .store
+                .compact(settings.retention_count, older_than)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(compacted = n, "compacted the change log"),
+                Err(e) => tracing::warn!(error = %e, "could not compact the change log"),
+            }
+        }
+    }
+
+    /// A watch stream: the snapshot if asked for, then every matching event
+    /// after the starting revision, in order, with progress bookmarks when
+    /// idle. Fails at once with OUT_OF_RANGE when the log no longer holds
+    /// (or does not yet hold) the events after `after_revision`.
+    pub async fn watch(
+        &self,
+        request: WatchRequest,
+    ) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static> {
+        let store = &self.inner.store;
+        let mut pending = VecDeque::new();
+        let next = if request.include_snapshot && request.after_revision.is_none() {
+            let snapshot = store.snapshot(&request.arns).await?;
+            pending.extend(snapshot.rooms.into_iter().map(WatchItem::Snapshot));
+            pending.push_back(WatchItem::Progress {
+                revision: snapshot.revision,
+                snapshot_complete: true,
+            });
+            snapshot.revision + 1
+        } else if let Some(after) = request.after_revision {
+            if request.include_snapshot {
+                return Err(Error::invalid(
+                    "includeSnapshot",
+                    "cannot be combined with after_revision: a snapshot starts from now",
+                ));
+            }
+            self.check_available(after).await?;
+            after + 1
+        } else {
+            store.revision().await? + 1
+        };
+        let watcher = Watcher {
+            feed: self.clone(),
+            arns: request
+                .arns
+                .iter()
+                .map(|a| a.as_str().to_owned())
+                .collect(),
+            next,
+            pending,
+            tailed: self.inner.tailed.subscribe(),
+            bookmark_at: Instant::now() + self.inner.settings.bookmark_interval,
+            done: false,
+        };
+        Ok(futures::stream::unfold(watcher, |mut w| async move {
+            let item = w.next_item().await?;
+            Some((item, w))
+        }))
+    }
+
+    /// Whether every event after `after` is still in the log.
+    async fn check_available(&self, after: u64) -> Result<()> {
+        let store = &self.inner.store;
+        let newest = store.revision().await?;
+        if after >= newest {
+            if after > newest {
+                return Err(Error::RevisionOutOfRange {
+                    message: format!(
+                        "revision {after} is in the future: the newest is {newest} \
+                         (was the cache database replaced?); list the rooms again"
+                    ),
+                    oldest_available_revision: store.oldest_revision().await?.unwrap_or(newest),
+                });
+            }
+            return Ok(());
+        }
+        match store.oldest_revision().await? {
+            Some(oldest) if oldest <= after + 1 => Ok(()),
+            oldest => Err(compacted(after, oldest.unwrap_or(newest + 1))),
+        }
+    }
+}
+
+fn compacted(after: u64, oldest: u64) -> Error {
+    Error::RevisionOutOfRange {
+        message: format!(
+            "events after revision {after} have been compacted; the oldest kept is \
+             {oldest}: list the rooms again (or watch with include_snapshot)"
+        ),
+        oldest_available_revision: oldest,
+    }
+}
+
+/// One watch stream's state: everything it holds is bounded by [`BATCH`].
+struct Watcher {
+    feed: Feed,
+    /// Room ARNs to pass; all when empty.
+    arns: HashSet<String>,
+    /// The next revision this watcher needs.
+    next: u64,
+    /// Items read but not yet sent.
+    pending: VecDeque<WatchItem>,
+    tailed: watch::Receiver<u64>,
+    bookmark_at: Instant,
+    done: bool,
+}
+
+impl Watcher {
+    async fn next_item(&mut self) -> Option<Result<WatchItem>> {
+        if self.done {
+            return None;
+        }
+        let item = self.next_result().await;
+        if item.is_err() {
+            self.done = true;
+        }
+        self.bookmark_at = Instant::now() + self.feed.inner.settings.bookmark_interval;
+        Some(item)
+    }
+
+    async fn next_result(&mut self) -> Result<WatchItem> {
+        let stop = self.feed.inner.stop.clone();
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Ok(item);
+            }
+            if stop.is_cancelled() {
+                return Err(self.shutting_down());
+            }
+            // Busy with events this watcher filters out: still bookmark.
+            if Instant::now() >= self.bookmark_at {
+                return Ok(WatchItem::Progress {
+                    revision: self.next - 1,
+                    snapshot_complete: false,
+                });
+            }
+            let tailed = *self.tailed.borrow_and_update();
+            if self.next <= tailed {
+                self.read().await?;
+                continue;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Err(self.shutting_down()),
+                changed = self.tailed.changed() => if changed.is_err() {
+                    return Err(self.shutting_down());
+                },
+                () = tokio::time::sleep_until(self.bookmark_at) => {
+                    return Ok(WatchItem::Progress {
+                        revision: self.next - 1,
+                        snapshot_complete: false,
+                    });
+                }
+            }
+        }
+    }
+
+    fn shutting_down(&self) -> Error {
+        Error::Unavailable(format!(
+            "the server is shutting down; resume with after_revision {}",
+            self.next - 1
+        ))
+    }
+
+    /// Takes the next batch of events, from the ring when it still holds
+    /// `next`, else from the log.
+    async fn read(&mut self) -> Result<()> {
+        let from_ring: Option<Vec<Arc<RoomEvent>>> = {
+            let ring = self.feed.inner.ring.read().expect("ring");
+            match ring.front() {
+                Some(first) if first.revision <= self.next => {
+                    let skip = usize::try_from(self.next - first.revision).unwrap_or(usize::MAX);
+                    Some(ring.iter().skip(skip).take(BATCH).cloned().collect())
+                }
+                _ => None,
+            }
+        };
+        let events = match from_ring {
+            Some(events) if !events.is_empty() => events,
+            _ => self
+                .feed
+                .inner
+                .store
+                .events_after(self.next - 1, BATCH)
+                .await?
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
+        };
+        match events.first() {
+            Some(first) if first.revision == self.next => {}
+            first => {
+                let oldest = first.map_or(self.next, |e| e.revision);
+                return Err(compacted(self.next - 1, oldest));
+            }
+        }
+        for event in events {
+            self.next = event.revision + 1;
+            if self.arns.is_empty() || self.arns.contains(&event.room.arn) {
+                self.pending.push_back(WatchItem::Event(event));
+            }
+        }
+        Ok(())
+    }
+}
