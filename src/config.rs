@@ -141,6 +141,12 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_EVENT_RETENTION_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
     pub event_retention_age: Duration,
 
+    /// How many of the newest change events each process keeps in memory for
+    /// watchers; a watcher further behind reads the database.
+    #[arg(long, env = "IVSCHAT_ROOMS_EVENT_RING_CAPACITY", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub event_ring_capacity: u64,
+
     /// How often compaction of the change log runs.
     #[arg(long, env = "IVSCHAT_ROOMS_COMPACTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub compaction_interval: Duration,

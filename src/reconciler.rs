@@ -18,6 +18,11 @@ use tokio_util::sync::CancellationToken;
 use crate::rooms::Rooms;
 use crate::store::Store;
 
+/// After a failed pass, the first and the longest wait before the next
+/// (never longer than the interval).
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const LAST_RETRY: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Copy)]
 pub struct ReconcileSettings {
     /// Between incremental passes, and between attempts to become leader.
@@ -46,7 +51,7 @@ pub async fn run(
         };
         tracing::info!("this replica reconciles the cache with IVS Chat");
         let mut next_full = Instant::now();
-        let mut backoff = settings.interval;
+        let mut backoff = FIRST_RETRY;
         loop {
             let pass = if Instant::now() >= next_full {
                 rooms.full_listing().await.map(|report| {
@@ -71,13 +76,13 @@ pub async fn run(
             };
             let wait = match pass {
                 Ok(()) => {
-                    backoff = settings.interval;
+                    backoff = FIRST_RETRY;
                     settings.interval
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "reconciling with IVS Chat failed");
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(60).max(settings.interval));
+                    let wait = backoff.min(settings.interval);
+                    backoff = (backoff * 2).min(LAST_RETRY);
                     wait
                 }
             };

@@ -168,6 +168,12 @@ pub fn serve_config(db_url: &str, emulator_url: &str, extra: &[&str]) -> ServeCo
         "1",
         "--upstream-timeout",
         "5s",
+        // No reconciling pass after the startup listing unless a test asks
+        // (later flags win), so upstream call counts are the test's own.
+        "--reconcile-interval",
+        "1h",
+        "--resync-interval",
+        "1h",
     ];
     let cli = Cli::try_parse_from(args.iter().chain(extra)).expect("test flags parse");
     match cli.into_command() {
