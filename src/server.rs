@@ -88,7 +88,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RoomService::new(rooms.clone(), feed.clone()).into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone());
+        .serve_with_incoming_shutdown(incoming(listener), shutdown.clone());
     // Watch streams never end by themselves: end them (UNAVAILABLE, with the
     // revision to resume after) as soon as shutdown begins, so that the
     // server's wait for in-flight requests is not a wait for the grace period.
@@ -120,6 +120,22 @@ pub async fn run(
     }
     store.close().await;
     result
+}
+
+/// Accepted connections, with Nagle's algorithm off: small gRPC frames (a
+/// unary reply, one watch event) go out at once instead of waiting for the
+/// peer's delayed ACK.
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt as _;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        Ok(conn)
+    })
 }
 
 /// The embedded emulator, stopped after the last exchange with it.
