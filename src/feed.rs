@@ -242,11 +242,7 @@ impl Feed {
         };
         let watcher = Watcher {
             feed: self.clone(),
-            arns: request
-                .arns
-                .iter()
-                .map(|a| a.as_str().to_owned())
-                .collect(),
+            arns: request.arns.iter().map(|a| a.as_str().to_owned()).collect(),
             next,
             pending,
             tailed: self.inner.tailed.subscribe(),

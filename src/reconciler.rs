@@ -32,12 +32,7 @@ pub struct ReconcileSettings {
 }
 
 /// Reconciles whenever this replica leads, until `stop`.
-pub async fn run(
-    rooms: Rooms,
-    store: Store,
-    settings: ReconcileSettings,
-    stop: CancellationToken,
-) {
+pub async fn run(rooms: Rooms, store: Store, settings: ReconcileSettings, stop: CancellationToken) {
     loop {
         let mut leadership = loop {
             match store.try_lead().await {

@@ -16,6 +16,7 @@
 //!   IVS Chat has made always reaches the cache. Shutdown waits for them.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,6 +67,27 @@ struct Inner {
     listed: watch::Sender<bool>,
     /// Exchanges with IVS Chat under way, detached from their requests.
     exchanges: TaskTracker,
+    /// The newest updateTime the last complete reconciling pass listed: rooms
+    /// IVS Chat lists no newer than this have been examined since.
+    reconciled_through: Mutex<Option<Timestamp>>,
+    /// CreateRoom exchanges under way in this process.
+    creating: AtomicUsize,
+}
+
+/// Counts one CreateRoom exchange while it lives.
+struct Creating<'a>(&'a AtomicUsize);
+
+impl<'a> Creating<'a> {
+    fn start(count: &'a AtomicUsize) -> Creating<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Creating(count)
+    }
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What one full listing found.
@@ -90,6 +112,8 @@ impl Rooms {
                 locks: RoomLocks::default(),
                 listed: watch::Sender::new(listed),
                 exchanges: TaskTracker::new(),
+                reconciled_through: Mutex::new(None),
+                creating: AtomicUsize::new(0),
             }),
         })
     }
@@ -97,6 +121,9 @@ impl Rooms {
     pub async fn create(&self, new: NewRoom) -> Result<Room> {
         validate::new_room(&new)?;
         self.exchange(|rooms| async move {
+            // Until the cache has the room, the reconciler leaves rooms it has
+            // never seen alone, so that this creation is logged as ours.
+            let _creating = Creating::start(&rooms.inner.creating);
             let asked_at = Timestamp::now();
             let room = rooms.inner.upstream.create_room(&new).await?;
             Ok(rooms.keep(room, asked_at, EventSource::Api).await)
@@ -257,8 +284,11 @@ impl Rooms {
             max_results: Some(validate::MAX_ROOM_RESULTS.max),
             ..ListQuery::default()
         };
+        let mut top = None;
+        let mut complete = true;
         loop {
             let page = self.inner.upstream.list_rooms(&query).await?;
+            top = top.or(page.rooms.first().map(|r| r.update_time));
             for summary in &page.rooms {
                 report.listed += 1;
                 let arn = RoomArn::parse("arn", &summary.arn)?;
@@ -269,6 +299,9 @@ impl Rooms {
                             .confirm(&arn, summary.update_time, started)
                             .await?;
                     }
+                    // Perhaps being created through this process, which
+                    // caches it; a later pass picks it up otherwise.
+                    None if self.creating() => complete = false,
                     _ => {
                         report.fetched += 1;
                         let _turn = self.inner.locks.lock(&arn).await;
@@ -302,15 +335,24 @@ impl Rooms {
         }
         self.inner.store.set_full_listing_at(started).await?;
         self.inner.listed.send_replace(true);
+        if complete {
+            self.advance_watermark(top);
+        }
         Ok(report)
     }
 
     /// Looks for rooms changed in IVS Chat since the cache last saw them,
-    /// newest first: IVS Chat lists by updateTime descending, so paging stops
-    /// at the first page with nothing newer than the cache. Usually one
-    /// upstream call. Changed rooms are read whole and logged as RECONCILER.
+    /// newest first. IVS Chat lists by updateTime descending, so paging stops
+    /// at the first page that reaches down to the newest updateTime the last
+    /// complete pass listed (everything older was examined then), or, before
+    /// any pass completed, at the first page with nothing newer than the
+    /// cache. Usually one upstream call. Changed rooms are read whole and
+    /// logged as RECONCILER.
     pub async fn reconcile_recent(&self) -> Result<ListingReport> {
         let started = Timestamp::now();
+        let covered = *self.inner.reconciled_through.lock().expect("watermark");
+        let mut top = None;
+        let mut complete = true;
         let mut report = ListingReport::default();
         let mut query = ListQuery {
             max_results: Some(validate::MAX_ROOM_RESULTS.max),
@@ -318,6 +360,7 @@ impl Rooms {
         };
         loop {
             let page = self.inner.upstream.list_rooms(&query).await?;
+            top = top.or(page.rooms.first().map(|r| r.update_time));
             let mut newer_on_page = false;
             for summary in &page.rooms {
                 report.listed += 1;
@@ -329,6 +372,11 @@ impl Rooms {
                         // Same version, other content: a tag-only change.
                         summary.update_time == c.room.update_time && !summary.shows(&c.room),
                     ),
+                    // Perhaps being created through this process: next pass.
+                    None if self.creating() => {
+                        complete = false;
+                        continue;
+                    }
                     // New to the cache, or listed although we saw it deleted.
                     _ => (true, false),
                 };
@@ -347,10 +395,32 @@ impl Rooms {
                         .await?;
                 }
             }
+            let oldest_on_page = page.rooms.last().map(|r| r.update_time);
+            let more = match covered {
+                Some(covered) => oldest_on_page.is_some_and(|oldest| oldest > covered),
+                None => newer_on_page,
+            };
             match page.next_token {
-                Some(token) if newer_on_page => query.next_token = Some(token),
-                _ => return Ok(report),
+                Some(token) if more => query.next_token = Some(token),
+                _ => break,
             }
+        }
+        if complete {
+            self.advance_watermark(top);
+        }
+        Ok(report)
+    }
+
+    fn creating(&self) -> bool {
+        self.inner.creating.load(Ordering::SeqCst) > 0
+    }
+
+    /// Records that every room IVS Chat listed with an updateTime up to `top`
+    /// has been examined.
+    fn advance_watermark(&self, top: Option<Timestamp>) {
+        let mut covered = self.inner.reconciled_through.lock().expect("watermark");
+        if let Some(top) = top {
+            *covered = Some(covered.map_or(top, |c| c.max(top)));
         }
     }
 

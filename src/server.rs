@@ -12,10 +12,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ServeConfig, UpstreamKind};
-use crate::feed::{Feed, FeedSettings};
-use crate::reconciler::{self, ReconcileSettings};
 use crate::emulator::{Emulator, EmulatorConfig};
+use crate::feed::{Feed, FeedSettings};
 use crate::grpc::{RoomService, proto};
+use crate::reconciler::{self, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamSettings};

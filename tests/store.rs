@@ -9,8 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ivschat_rooms::domain::{
-    Error, EventSource, FallbackResult, ListQuery, MessageReviewHandler, Room, RoomArn,
-    Timestamp,
+    Error, EventSource, FallbackResult, ListQuery, MessageReviewHandler, Room, RoomArn, Timestamp,
 };
 use ivschat_rooms::store::{CachedRoom, Store};
 use rand::seq::SliceRandom as _;
@@ -215,7 +214,10 @@ async fn newer_update_time_replaces(db: common::TestDb) {
         ),
         &["log1"],
     );
-    assert_eq!(store.put(&new, ts(900), API).await.unwrap(), live(&new, 900));
+    assert_eq!(
+        store.put(&new, ts(900), API).await.unwrap(),
+        live(&new, 900)
+    );
     assert_eq!(get(&store, "upd1").await, Some(live(&new, 900)));
 
     // And back to no handler, no tags, no logging with a yet newer version.
@@ -311,11 +313,17 @@ async fn equal_update_time_same_content_moves_validated_at(db: common::TestDb) {
         &["log1", "log2"],
     );
     store.put(&r, ts(1_000), API).await.unwrap();
-    assert_eq!(store.put(&r, ts(5_000), API).await.unwrap(), live(&r, 5_000));
+    assert_eq!(
+        store.put(&r, ts(5_000), API).await.unwrap(),
+        live(&r, 5_000)
+    );
     assert_eq!(get(&store, "same1").await, Some(live(&r, 5_000)));
     // A confirmation that was asked for earlier but answered later never
     // moves validated_at back.
-    assert_eq!(store.put(&r, ts(3_000), API).await.unwrap(), live(&r, 5_000));
+    assert_eq!(
+        store.put(&r, ts(3_000), API).await.unwrap(),
+        live(&r, 5_000)
+    );
 }
 
 /// `mark_deleted` leaves a tombstone: `get` says deleted; an answer to a call
@@ -326,7 +334,10 @@ async fn tombstone_holds_against_earlier_calls(db: common::TestDb) {
     let r = with_tags(room("del1", 500), &[("k", "v")]);
     store.put(&r, ts(1_000), API).await.unwrap();
 
-    store.mark_deleted(&arn("del1"), ts(2_000), API).await.unwrap();
+    store
+        .mark_deleted(&arn("del1"), ts(2_000), API)
+        .await
+        .unwrap();
     let tombstone = CachedRoom {
         room: r.clone(),
         validated_at: ts(2_000),
@@ -339,7 +350,10 @@ async fn tombstone_holds_against_earlier_calls(db: common::TestDb) {
     // another replica that IVS Chat applied before the delete).
     assert_eq!(store.put(&r, ts(1_900), API).await.unwrap(), tombstone);
     let retagged = with_tags(room("del1", 500), &[("k", "other")]);
-    assert_eq!(store.put(&retagged, ts(1_901), API).await.unwrap(), tombstone);
+    assert_eq!(
+        store.put(&retagged, ts(1_901), API).await.unwrap(),
+        tombstone
+    );
     let older = room("del1", 499);
     assert_eq!(store.put(&older, ts(1_902), API).await.unwrap(), tombstone);
     let newer = room("del1", 501);
@@ -355,7 +369,10 @@ async fn tombstone_holds_against_earlier_calls(db: common::TestDb) {
     assert_eq!(get(&store, "del1").await, Some(live(&newer, 4_000)));
 
     // A deletion recorded before the last confirmation does not apply.
-    store.mark_deleted(&arn("del1"), ts(3_000), API).await.unwrap();
+    store
+        .mark_deleted(&arn("del1"), ts(3_000), API)
+        .await
+        .unwrap();
     assert_eq!(get(&store, "del1").await, Some(live(&newer, 4_000)));
 }
 
@@ -380,7 +397,10 @@ async fn mark_deleted_of_unknown_room_leaves_a_tombstone(db: common::TestDb) {
 
     let slow = room("neverSeen1", 1);
     assert!(store.put(&slow, ts(15), API).await.unwrap().deleted);
-    assert_eq!(store.put(&slow, ts(30), API).await.unwrap(), live(&slow, 30));
+    assert_eq!(
+        store.put(&slow, ts(30), API).await.unwrap(),
+        live(&slow, 30)
+    );
 }
 
 /// `list` shows only live rooms, newest `update_time` first, equal
@@ -679,7 +699,10 @@ async fn confirm_moves_validated_at_of_the_matching_live_version(db: common::Tes
     assert_eq!(get(&store, "c1").await, Some(live(&r, 2_000)));
 
     // A tombstone is not confirmed: it stays deleted at its time.
-    store.mark_deleted(&arn("c1"), ts(3_000), API).await.unwrap();
+    store
+        .mark_deleted(&arn("c1"), ts(3_000), API)
+        .await
+        .unwrap();
     store.confirm(&arn("c1"), ts(700), ts(4_000)).await.unwrap();
     assert_eq!(
         get(&store, "c1").await,
@@ -741,7 +764,10 @@ async fn reopening_keeps_rooms(db: common::TestDb) {
     store.put(&kept, ts(100), API).await.unwrap();
     store.put(&other, ts(101), API).await.unwrap();
     store.put(&room("gone1", 30), ts(102), API).await.unwrap();
-    store.mark_deleted(&arn("gone1"), ts(103), API).await.unwrap();
+    store
+        .mark_deleted(&arn("gone1"), ts(103), API)
+        .await
+        .unwrap();
     store.close().await;
 
     let reopened = open(&db).await;
@@ -762,7 +788,10 @@ async fn reopening_keeps_rooms(db: common::TestDb) {
 
     // And the update-time rule still holds on the reopened store.
     assert_eq!(
-        reopened.put(&room("keep1", 19), ts(200), API).await.unwrap(),
+        reopened
+            .put(&room("keep1", 19), ts(200), API)
+            .await
+            .unwrap(),
         live(&kept, 100)
     );
 }

@@ -377,7 +377,10 @@ async fn resume_after_cancel_delivers_exactly_the_missed_events(db: TestDb) {
     let (_, newest) = list_all(&mut server).await;
     let mut resumed = watch(&mut server, after(last_seen)).await;
     let missed = events_through(&mut resumed, newest).await;
-    assert_eq!(revisions(&missed), (last_seen + 1..=newest).collect::<Vec<_>>());
+    assert_eq!(
+        revisions(&missed),
+        (last_seen + 1..=newest).collect::<Vec<_>>()
+    );
     let names: Vec<_> = missed
         .iter()
         .map(|e| e.room.as_ref().unwrap().name.clone())
@@ -440,7 +443,11 @@ async fn out_of_band_changes_arrive_from_the_reconciler(db: TestDb) {
     assert_eq!((event.r#type, event.source), (CREATED, RECONCILER));
     assert_eq!(event.room.as_ref().unwrap().arn, theirs.arn().unwrap());
 
-    aws.delete_room().identifier(&room.arn).send().await.unwrap();
+    aws.delete_room()
+        .identifier(&room.arn)
+        .send()
+        .await
+        .unwrap();
     let event = next_event(&mut stream).await;
     assert_eq!((event.r#type, event.source), (DELETED, RECONCILER));
     assert_eq!(event.room.as_ref().unwrap().arn, room.arn);
@@ -508,7 +515,11 @@ async fn compacted_revisions_are_out_of_range(db: TestDb) {
     assert_eq!(revisions(&events_through(&mut resumed, 5).await), [4, 5]);
 
     let status = server.client.watch_rooms(after(99)).await.unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "a revision from the future");
+    assert_eq!(
+        status.code(),
+        Code::OutOfRange,
+        "a revision from the future"
+    );
 }
 
 /// 1,000 concurrent updates of 10 rooms: a watcher of everything sees every
@@ -619,11 +630,7 @@ async fn slow_watcher_does_not_delay_a_fast_one(db: TestDb) {
 /// to resume after, instead of waiting out the grace period.
 async fn shutdown_ends_streams_with_unavailable(db: TestDb) {
     let (mut server, _emulator, _) = setup(&db, &["--shutdown-grace", "1h"]).await;
-    server
-        .client
-        .create_room(create("r"))
-        .await
-        .unwrap();
+    server.client.create_room(create("r")).await.unwrap();
     let (_, newest) = list_all(&mut server).await;
     let mut stream = watch(&mut server, after(0)).await;
     assert_eq!(revisions(&events_through(&mut stream, newest).await), [1]);
@@ -647,8 +654,8 @@ async fn shutdown_ends_streams_with_unavailable(db: TestDb) {
 /// them and passes to the other when it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_postgres_share_one_stream_and_one_reconciler() {
-    let Some(db) = TestDb::postgres("replicas_on_postgres_share_one_stream_and_one_reconciler")
-        .await
+    let Some(db) =
+        TestDb::postgres("replicas_on_postgres_share_one_stream_and_one_reconciler").await
     else {
         return;
     };
@@ -666,7 +673,12 @@ async fn replicas_on_postgres_share_one_stream_and_one_reconciler() {
     let mut on_b = watch(&mut b, after(start)).await;
     let mut on_a = watch(&mut a, after(start)).await;
 
-    let room = a.client.create_room(create("x")).await.unwrap().into_inner();
+    let room = a
+        .client
+        .create_room(create("x"))
+        .await
+        .unwrap()
+        .into_inner();
     for n in 0..10 {
         let replica = if n % 2 == 0 { &mut a } else { &mut b };
         replica

@@ -180,7 +180,12 @@ mod tests {
     #[test]
     fn no_visible_change_is_no_event() {
         assert_eq!(
-            RoomEvent::between(Some(&room()), Some(&room()), EventSource::Api, Timestamp::EPOCH),
+            RoomEvent::between(
+                Some(&room()),
+                Some(&room()),
+                EventSource::Api,
+                Timestamp::EPOCH
+            ),
             None
         );
         assert_eq!(
@@ -191,8 +196,13 @@ mod tests {
 
     #[test]
     fn a_delete_carries_the_last_known_room() {
-        let event = RoomEvent::between(Some(&room()), None, EventSource::Reconciler, Timestamp::EPOCH)
-            .expect("a change");
+        let event = RoomEvent::between(
+            Some(&room()),
+            None,
+            EventSource::Reconciler,
+            Timestamp::EPOCH,
+        )
+        .expect("a change");
         assert_eq!(event.kind, EventKind::Deleted);
         assert_eq!(event.room, room());
         assert_eq!(event.previous, Some(room()));

@@ -43,7 +43,9 @@ pub async fn watch(args: WatchArgs, mut out: impl Write) -> anyhow::Result<()> {
                                 out.flush()?;
                             }
                         }
-                        Ok(None) => break tonic::Status::unavailable("the server ended the stream"),
+                        Ok(None) => {
+                            break tonic::Status::unavailable("the server ended the stream");
+                        }
                         Err(status) => break status,
                     }
                 }
@@ -67,7 +69,11 @@ pub async fn watch(args: WatchArgs, mut out: impl Write) -> anyhow::Result<()> {
 }
 
 /// The line for one message, if it gets one; records the revision reached.
-fn render(message: proto::WatchRoomsResponse, json: bool, last: &mut Option<u64>) -> Option<String> {
+fn render(
+    message: proto::WatchRoomsResponse,
+    json: bool,
+    last: &mut Option<u64>,
+) -> Option<String> {
     match message.kind? {
         Kind::Progress(progress) => {
             *last = Some(progress.revision);

@@ -237,9 +237,9 @@ impl Store {
         .bind(validated_at.as_nanos())
         .execute(&mut *tx)
         .await?;
-        let after = get_row(&mut tx, &arn).await?.ok_or_else(|| {
-            anyhow::anyhow!("room {arn} vanished right after it was stored")
-        })?;
+        let after = get_row(&mut tx, &arn)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("room {arn} vanished right after it was stored"))?;
         self.commit_with_event(tx, before.as_ref(), Some(&after), source)
             .await?;
         Ok(after)

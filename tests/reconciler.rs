@@ -1,0 +1,363 @@
+//! The reconciler's parts, driven directly: what an incremental pass spends
+//! upstream, the change log it writes, leadership on Postgres, and progress
+//! bookmarks under paused time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestDb, emulator, sdk};
+use futures::StreamExt as _;
+use ivschat_rooms::domain::{EventKind, EventSource, Room, RoomArn, RoomPatch, Timestamp};
+use ivschat_rooms::emulator::{Emulator, Operation};
+use ivschat_rooms::feed::{Feed, FeedSettings, WatchItem, WatchRequest};
+use ivschat_rooms::rooms::{Rooms, RoomsSettings};
+use ivschat_rooms::store::Store;
+use ivschat_rooms::upstream::{Upstream, UpstreamSettings};
+
+async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
+    let store = Store::open(&db.url).await.expect("store");
+    let upstream = Upstream::at_endpoint(
+        url,
+        "us-east-1",
+        UpstreamSettings {
+            timeout: Duration::from_secs(5),
+            max_attempts: 1,
+        },
+    );
+    let rooms = Rooms::new(
+        store.clone(),
+        upstream,
+        RoomsSettings {
+            max_staleness: Duration::from_secs(3600),
+            listing_wait: Duration::from_secs(5),
+        },
+    )
+    .await
+    .expect("rooms");
+    (rooms, store)
+}
+
+fn rename(name: &str) -> RoomPatch {
+    RoomPatch {
+        name: Some(name.into()),
+        ..RoomPatch::default()
+    }
+}
+
+/// Calls the emulator has answered for `op` since `before`.
+fn calls_since(emulator: &Emulator, op: Operation, before: u64) -> u64 {
+    emulator.calls(op) - before
+}
+
+on_both_backends!(
+    incremental_pass_stops_at_the_first_page_with_nothing_newer,
+    full_listing_finds_deletions_and_logs_them,
+    change_log_matches_the_cache_and_survives_compaction,
+);
+
+/// Nothing changed: one ListRooms and nothing else. One room changed: one
+/// ListRooms and one GetRoom. Sixty changed (more than a page of 50): pages
+/// until a page has nothing newer, one GetRoom each. Every change found is
+/// one RECONCILER event.
+async fn incremental_pass_stops_at_the_first_page_with_nothing_newer(db: TestDb) {
+    let (emulator, url) = emulator().await;
+    let aws = sdk(&url);
+    for i in 0..120 {
+        aws.create_room()
+            .name(format!("r{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let (rooms, store) = rooms_on(&db, &url).await;
+    let report = rooms.full_listing().await.unwrap();
+    assert_eq!((report.listed, report.fetched), (120, 120));
+    let after_listing = store.revision().await.unwrap();
+    assert_eq!(after_listing, 120, "one CREATED per room");
+
+    let (list, get) = (
+        emulator.calls(Operation::ListRooms),
+        emulator.calls(Operation::GetRoom),
+    );
+    let report = rooms.reconcile_recent().await.unwrap();
+    assert_eq!(report.fetched, 0);
+    assert_eq!(calls_since(&emulator, Operation::ListRooms, list), 1);
+    assert_eq!(calls_since(&emulator, Operation::GetRoom, get), 0);
+    assert_eq!(
+        store.revision().await.unwrap(),
+        after_listing,
+        "no change, no event"
+    );
+
+    let all = emulator.rooms();
+    emulator
+        .update_room(&all[7].arn, &rename("changed"))
+        .unwrap();
+    let (list, get) = (
+        emulator.calls(Operation::ListRooms),
+        emulator.calls(Operation::GetRoom),
+    );
+    let report = rooms.reconcile_recent().await.unwrap();
+    assert_eq!(report.fetched, 1);
+    assert_eq!(calls_since(&emulator, Operation::ListRooms, list), 1);
+    assert_eq!(calls_since(&emulator, Operation::GetRoom, get), 1);
+    let events = store.events_after(after_listing, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].kind, events[0].source),
+        (EventKind::Updated, EventSource::Reconciler)
+    );
+    assert_eq!(events[0].room.name, "changed");
+
+    for room in all.iter().take(60) {
+        emulator
+            .update_room(&room.arn, &rename(&format!("{}-2", room.name)))
+            .unwrap();
+    }
+    let (list, get) = (
+        emulator.calls(Operation::ListRooms),
+        emulator.calls(Operation::GetRoom),
+    );
+    let report = rooms.reconcile_recent().await.unwrap();
+    assert_eq!(report.fetched, 60);
+    // 50 newer, then 10 newer and 40 listed before: the last pass saw those.
+    assert_eq!(calls_since(&emulator, Operation::ListRooms, list), 2);
+    assert_eq!(calls_since(&emulator, Operation::GetRoom, get), 60);
+    assert_eq!(store.revision().await.unwrap(), after_listing + 61);
+}
+
+/// A room deleted in IVS Chat behind our back is found by the full listing,
+/// forgotten, and logged as DELETED from the reconciler with its last known
+/// content; a second listing finds nothing to do.
+async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
+    let (_emulator, url) = emulator().await;
+    let aws = sdk(&url);
+    let kept = aws.create_room().name("kept").send().await.unwrap();
+    let gone = aws.create_room().name("gone").send().await.unwrap();
+    let (rooms, store) = rooms_on(&db, &url).await;
+    rooms.full_listing().await.unwrap();
+    let before = store.revision().await.unwrap();
+
+    aws.delete_room()
+        .identifier(gone.arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let report = rooms.full_listing().await.unwrap();
+    assert_eq!((report.listed, report.deleted), (1, 1));
+    let events = store.events_after(before, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!(
+        (event.kind, event.source),
+        (EventKind::Deleted, EventSource::Reconciler)
+    );
+    assert_eq!(event.room.arn, gone.arn().unwrap());
+    assert_eq!(event.room.name, "gone");
+
+    let again = rooms.full_listing().await.unwrap();
+    assert_eq!((again.fetched, again.deleted), (0, 0));
+    assert_eq!(store.revision().await.unwrap(), before + 1);
+    let (page, _) = rooms
+        .list(ivschat_rooms::domain::ListQuery::default())
+        .await
+        .unwrap();
+    let arns: Vec<_> = page.rooms.iter().map(|r| r.arn.as_str()).collect();
+    assert_eq!(arns, [kept.arn().unwrap()]);
+}
+
+/// Replaying the log gives the cache; writes that change nothing log nothing;
+/// compaction keeps the newest events (never the newest one) and revisions
+/// keep counting after it.
+async fn change_log_matches_the_cache_and_survives_compaction(db: TestDb) {
+    let store = Store::open(&db.url).await.unwrap();
+    let arn = |id: &str| format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}");
+    let room = |id: &str, update: i64, name: &str| Room {
+        arn: arn(id),
+        id: id.into(),
+        name: name.into(),
+        create_time: Timestamp::from_nanos(1),
+        update_time: Timestamp::from_nanos(update),
+        maximum_message_rate_per_second: 10,
+        maximum_message_length: 500,
+        message_review_handler: None,
+        tags: Default::default(),
+        logging_configuration_identifiers: Vec::new(),
+    };
+    let api = EventSource::Api;
+    store
+        .put(&room("a", 10, "a"), Timestamp::from_nanos(10), api)
+        .await
+        .unwrap();
+    store
+        .put(&room("b", 10, "b"), Timestamp::from_nanos(10), api)
+        .await
+        .unwrap();
+    // Same version, observed later: no visible change, no event.
+    store
+        .put(&room("a", 10, "a"), Timestamp::from_nanos(20), api)
+        .await
+        .unwrap();
+    // Older version: refused by the update-time rule, no event.
+    store
+        .put(&room("a", 5, "old"), Timestamp::from_nanos(30), api)
+        .await
+        .unwrap();
+    assert_eq!(store.revision().await.unwrap(), 2);
+    store
+        .put(&room("a", 40, "a2"), Timestamp::from_nanos(40), api)
+        .await
+        .unwrap();
+    let b = RoomArn::parse("arn", &arn("b")).unwrap();
+    store
+        .mark_deleted(&b, Timestamp::from_nanos(50), api)
+        .await
+        .unwrap();
+    // Deleting what is already deleted, or never was: no event.
+    store
+        .mark_deleted(&b, Timestamp::from_nanos(60), api)
+        .await
+        .unwrap();
+    let never = RoomArn::parse("arn", &arn("never")).unwrap();
+    store
+        .mark_deleted(&never, Timestamp::from_nanos(60), api)
+        .await
+        .unwrap();
+
+    let events = store.events_after(0, 100).await.unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| (e.revision, e.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, EventKind::Created),
+            (2, EventKind::Created),
+            (3, EventKind::Updated),
+            (4, EventKind::Deleted),
+        ]
+    );
+    assert_eq!(events[2].changed_fields, ["name", "update_time"]);
+    assert_eq!(events[2].previous.as_ref().unwrap().name, "a");
+    let snapshot = store.snapshot(&[]).await.unwrap();
+    assert_eq!(snapshot.revision, 4);
+    assert_eq!(snapshot.rooms, [room("a", 40, "a2")]);
+
+    // Keep 2 by count: 3 and 4 stay.
+    assert_eq!(store.compact(2, None).await.unwrap(), 2);
+    assert_eq!(store.oldest_revision().await.unwrap(), Some(3));
+    // By age, everything is old; the newest stays all the same.
+    store.compact(1000, Some(Timestamp::now())).await.unwrap();
+    assert_eq!(store.oldest_revision().await.unwrap(), Some(4));
+    store
+        .put(&room("c", 70, "c"), Timestamp::from_nanos(70), api)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.revision().await.unwrap(),
+        5,
+        "revisions go on after compaction"
+    );
+    let reopened = Store::open(&db.url).await.unwrap();
+    assert_eq!(reopened.revision().await.unwrap(), 5);
+}
+
+/// On Postgres one replica at a time holds the reconciler's turn; it passes on
+/// when the holder gives it up (or its connection dies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_at_a_time_on_postgres() {
+    let Some(db) = TestDb::postgres("one_replica_leads_at_a_time_on_postgres").await else {
+        return;
+    };
+    let a = Store::open(&db.url).await.unwrap();
+    let b = Store::open(&db.url).await.unwrap();
+    let mut leader = a.try_lead().await.unwrap().expect("the first asker leads");
+    assert!(
+        b.try_lead().await.unwrap().is_none(),
+        "one leader at a time"
+    );
+    leader.check().await.expect("still leading");
+    leader.resign().await;
+    let next = b.try_lead().await.unwrap();
+    assert!(next.is_some(), "the turn passes on");
+}
+
+/// Bookmarks: an idle watcher gets a progress every interval, on its own
+/// timer; an event delivered restarts it. Paused time, no waiting.
+#[tokio::test]
+async fn idle_watchers_get_bookmarks_every_interval() {
+    let db = TestDb::sqlite();
+    let store = Store::open(&db.url).await.unwrap();
+    let interval = Duration::from_secs(10);
+    let feed = Feed::start(
+        store.clone(),
+        FeedSettings {
+            bookmark_interval: interval,
+            ..FeedSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut watcher = Box::pin(feed.watch(WatchRequest::default()).await.unwrap());
+    // Another watcher that nobody reads must not matter.
+    let _ignored = feed.watch(WatchRequest::default()).await.unwrap();
+    tokio::time::pause();
+
+    let started = tokio::time::Instant::now();
+    let item = watcher.next().await.unwrap().unwrap();
+    assert_eq!(
+        item,
+        WatchItem::Progress {
+            revision: 0,
+            snapshot_complete: false
+        }
+    );
+    // Paused time is exact up to the timer's millisecond resolution.
+    let about = |elapsed: Duration, expected: Duration| {
+        assert!(
+            elapsed >= expected && elapsed <= expected + Duration::from_millis(5),
+            "{elapsed:?}, expected {expected:?}"
+        );
+    };
+    about(started.elapsed(), interval);
+    let item = watcher.next().await.unwrap().unwrap();
+    assert!(matches!(item, WatchItem::Progress { revision: 0, .. }));
+    about(started.elapsed(), 2 * interval);
+
+    let room = Room {
+        arn: "arn:aws:ivschat:us-east-1:123456789012:room/bookmarked1".into(),
+        id: "bookmarked1".into(),
+        name: "b".into(),
+        create_time: Timestamp::from_nanos(1),
+        update_time: Timestamp::from_nanos(1),
+        maximum_message_rate_per_second: 10,
+        maximum_message_length: 500,
+        message_review_handler: None,
+        tags: Default::default(),
+        logging_configuration_identifiers: Vec::new(),
+    };
+    // The database is written in real time: paused time would jump ahead,
+    // past the pool's timeouts, while the write waits on the database.
+    tokio::time::resume();
+    store
+        .put(&room, Timestamp::now(), EventSource::Api)
+        .await
+        .unwrap();
+    feed.caught_up(1).await;
+    tokio::time::pause();
+    let item = watcher.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&item, WatchItem::Event(e) if e.revision == 1),
+        "{item:?}"
+    );
+    let delivered = tokio::time::Instant::now();
+    let item = watcher.next().await.unwrap().unwrap();
+    assert_eq!(
+        item,
+        WatchItem::Progress {
+            revision: 1,
+            snapshot_complete: false
+        }
+    );
+    about(delivered.elapsed(), interval);
+    feed.stop().await;
+}

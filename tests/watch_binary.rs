@@ -1,0 +1,672 @@
+//! WatchRooms through the real binary: a server killed with SIGKILL mid-stream
+//! and restarted on the same data directory resumes exactly where its watchers
+//! left off, and its change log replays into exactly the rooms it caches; the
+//! `watch` CLI prints events and resumes by itself across such a restart.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use ivschat_rooms::grpc::proto;
+use ivschat_rooms::grpc::proto::room_service_client::RoomServiceClient;
+use ivschat_rooms::grpc::proto::watch_rooms_response::Kind;
+use proto::{EventSource, EventType};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ivschat-rooms");
+
+/// How long any one awaited thing may take before the test fails instead of
+/// hanging.
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+}
+
+/// A running `ivschat-rooms serve --upstream embedded` on a data directory.
+struct Server {
+    child: Child,
+    address: String,
+    /// Log lines after the "serving" line; read continuously so the server
+    /// never blocks on a full pipe.
+    log: mpsc::UnboundedReceiver<String>,
+}
+
+impl Server {
+    /// Starts the binary listening on `listen` and waits for its "serving"
+    /// log line, which names the address actually bound.
+    async fn start(listen: &str, data_dir: &Path, flags: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", listen, "--upstream", "embedded"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(flags)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the binary");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let address = within("the server to serve", async {
+            let mut seen = Vec::new();
+            loop {
+                let line = stderr
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("the binary exited before serving: {seen:#?}"));
+                if line.contains("serving ivschat.rooms.v1.RoomService") {
+                    break line
+                        .split_whitespace()
+                        .find_map(|word| word.strip_prefix("address="))
+                        .expect("the serving line names its address")
+                        .to_owned();
+                }
+                seen.push(line);
+            }
+        })
+        .await;
+        let (tx, log) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Server {
+            child,
+            address,
+            log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    async fn client(&self) -> RoomServiceClient<Channel> {
+        within("a connection", RoomServiceClient::connect(self.url()))
+            .await
+            .expect("connect")
+    }
+
+    /// Waits for a log line containing `needle`.
+    async fn logged(&mut self, needle: &str) -> String {
+        within(&format!("the log line {needle:?}"), async {
+            loop {
+                let line = self
+                    .log
+                    .recv()
+                    .await
+                    .unwrap_or_else(|| panic!("the server exited before logging {needle:?}"));
+                if line.contains(needle) {
+                    return line;
+                }
+            }
+        })
+        .await
+    }
+
+    /// `kill -9`: no shutdown handler runs, nothing is drained or flushed.
+    async fn kill_9(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let status = within("the killed server to exit", self.child.wait())
+            .await
+            .unwrap();
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+    }
+}
+
+/// A `ivschat-rooms watch` process: its stdout line by line, its stderr
+/// collected until it exits.
+struct WatchCli {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: JoinHandle<Vec<String>>,
+}
+
+impl WatchCli {
+    fn start(args: &[&str]) -> WatchCli {
+        let mut child = Command::new(BIN)
+            .arg("watch")
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("IVSCHAT_ROOMS_SERVER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start watch");
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let stderr = tokio::spawn(async move {
+            let mut lines = Vec::new();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                lines.push(line);
+            }
+            lines
+        });
+        WatchCli {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        within("a line from watch", self.stdout.next_line())
+            .await
+            .unwrap()
+            .expect("watch exited")
+    }
+
+    async fn json(&mut self) -> Value {
+        let line = self.line().await;
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// Kills it and returns what it printed since the last line read, and
+    /// its log.
+    async fn kill(mut self) -> (Vec<String>, Vec<String>) {
+        self.child.start_kill().expect("kill watch");
+        within("watch to exit", self.child.wait()).await.unwrap();
+        let mut rest = Vec::new();
+        while let Some(line) = within("watch's stdout to close", self.stdout.next_line())
+            .await
+            .unwrap()
+        {
+            rest.push(line);
+        }
+        let log = within("watch's stderr to close", self.stderr)
+            .await
+            .unwrap();
+        (rest, log)
+    }
+}
+
+async fn watch(
+    client: &mut RoomServiceClient<Channel>,
+    after_revision: u64,
+) -> Streaming<proto::WatchRoomsResponse> {
+    within(
+        "WatchRooms",
+        client.watch_rooms(proto::WatchRoomsRequest {
+            after_revision: Some(after_revision),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap_or_else(|s| panic!("watch after revision {after_revision}: {s:?}"))
+    .into_inner()
+}
+
+/// The next event on the stream, skipping progress bookmarks.
+async fn next_event(stream: &mut Streaming<proto::WatchRoomsResponse>) -> proto::RoomEvent {
+    loop {
+        let message = within("a watch event", stream.message()).await;
+        match message {
+            Ok(Some(proto::WatchRoomsResponse {
+                kind: Some(Kind::Event(event)),
+            })) => return event,
+            Ok(Some(_progress)) => {}
+            Ok(None) => panic!("the watch stream ended"),
+            Err(status) => panic!("the watch stream failed: {status:?}"),
+        }
+    }
+}
+
+/// Events `first..=last` from the stream, failing on any gap or repeat.
+async fn events_through(
+    stream: &mut Streaming<proto::WatchRoomsResponse>,
+    first: u64,
+    last: u64,
+) -> Vec<proto::RoomEvent> {
+    let mut events = Vec::new();
+    for expected in first..=last {
+        let event = next_event(stream).await;
+        assert_eq!(
+            event.revision, expected,
+            "revisions must be consecutive with no repeats: {event:#?}"
+        );
+        events.push(event);
+    }
+    events
+}
+
+/// Every cached room (ListRooms, all pages, sorted by ARN) and the one
+/// change-log revision they reflect; lists again if a change landed between
+/// pages.
+async fn list_all(client: &mut RoomServiceClient<Channel>) -> (Vec<proto::Room>, u64) {
+    'again: loop {
+        let mut rooms = Vec::new();
+        let mut revision = None;
+        let mut next_token = String::new();
+        loop {
+            let page = within(
+                "ListRooms",
+                client.list_rooms(proto::ListRoomsRequest {
+                    next_token: next_token.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .expect("ListRooms")
+            .into_inner();
+            if *revision.get_or_insert(page.revision) != page.revision {
+                continue 'again;
+            }
+            rooms.extend(page.rooms);
+            if page.next_token.is_empty() {
+                break;
+            }
+            next_token = page.next_token;
+        }
+        rooms.sort_by(|a, b| a.arn.cmp(&b.arn));
+        return (rooms, revision.unwrap_or_default());
+    }
+}
+
+/// Replays events into rooms, checking that each event's `previous` is the
+/// room the earlier events left (so none was lost, repeated or reordered).
+fn fold(events: &[proto::RoomEvent]) -> Vec<proto::Room> {
+    let mut rooms = BTreeMap::<String, proto::Room>::new();
+    for event in events {
+        let room = event.room.clone().expect("an event carries its room");
+        let current = rooms.get(&room.arn);
+        match EventType::try_from(event.r#type) {
+            Ok(EventType::Created) => {
+                assert!(current.is_none(), "CREATED for a live room: {event:#?}");
+                assert!(event.previous.is_none(), "{event:#?}");
+                rooms.insert(room.arn.clone(), room);
+            }
+            Ok(EventType::Updated) => {
+                assert_eq!(current, event.previous.as_ref(), "{event:#?}");
+                rooms.insert(room.arn.clone(), room);
+            }
+            Ok(EventType::Deleted) => {
+                assert_eq!(current, Some(&room), "DELETED carries the last room");
+                rooms.remove(&room.arn);
+            }
+            other => panic!("unexpected event type {other:?} in the log: {event:#?}"),
+        }
+    }
+    rooms.into_values().collect()
+}
+
+fn is(event: &proto::RoomEvent, kind: EventType, arn: &str) -> bool {
+    event.r#type == kind as i32 && event.room.as_ref().is_some_and(|r| r.arn == arn)
+}
+
+/// SIGKILL lands while a watcher streams and writers keep updating rooms.
+/// After a restart on the same data directory (SQLite cache and the embedded
+/// emulator's state), resuming after the last revision received delivers
+/// exactly the later events, consecutively; and replaying the whole log gives
+/// exactly the rooms the cache serves (the change and its event commit
+/// together or not at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_resume_from_the_same_revision() {
+    const ROOMS: usize = 3;
+    const EVENTS_BEFORE_KILL: usize = 25;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--reconcile-interval", "100ms"];
+    let server = Server::start("127.0.0.1:0", dir.path(), &flags).await;
+    let mut client = server.client().await;
+    let (rooms, revision) = list_all(&mut client).await;
+    assert!(rooms.is_empty() && revision == 0, "{rooms:?} at {revision}");
+
+    let mut stream = watch(&mut client, 0).await;
+    let mut arns = Vec::new();
+    for i in 0..ROOMS {
+        let room = within(
+            "CreateRoom",
+            client.create_room(proto::CreateRoomRequest {
+                name: format!("crash-{i}"),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("create")
+        .into_inner();
+        arns.push(room.arn);
+    }
+    // One writer per room, each updating its room until the server dies
+    // under it, so that several updates are in flight at different stages
+    // (in IVS Chat, or between IVS Chat and the cache) when SIGKILL lands.
+    let writers: Vec<_> = arns
+        .iter()
+        .map(|arn| {
+            let mut client = client.clone();
+            let arn = arn.clone();
+            tokio::spawn(async move {
+                let mut done = 0_usize;
+                loop {
+                    let update = client.update_room(proto::UpdateRoomRequest {
+                        identifier: arn.clone(),
+                        name: Some(format!("update-{done}")),
+                        maximum_message_length: Some(1 + i32::try_from(done % 500).unwrap()),
+                        ..Default::default()
+                    });
+                    match update.await {
+                        Ok(_) => done += 1,
+                        Err(status) => return (done, status.code()),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut received = Vec::new();
+    while received.len() < EVENTS_BEFORE_KILL {
+        let event = next_event(&mut stream).await;
+        assert_eq!(event.revision, received.len() as u64 + 1, "{event:#?}");
+        received.push(event);
+    }
+
+    server.kill_9().await;
+    // The stream breaks; events already on the wire may still arrive first.
+    let broke = loop {
+        match within("the stream to break", stream.message()).await {
+            Ok(Some(proto::WatchRoomsResponse {
+                kind: Some(Kind::Event(event)),
+            })) => {
+                assert_eq!(event.revision, received.len() as u64 + 1, "{event:#?}");
+                received.push(event);
+            }
+            Ok(Some(_progress)) => {}
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    assert!(
+        broke.is_some(),
+        "a stream cut by SIGKILL must fail, not end as if complete"
+    );
+    let mut updates = 0;
+    for writer in writers {
+        let (done, code) = within("a writer to fail", writer).await.unwrap();
+        assert_ne!(code, tonic::Code::Ok);
+        updates += done;
+    }
+    let last = received.last().unwrap().revision;
+    assert!(
+        received[..ROOMS]
+            .iter()
+            .zip(&arns)
+            .all(|(e, arn)| is(e, EventType::Created, arn)),
+        "{received:#?}"
+    );
+    drop(client);
+
+    let mut server = Server::start("127.0.0.1:0", dir.path(), &flags).await;
+    let mut client = server.client().await;
+    let mut resumed = watch(&mut client, last).await;
+    let renamed = within(
+        "UpdateRoom",
+        client.update_room(proto::UpdateRoomRequest {
+            identifier: arns[0].clone(),
+            name: Some("after-restart".into()),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("update after restart")
+    .into_inner();
+    assert_eq!(renamed.name, "after-restart");
+    let created = within(
+        "CreateRoom",
+        client.create_room(proto::CreateRoomRequest {
+            name: "created-after-restart".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("create after restart")
+    .into_inner();
+    within(
+        "DeleteRoom",
+        client.delete_room(proto::DeleteRoomRequest {
+            identifier: arns[1].clone(),
+        }),
+    )
+    .await
+    .expect("delete after restart");
+    // The startup full listing has also taken in whatever IVS Chat did for a
+    // write that SIGKILL cut off before its answer reached the cache.
+    server.logged("full listing of IVS Chat complete").await;
+
+    let (rooms, revision) = list_all(&mut client).await;
+    let mut expected_arns = vec![arns[0].clone(), arns[2].clone(), created.arn.clone()];
+    expected_arns.sort();
+    assert_eq!(
+        rooms.iter().map(|r| r.arn.clone()).collect::<Vec<_>>(),
+        expected_arns
+    );
+    assert!(revision >= last + 3, "{revision} after {last}");
+
+    let after = events_through(&mut resumed, last + 1, revision).await;
+    let api = |e: &proto::RoomEvent| e.source == EventSource::Api as i32;
+    assert!(
+        after.iter().any(|e| is(e, EventType::Updated, &arns[0])
+            && api(e)
+            && e.room.as_ref().unwrap().name == "after-restart"),
+        "{after:#?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|e| is(e, EventType::Created, &created.arn)),
+        "{after:#?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|e| is(e, EventType::Deleted, &arns[1]) && api(e)),
+        "{after:#?}"
+    );
+
+    let mut replay = watch(&mut client, 0).await;
+    let log = events_through(&mut replay, 1, revision).await;
+    let cut = usize::try_from(last).unwrap();
+    assert_eq!(
+        log[..cut],
+        received[..],
+        "the log must hold exactly what was streamed before the kill"
+    );
+    assert_eq!(
+        log[cut..],
+        after[..],
+        "resuming must deliver exactly the log after {last}"
+    );
+    assert_eq!(
+        fold(&log),
+        rooms,
+        "replaying the log must give exactly the cached rooms"
+    );
+
+    let reconciled = after
+        .iter()
+        .filter(|e| e.source == EventSource::Reconciler as i32)
+        .count();
+    println!(
+        "killed at revision {last} after {updates} acknowledged updates; \
+         {reconciled} event(s) found by the startup listing; log ends at {revision}"
+    );
+}
+
+/// `ivschat-rooms watch --json` prints one JSON object per event; when the
+/// server is killed and comes back, it resumes after the last revision it
+/// printed, so the next line is the next revision and nothing is printed
+/// twice. Without --json, lines read `<revision> <TYPE> <arn> ...`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cli_prints_events_and_resumes_after_a_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    // The reconciler waits an hour between passes (its startup listing still
+    // runs at once): a room created through the API can otherwise be found
+    // by a pass before the API's own answer reaches the cache, and be logged
+    // as RECONCILER, which would make the `source` check below flaky.
+    let flags = ["--reconcile-interval", "1h"];
+    let server = Server::start("127.0.0.1:0", dir.path(), &flags).await;
+    let url = server.url();
+    let mut client = server.client().await;
+    // A fresh cache is at revision 0: after it is every event, so the CLI
+    // misses nothing whenever its stream opens.
+    let mut cli = WatchCli::start(&["--server", &url, "--json", "--after-revision", "0"]);
+
+    let room = within(
+        "CreateRoom",
+        client.create_room(proto::CreateRoomRequest {
+            name: "cli-first".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("create")
+    .into_inner();
+    let created = cli.json().await;
+    assert_eq!(created["type"], "CREATED", "{created}");
+    assert_eq!(created["revision"], 1, "{created}");
+    assert_eq!(created["source"], "API", "{created}");
+    assert_eq!(created["arn"], room.arn.as_str(), "{created}");
+    assert_eq!(
+        created["changed_fields"],
+        serde_json::json!([]),
+        "{created}"
+    );
+    assert_eq!(created["room"]["name"], "cli-first", "{created}");
+    assert!(created.get("previous").is_none(), "{created}");
+
+    within(
+        "UpdateRoom",
+        client.update_room(proto::UpdateRoomRequest {
+            identifier: room.arn.clone(),
+            name: Some("cli-second".into()),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("update");
+    let updated = cli.json().await;
+    assert_eq!(updated["type"], "UPDATED", "{updated}");
+    assert_eq!(updated["revision"], 2, "{updated}");
+    assert_eq!(updated["source"], "API", "{updated}");
+    assert_eq!(updated["arn"], room.arn.as_str(), "{updated}");
+    assert_eq!(
+        updated["changed_fields"],
+        serde_json::json!(["name", "update_time"]),
+        "{updated}"
+    );
+    assert_eq!(updated["previous"]["name"], "cli-first", "{updated}");
+    assert_eq!(updated["room"]["name"], "cli-second", "{updated}");
+
+    // SIGKILL frees the port at once (no process holds the listening socket
+    // any more, and the listener is bound with SO_REUSEADDR, so connections
+    // left in TIME_WAIT do not block it), so the server comes back on the
+    // very address the CLI keeps retrying. Some other process could in
+    // principle take the port in between; nothing here does.
+    let address = server.address.clone();
+    drop(client);
+    server.kill_9().await;
+    let server = Server::start(&address, dir.path(), &flags).await;
+    assert_eq!(server.address, address);
+    let mut client = server.client().await;
+
+    within(
+        "UpdateRoom",
+        client.update_room(proto::UpdateRoomRequest {
+            identifier: room.arn.clone(),
+            maximum_message_length: Some(123),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("update after restart");
+    let resumed = cli.json().await;
+    assert_eq!(resumed["type"], "UPDATED", "{resumed}");
+    assert_eq!(resumed["revision"], 3, "the next revision, once: {resumed}");
+    assert_eq!(resumed["source"], "API", "{resumed}");
+    assert_eq!(resumed["arn"], room.arn.as_str(), "{resumed}");
+    assert_eq!(
+        resumed["changed_fields"],
+        serde_json::json!(["update_time", "maximum_message_length"]),
+        "{resumed}"
+    );
+    assert_eq!(resumed["room"]["maximum_message_length"], 123, "{resumed}");
+
+    // Human format, from a snapshot: one SNAPSHOT line per room, the
+    // revision it reflects, then changes.
+    let mut human = WatchCli::start(&["--server", &url, "--snapshot"]);
+    let snapshot = human.line().await;
+    assert!(
+        snapshot.starts_with(&format!("0 SNAPSHOT {} name=cli-second", room.arn)),
+        "{snapshot}"
+    );
+    assert_eq!(human.line().await, "3 SNAPSHOT_COMPLETE");
+    within(
+        "UpdateRoom",
+        client.update_room(proto::UpdateRoomRequest {
+            identifier: room.arn.clone(),
+            name: Some("cli-third".into()),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("another update");
+    let line = human.line().await;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[..3], ["4", "UPDATED", room.arn.as_str()], "{line}");
+    assert!(
+        line.contains(" name=cli-third") && line.contains(" source=API"),
+        "{line}"
+    );
+    let json = cli.json().await;
+    assert_eq!(json["revision"], 4, "{json}");
+    assert_eq!(json["room"]["name"], "cli-third", "{json}");
+
+    let (more, _) = human.kill().await;
+    assert!(more.is_empty(), "{more:#?}");
+    let (more, log) = cli.kill().await;
+    assert!(more.is_empty(), "printed nothing else: {more:#?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("watch interrupted; resuming") && l.contains("Some(2)")),
+        "the CLI should have resumed after revision 2: {log:#?}"
+    );
+}
+
+/// `--after-revision` and `--snapshot` contradict each other: clap refuses
+/// the pair (usage error, exit code 2) before any connection is tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cli_refuses_after_revision_with_snapshot() {
+    let out = within(
+        "watch to refuse its arguments",
+        Command::new(BIN)
+            .args([
+                "watch",
+                "--server",
+                "http://127.0.0.1:1",
+                "--after-revision",
+                "0",
+                "--snapshot",
+            ])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+}
