@@ -16,6 +16,7 @@
 //!   its own timer.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -98,6 +99,8 @@ struct Inner {
     tailed: watch::Sender<u64>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Watch streams alive in this process.
+    watchers: AtomicUsize,
 }
 
 impl Feed {
@@ -112,6 +115,7 @@ impl Feed {
                 tailed: watch::Sender::new(revision),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                watchers: AtomicUsize::new(0),
             }),
         };
         let inner = &feed.inner;
@@ -129,6 +133,11 @@ impl Feed {
         self.inner.stop.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
+    }
+
+    /// How many watch streams are alive in this process.
+    pub fn watchers(&self) -> usize {
+        self.inner.watchers.load(Ordering::SeqCst)
     }
 
     /// The newest revision the feed has delivered to its ring.
@@ -240,6 +249,7 @@ impl Feed {
         } else {
             store.revision().await? + 1
         };
+        self.inner.watchers.fetch_add(1, Ordering::SeqCst);
         let watcher = Watcher {
             feed: self.clone(),
             arns: request.arns.iter().map(|a| a.as_str().to_owned()).collect(),
@@ -300,6 +310,12 @@ struct Watcher {
     tailed: watch::Receiver<u64>,
     bookmark_at: Instant,
     done: bool,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.feed.inner.watchers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Watcher {

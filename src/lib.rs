@@ -10,8 +10,12 @@
 //! - [`grpc`]: the only home of protobuf types: the tonic service, conversions
 //!   between wire and domain types, and the one mapping from errors to `Status`.
 //! - [`rooms`]: cache policy: read-through with bounded staleness, write-through,
-//!   the update-time rule, the startup listing.
-//! - [`store`]: the only home of SQL (SQLite or Postgres through sqlx).
+//!   the update-time rule, full and incremental listings of IVS Chat.
+//! - [`reconciler`]: finds changes made in IVS Chat behind our back, on one
+//!   replica at a time.
+//! - [`feed`]: the change log delivered to watchers, in revision order.
+//! - [`store`]: the only home of SQL (SQLite or Postgres through sqlx): the
+//!   cache and its change log, written in one transaction.
 //! - [`upstream`]: the only home of `aws-sdk-ivschat` types.
 //! - [`emulator`]: an IVS Chat stand-in that the real SDKs talk to.
 //! - [`domain`]: rooms, patches, the model's constraints, the error type.

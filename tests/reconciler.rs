@@ -299,7 +299,7 @@ async fn idle_watchers_get_bookmarks_every_interval() {
     .unwrap();
     let mut watcher = Box::pin(feed.watch(WatchRequest::default()).await.unwrap());
     // Another watcher that nobody reads must not matter.
-    let _ignored = feed.watch(WatchRequest::default()).await.unwrap();
+    let ignored = feed.watch(WatchRequest::default()).await.unwrap();
     tokio::time::pause();
 
     let started = tokio::time::Instant::now();
@@ -322,6 +322,9 @@ async fn idle_watchers_get_bookmarks_every_interval() {
     let item = watcher.next().await.unwrap().unwrap();
     assert!(matches!(item, WatchItem::Progress { revision: 0, .. }));
     about(started.elapsed(), 2 * interval);
+    assert_eq!(feed.watchers(), 2);
+    drop(ignored);
+    assert_eq!(feed.watchers(), 1, "a dropped stream is gone at once");
 
     let room = Room {
         arn: "arn:aws:ivschat:us-east-1:123456789012:room/bookmarked1".into(),
