@@ -1,13 +1,17 @@
 //! WatchRooms through the real binary: a server killed with SIGKILL mid-stream
 //! and restarted on the same data directory resumes exactly where its watchers
 //! left off, and its change log replays into exactly the rooms it caches; the
-//! `watch` CLI prints events and resumes by itself across such a restart.
+//! `watch` CLI prints events and resumes by itself across such a restart; and
+//! when the replica that reconciles is killed, another one sharing its
+//! Postgres database takes over.
 
-use std::collections::BTreeMap;
+mod common;
+
+use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ivschat_rooms::grpc::proto;
 use ivschat_rooms::grpc::proto::room_service_client::RoomServiceClient;
@@ -21,6 +25,8 @@ use tokio::task::JoinHandle;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+use common::TestDb;
+
 const BIN: &str = env!("CARGO_BIN_EXE_ivschat-rooms");
 
 /// How long any one awaited thing may take before the test fails instead of
@@ -33,24 +39,36 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
 }
 
-/// A running `ivschat-rooms serve --upstream embedded` on a data directory.
+/// A running `ivschat-rooms serve`.
 struct Server {
     child: Child,
     address: String,
-    /// Log lines after the "serving" line; read continuously so the server
-    /// never blocks on a full pipe.
+    /// Log lines logged before the "serving" line, not yet looked at.
+    backlog: VecDeque<String>,
+    /// Log lines after those; read continuously so the server never blocks
+    /// on a full pipe.
     log: mpsc::UnboundedReceiver<String>,
 }
 
 impl Server {
-    /// Starts the binary listening on `listen` and waits for its "serving"
-    /// log line, which names the address actually bound.
+    /// `ivschat-rooms serve --upstream embedded` on a data directory,
+    /// listening on `listen`.
     async fn start(listen: &str, data_dir: &Path, flags: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["serve", "--listen", listen, "--upstream", "embedded"])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(flags)
+            .args(flags);
+        Server::spawn(command).await
+    }
+
+    /// Starts `command` (the binary, with its arguments) and waits for its
+    /// "serving" log line, which names the address actually bound. Earlier
+    /// lines are kept for [`Server::logged`]: the reconciler starts before
+    /// the server serves, so its lines may come first.
+    async fn spawn(mut command: Command) -> Server {
+        let mut child = command
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -59,14 +77,19 @@ impl Server {
             .spawn()
             .expect("start the binary");
         let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, mut log) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        let mut backlog = VecDeque::new();
         let address = within("the server to serve", async {
-            let mut seen = Vec::new();
             loop {
-                let line = stderr
-                    .next_line()
+                let line = log
+                    .recv()
                     .await
-                    .unwrap()
-                    .unwrap_or_else(|| panic!("the binary exited before serving: {seen:#?}"));
+                    .unwrap_or_else(|| panic!("the binary exited before serving: {backlog:#?}"));
                 if line.contains("serving ivschat.rooms.v1.RoomService") {
                     break line
                         .split_whitespace()
@@ -74,19 +97,14 @@ impl Server {
                         .expect("the serving line names its address")
                         .to_owned();
                 }
-                seen.push(line);
+                backlog.push_back(line);
             }
         })
         .await;
-        let (tx, log) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
         Server {
             child,
             address,
+            backlog,
             log,
         }
     }
@@ -106,8 +124,7 @@ impl Server {
         within(&format!("the log line {needle:?}"), async {
             loop {
                 let line = self
-                    .log
-                    .recv()
+                    .next_line()
                     .await
                     .unwrap_or_else(|| panic!("the server exited before logging {needle:?}"));
                 if line.contains(needle) {
@@ -116,6 +133,25 @@ impl Server {
             }
         })
         .await
+    }
+
+    /// The next log line not yet looked at; `None` once the server has exited
+    /// and every line has been.
+    async fn next_line(&mut self) -> Option<String> {
+        match self.backlog.pop_front() {
+            Some(line) => Some(line),
+            None => self.log.recv().await,
+        }
+    }
+
+    /// The log lines not yet looked at that have been read so far, without
+    /// waiting for more.
+    fn logged_so_far(&mut self) -> Vec<String> {
+        let mut lines: Vec<String> = self.backlog.drain(..).collect();
+        while let Ok(line) = self.log.try_recv() {
+            lines.push(line);
+        }
+        lines
     }
 
     /// `kill -9`: no shutdown handler runs, nothing is drained or flushed.
@@ -669,4 +705,158 @@ async fn watch_cli_refuses_after_revision_with_snapshot() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot be used with"), "{stderr}");
     assert!(out.stdout.is_empty(), "{out:?}");
+}
+
+/// What a replica logs when it takes the reconciler's turn.
+const LEADS: &str = "this replica reconciles the cache with IVS Chat";
+
+/// `ivschat-rooms serve` sharing the database at `db_url` with other
+/// replicas, in front of the emulator at `emulator_url`, reconciling every
+/// 100ms when it leads.
+async fn replica(db_url: &str, emulator_url: &str) -> Server {
+    let mut command = Command::new(BIN);
+    command.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db_url,
+        "--upstream",
+        "emulator",
+        "--emulator-url",
+        emulator_url,
+        "--reconcile-interval",
+        "100ms",
+        "--resync-interval",
+        "1h",
+    ]);
+    Server::spawn(command).await
+}
+
+/// When a log line was written: tracing's default format starts with an
+/// RFC 3339 UTC timestamp.
+fn logged_at(line: &str) -> SystemTime {
+    let stamp = line.split_whitespace().next().unwrap_or_default();
+    humantime::parse_rfc3339(stamp)
+        .unwrap_or_else(|e| panic!("no timestamp ({e}) at the start of {line:?}"))
+}
+
+/// The next event, which must be `revision`, an UPDATED of `arn` to `name`
+/// found by the reconciler.
+async fn reconciled_rename(
+    stream: &mut Streaming<proto::WatchRoomsResponse>,
+    revision: u64,
+    arn: &str,
+    name: &str,
+) -> proto::RoomEvent {
+    let event = events_through(stream, revision, revision).await.remove(0);
+    assert!(is(&event, EventType::Updated, arn), "{event:#?}");
+    assert_eq!(
+        event.source,
+        EventSource::Reconciler as i32,
+        "an out-of-band change is the reconciler's find: {event:#?}"
+    );
+    assert_eq!(event.room.as_ref().unwrap().name, name, "{event:#?}");
+    event
+}
+
+/// Two real replicas on one Postgres database, in front of one emulator. A
+/// starts first and takes the reconciler's turn (a session advisory lock);
+/// B serves but waits. A change made in IVS Chat behind the service's back
+/// reaches a watcher on B as a RECONCILER event (found by A, heard by B
+/// through the shared change log). Then A is SIGKILLed: its lock dies with
+/// its connection, B takes the turn, only then, and finds the next
+/// out-of-band change, logged as the very next revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_fails_over_when_its_replica_is_killed() {
+    let Some(db) = TestDb::postgres("reconciler_fails_over_when_its_replica_is_killed").await
+    else {
+        return;
+    };
+    let (_emulator, emulator_url) = common::emulator().await;
+    let aws = common::sdk(&emulator_url);
+    // In IVS Chat before any replica runs: the first full listing logs it.
+    let arn = within(
+        "CreateRoom in IVS Chat",
+        aws.create_room().name("o-0").send(),
+    )
+    .await
+    .expect("create in the emulator")
+    .arn()
+    .expect("a created room has an ARN")
+    .to_owned();
+    let rename = |name: &'static str| {
+        let request = aws.update_room().identifier(&arn).name(name);
+        async move {
+            within("UpdateRoom in IVS Chat", request.send())
+                .await
+                .expect("update in the emulator");
+        }
+    };
+
+    let mut a = replica(&db.url, &emulator_url).await;
+    a.logged(LEADS).await;
+    a.logged("full listing of IVS Chat complete").await;
+    let mut b = replica(&db.url, &emulator_url).await;
+    let mut client = b.client().await;
+    // ListRooms answers once a full listing has completed (A's, here).
+    let (rooms, revision) = list_all(&mut client).await;
+    assert_eq!(
+        rooms.iter().map(|r| r.arn.as_str()).collect::<Vec<_>>(),
+        [arn.as_str()]
+    );
+    assert_eq!(revision, 1, "one CREATED, from A's first full listing");
+    let mut stream = watch(&mut client, 0).await;
+    let created = events_through(&mut stream, 1, 1).await.remove(0);
+    assert!(is(&created, EventType::Created, &arn), "{created:#?}");
+    assert_eq!(
+        created.source,
+        EventSource::Reconciler as i32,
+        "{created:#?}"
+    );
+
+    rename("o-1").await;
+    let first = reconciled_rename(&mut stream, 2, &arn, "o-1").await;
+
+    // One leader at a time: B has not taken the turn while A lives.
+    let before_kill = b.logged_so_far();
+    assert!(
+        !before_kill.iter().any(|line| line.contains(LEADS)),
+        "B led while A did: {before_kill:#?}"
+    );
+    // Down to whole microseconds, as the log's timestamps are.
+    let now = SystemTime::now();
+    let since_epoch = now.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let killed_at = now - Duration::from_nanos(u64::from(since_epoch.subsec_nanos() % 1_000));
+    a.kill_9().await;
+
+    rename("o-2").await;
+    // Lines B wrote before the kill but not yet read would come first here:
+    // the first LEADS line must postdate the kill.
+    let took_over = b.logged(LEADS).await;
+    assert!(
+        logged_at(&took_over) >= killed_at,
+        "B took the turn before A was killed at {killed_at:?}: {took_over}"
+    );
+    let second = reconciled_rename(&mut stream, 3, &arn, "o-2").await;
+    assert_eq!(
+        second.previous, first.room,
+        "the second change follows the first: {second:#?}"
+    );
+
+    // Nothing in between either: a third change is revision 4, and the
+    // cache and its log agree.
+    rename("o-3").await;
+    reconciled_rename(&mut stream, 4, &arn, "o-3").await;
+    let (rooms, revision) = list_all(&mut client).await;
+    assert_eq!(revision, 4);
+    let mut replay = watch(&mut client, 0).await;
+    let log = events_through(&mut replay, 1, revision).await;
+    assert!(
+        log.iter()
+            .all(|e| e.source == EventSource::Reconciler as i32),
+        "{log:#?}"
+    );
+    assert_eq!(fold(&log), rooms);
+    assert_eq!(rooms[0].name, "o-3");
 }
