@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::domain::{
     Error, EventSource, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch,
-    Timestamp, validate,
+    RoomSummary, Timestamp, validate,
 };
 use crate::store::{CachedRoom, Store};
 use crate::upstream::Upstream;
@@ -303,12 +303,8 @@ impl Rooms {
                     // caches it; a later pass picks it up otherwise.
                     None if self.creating() => complete = false,
                     _ => {
-                        report.fetched += 1;
-                        let _turn = self.inner.locks.lock(&arn).await;
-                        // Gone since it was listed: refresh has forgotten it.
-                        match self.refresh(&arn, EventSource::Reconciler).await {
-                            Ok(_) | Err(Error::NotFound { .. }) => {}
-                            Err(e) => return Err(e),
+                        if self.fetch_listed(&arn, summary).await? {
+                            report.fetched += 1;
                         }
                     }
                 }
@@ -382,11 +378,8 @@ impl Rooms {
                 };
                 newer_on_page |= newer;
                 if newer || differs {
-                    report.fetched += 1;
-                    let _turn = self.inner.locks.lock(&arn).await;
-                    match self.refresh(&arn, EventSource::Reconciler).await {
-                        Ok(_) | Err(Error::NotFound { .. }) => {}
-                        Err(e) => return Err(e),
+                    if self.fetch_listed(&arn, summary).await? {
+                        report.fetched += 1;
                     }
                 } else if cached.is_some() {
                     self.inner
@@ -409,6 +402,25 @@ impl Rooms {
             self.advance_watermark(top);
         }
         Ok(report)
+    }
+
+    /// Reads a room a listing showed as new or changed into the cache (as a
+    /// RECONCILER change), unless by the time it has the room's turn the cache
+    /// already holds that version or a newer one (a request of ours got there
+    /// first). Returns whether it called GetRoom.
+    async fn fetch_listed(&self, arn: &RoomArn, summary: &RoomSummary) -> Result<bool> {
+        let _turn = self.inner.locks.lock(arn).await;
+        if let Some(c) = self.inner.store.get(arn).await?
+            && !c.deleted
+            && (c.room.update_time > summary.update_time || summary.shows(&c.room))
+        {
+            return Ok(false);
+        }
+        // Gone since it was listed: refresh has forgotten it.
+        match self.refresh(arn, EventSource::Reconciler).await {
+            Ok(_) | Err(Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
     }
 
     fn creating(&self) -> bool {
