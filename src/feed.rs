@@ -179,11 +179,14 @@ impl Feed {
             };
             {
                 let mut ring = inner.ring.write().expect("ring");
-                // Compacted past the ring (a long outage): start afresh.
-                if events[0].revision != after + 1 {
-                    ring.clear();
-                }
+                let mut expected = after + 1;
                 for event in events {
+                    // The ring holds consecutive revisions only: after a gap
+                    // (compacted past the ring, a long outage) it starts afresh.
+                    if event.revision != expected {
+                        ring.clear();
+                    }
+                    expected = event.revision + 1;
                     if ring.len() == inner.settings.ring_capacity {
                         ring.pop_front();
                     }
@@ -237,17 +240,27 @@ impl Feed {
                 snapshot_complete: true,
             });
             snapshot.revision + 1
-        } else if let Some(after) = request.after_revision {
-            if request.include_snapshot {
-                return Err(Error::invalid(
-                    "includeSnapshot",
-                    "cannot be combined with after_revision: a snapshot starts from now",
-                ));
-            }
-            self.check_available(after).await?;
-            after + 1
         } else {
-            store.revision().await? + 1
+            let after = match request.after_revision {
+                Some(_) if request.include_snapshot => {
+                    return Err(Error::invalid(
+                        "includeSnapshot",
+                        "cannot be combined with after_revision: a snapshot starts from now",
+                    ));
+                }
+                Some(after) => {
+                    self.check_available(after).await?;
+                    after
+                }
+                None => store.revision().await?,
+            };
+            // Where the stream starts, at once: a client that loses the
+            // stream before any event can resume from here.
+            pending.push_back(WatchItem::Progress {
+                revision: after,
+                snapshot_complete: false,
+            });
+            after + 1
         };
         self.inner.watchers.fetch_add(1, Ordering::SeqCst);
         let watcher = Watcher {
@@ -399,14 +412,14 @@ impl Watcher {
                 .map(Arc::new)
                 .collect(),
         };
-        match events.first() {
-            Some(first) if first.revision == self.next => {}
-            first => {
-                let oldest = first.map_or(self.next, |e| e.revision);
-                return Err(compacted(self.next - 1, oldest));
-            }
+        if events.is_empty() {
+            return Err(compacted(self.next - 1, self.next));
         }
         for event in events {
+            // Never skip a revision: a gap means the log was compacted.
+            if event.revision != self.next {
+                return Err(compacted(self.next - 1, event.revision));
+            }
             self.next = event.revision + 1;
             if self.arns.is_empty() || self.arns.contains(&event.room.arn) {
                 self.pending.push_back(WatchItem::Event(event));

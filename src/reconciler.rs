@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::rooms::Rooms;
-use crate::store::Store;
+use crate::store::{Leadership, Store};
 
 /// After a failed pass, the first and the longest wait before the next
 /// (never longer than the interval).
@@ -48,30 +48,29 @@ pub async fn run(rooms: Rooms, store: Store, settings: ReconcileSettings, stop: 
         let mut next_full = Instant::now();
         let mut backoff = FIRST_RETRY;
         loop {
-            let pass = if Instant::now() >= next_full {
-                rooms.full_listing().await.map(|report| {
-                    next_full = Instant::now() + settings.resync_interval;
-                    tracing::info!(
-                        listed = report.listed,
-                        fetched = report.fetched,
-                        deleted = report.deleted,
-                        "full listing of IVS Chat complete"
-                    );
-                })
-            } else {
-                rooms.reconcile_recent().await.map(|report| {
-                    if report.fetched > 0 {
-                        tracing::info!(
-                            listed = report.listed,
-                            fetched = report.fetched,
-                            "found rooms changed in IVS Chat"
-                        );
-                    }
-                })
+            let full = Instant::now() >= next_full;
+            // A pass can be long (a first full listing reads every room at
+            // 5 per second): it stops at once on shutdown or when the turn
+            // is lost meanwhile. Every cache write is a transaction of its
+            // own, so a pass cut short leaves nothing half done.
+            let pass = tokio::select! {
+                () = stop.cancelled() => {
+                    leadership.resign().await;
+                    return;
+                }
+                lost = watch_leadership(&mut leadership, settings.interval) => {
+                    tracing::warn!(error = %lost, "lost the reconciler's turn");
+                    leadership.resign().await;
+                    break;
+                }
+                pass = one_pass(&rooms, full) => pass,
             };
             let wait = match pass {
                 Ok(()) => {
                     backoff = FIRST_RETRY;
+                    if full {
+                        next_full = Instant::now() + settings.resync_interval;
+                    }
                     settings.interval
                 }
                 Err(e) => {
@@ -90,6 +89,40 @@ pub async fn run(rooms: Rooms, store: Store, settings: ReconcileSettings, stop: 
                 leadership.resign().await;
                 break;
             }
+        }
+    }
+}
+
+/// One full listing or one incremental pass, logged.
+async fn one_pass(rooms: &Rooms, full: bool) -> crate::domain::Result<()> {
+    if full {
+        let report = rooms.full_listing().await?;
+        tracing::info!(
+            listed = report.listed,
+            fetched = report.fetched,
+            deleted = report.deleted,
+            "full listing of IVS Chat complete"
+        );
+    } else {
+        let report = rooms.reconcile_recent().await?;
+        if report.fetched > 0 {
+            tracing::info!(
+                listed = report.listed,
+                fetched = report.fetched,
+                "found rooms changed in IVS Chat"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks the turn every `every` (at least every 5 s); completes when it is lost.
+async fn watch_leadership(leadership: &mut Leadership, every: Duration) -> crate::domain::Error {
+    let every = every.min(Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = leadership.check().await {
+            return e;
         }
     }
 }

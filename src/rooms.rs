@@ -34,6 +34,10 @@ use crate::upstream::Upstream;
 /// another replica has completed it.
 const LISTED_RECHECK: Duration = Duration::from_millis(250);
 
+/// How long after its creation a room may still be on its way into the cache
+/// from a CreateRoom of this process (more than an upstream call takes).
+const CREATION_WINDOW: Duration = Duration::from_secs(60);
+
 /// How fresh a read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Consistency {
@@ -50,6 +54,14 @@ pub struct RoomsSettings {
     pub max_staleness: Duration,
     /// How long ListRooms waits for the first full listing before UNAVAILABLE.
     pub listing_wait: Duration,
+    /// How much later than its updateTime a change may first show in IVS
+    /// Chat's listing: incremental passes look back this much further.
+    pub listing_lag: Duration,
+}
+
+impl RoomsSettings {
+    /// The default for `listing_lag`.
+    pub const LISTING_LAG: Duration = Duration::from_secs(5);
 }
 
 /// The room service's policy, shared by every request. Cheap to clone.
@@ -301,7 +313,7 @@ impl Rooms {
                     }
                     // Perhaps being created through this process, which
                     // caches it; a later pass picks it up otherwise.
-                    None if self.creating() => complete = false,
+                    None if self.may_be_creating(summary) => complete = false,
                     _ => {
                         if self.fetch_listed(&arn, summary).await? {
                             report.fetched += 1;
@@ -369,7 +381,7 @@ impl Rooms {
                         summary.update_time == c.room.update_time && !summary.shows(&c.room),
                     ),
                     // Perhaps being created through this process: next pass.
-                    None if self.creating() => {
+                    None if self.may_be_creating(summary) => {
                         complete = false;
                         continue;
                     }
@@ -423,15 +435,23 @@ impl Rooms {
         }
     }
 
-    fn creating(&self) -> bool {
+    /// Whether a room the cache has never seen may be one a CreateRoom of
+    /// this process is about to cache: one is in flight and the room is
+    /// recent. Older rooms (created in IVS Chat directly) are never held back.
+    fn may_be_creating(&self, summary: &RoomSummary) -> bool {
         self.inner.creating.load(Ordering::SeqCst) > 0
+            && summary.create_time.elapsed() < CREATION_WINDOW
     }
 
     /// Records that every room IVS Chat listed with an updateTime up to `top`
-    /// has been examined.
+    /// (less a margin, for a write IVS Chat lists a little late) has been
+    /// examined.
     fn advance_watermark(&self, top: Option<Timestamp>) {
         let mut covered = self.inner.reconciled_through.lock().expect("watermark");
         if let Some(top) = top {
+            let top = Timestamp::from_nanos(top.as_nanos().saturating_sub(
+                i64::try_from(self.inner.settings.listing_lag.as_nanos()).unwrap_or(i64::MAX),
+            ));
             *covered = Some(covered.map_or(top, |c| c.max(top)));
         }
     }

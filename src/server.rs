@@ -36,6 +36,7 @@ pub async fn run(
         RoomsSettings {
             max_staleness: config.max_staleness,
             listing_wait: config.listing_wait,
+            listing_lag: RoomsSettings::LISTING_LAG,
         },
     )
     .await

@@ -31,6 +31,9 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
         RoomsSettings {
             max_staleness: Duration::from_secs(3600),
             listing_wait: Duration::from_secs(5),
+            // Rooms here are all seconds old: no look-back, so that the
+            // watermark's effect on paging shows.
+            listing_lag: Duration::ZERO,
         },
     )
     .await
@@ -54,6 +57,7 @@ on_both_backends!(
     incremental_pass_stops_at_the_first_page_with_nothing_newer,
     full_listing_finds_deletions_and_logs_them,
     change_log_matches_the_cache_and_survives_compaction,
+    compaction_by_age_only_removes_a_prefix,
 );
 
 /// Nothing changed: one ListRooms and nothing else. One room changed: one
@@ -302,7 +306,17 @@ async fn idle_watchers_get_bookmarks_every_interval() {
     let ignored = feed.watch(WatchRequest::default()).await.unwrap();
     tokio::time::pause();
 
+    // A stream says at once where it starts.
     let started = tokio::time::Instant::now();
+    let item = watcher.next().await.unwrap().unwrap();
+    assert_eq!(
+        item,
+        WatchItem::Progress {
+            revision: 0,
+            snapshot_complete: false
+        }
+    );
+    assert_eq!(started.elapsed(), Duration::ZERO);
     let item = watcher.next().await.unwrap().unwrap();
     assert_eq!(
         item,
@@ -363,4 +377,51 @@ async fn idle_watchers_get_bookmarks_every_interval() {
     );
     about(delivered.elapsed(), interval);
     feed.stop().await;
+}
+
+/// Clocks need not agree with revision order (replicas' clocks differ, NTP
+/// steps back): compaction by age still removes only a prefix of the log, so
+/// a watcher never skips a revision in the middle.
+async fn compaction_by_age_only_removes_a_prefix(db: TestDb) {
+    let store = Store::open(&db.url).await.unwrap();
+    for i in 1..=5 {
+        let id = format!("prefix{i:06}");
+        let room = Room {
+            arn: format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}"),
+            id,
+            name: "p".into(),
+            create_time: Timestamp::from_nanos(1),
+            update_time: Timestamp::from_nanos(1),
+            maximum_message_rate_per_second: 10,
+            maximum_message_length: 500,
+            message_review_handler: None,
+            tags: Default::default(),
+            logging_configuration_identifiers: Vec::new(),
+        };
+        store
+            .put(&room, Timestamp::now(), EventSource::Api)
+            .await
+            .unwrap();
+    }
+    // Revision 4 was observed by a replica whose clock was an hour behind.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE room_events SET observed_at = observed_at - $1 WHERE revision = 4")
+        .bind(3_600_000_000_000_i64)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    // Older than ten minutes ago: only revision 4 by its clock.
+    let cutoff = Timestamp::from_nanos(Timestamp::now().as_nanos() - 600_000_000_000);
+    let removed = store.compact(1000, Some(cutoff)).await.unwrap();
+    assert_eq!(removed, 4, "revisions 1 to 4, not 4 alone");
+    let left: Vec<u64> = store
+        .events_after(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(left, [5]);
 }

@@ -53,7 +53,9 @@ pub async fn watch(args: WatchArgs, mut out: impl Write) -> anyhow::Result<()> {
             Err(status) => status,
         };
         match status.code() {
-            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => {
+            // A lost connection or a server going away: resume. Anything else
+            // (a bad request, OUT_OF_RANGE, an internal error) is for a person.
+            Code::Unavailable | Code::Unknown | Code::Cancelled => {
                 tracing::warn!(
                     error = status.message(),
                     resume_after = ?last,

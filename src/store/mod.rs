@@ -65,6 +65,9 @@ pub struct Store {
 /// The Postgres advisory lock held by the replica that reconciles ("ivsr").
 const LEADER_LOCK: i64 = 0x6976_7372;
 
+/// How long taking or checking the reconciler's turn may take.
+const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// This replica's turn to reconcile; see [`Store::try_lead`]. Dropping it
 /// gives the turn up.
 pub struct Leadership {
@@ -75,7 +78,9 @@ impl Leadership {
     /// Whether the turn is still held: the connection holding it still works.
     pub async fn check(&mut self) -> Result<()> {
         if let Some(conn) = &mut self.conn {
-            sqlx::query("SELECT 1").execute(conn).await?;
+            tokio::time::timeout(LEADERSHIP_TIMEOUT, sqlx::query("SELECT 1").execute(conn))
+                .await
+                .map_err(|_| Error::Unavailable("the cache database did not answer".into()))??;
         }
         Ok(())
     }
@@ -137,10 +142,12 @@ impl Store {
                     if backend == Backend::Sqlite {
                         // WAL lets readers go on while one connection writes;
                         // writers wait up to busy_timeout rather than fail.
+                        // FULL: a commit survives power loss too, so a
+                        // revision a watcher has seen is never handed out again.
                         sqlx::query("PRAGMA journal_mode = WAL")
                             .execute(&mut *conn)
                             .await?;
-                        sqlx::query("PRAGMA synchronous = NORMAL")
+                        sqlx::query("PRAGMA synchronous = FULL")
                             .execute(&mut *conn)
                             .await?;
                         sqlx::query("PRAGMA busy_timeout = 10000")
@@ -432,11 +439,26 @@ impl Store {
         if self.backend == Backend::Sqlite {
             return Ok(Some(Leadership { conn: None }));
         }
-        let mut conn = AnyConnection::connect(&self.url).await?;
-        let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LEADER_LOCK)
-            .fetch_one(&mut conn)
+        let attempt = async {
+            let mut conn = AnyConnection::connect(&self.url).await?;
+            // Postgres notices a vanished replica (host down, network cut)
+            // within about half a minute and frees the lock for another;
+            // without these it takes the OS default, hours.
+            sqlx::raw_sql(
+                "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                 SET tcp_keepalives_count = 3",
+            )
+            .execute(&mut conn)
             .await?;
+            let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(LEADER_LOCK)
+                .fetch_one(&mut conn)
+                .await?;
+            Ok::<_, sqlx::Error>((conn, led))
+        };
+        let (conn, led) = tokio::time::timeout(LEADERSHIP_TIMEOUT, attempt)
+            .await
+            .map_err(|_| Error::Unavailable("the cache database did not answer".into()))??;
         if led {
             Ok(Some(Leadership { conn: Some(conn) }))
         } else {
@@ -476,14 +498,20 @@ impl Store {
         oldest.map(revision_from).transpose()
     }
 
-    /// Deletes events beyond the newest `keep` or observed before `older_than`,
-    /// but never the newest event. Returns how many were deleted.
+    /// Deletes events beyond the newest `keep`, and those up to the newest
+    /// event observed before `older_than`, but never the newest event. Only
+    /// ever a prefix of the log: clocks (of replicas, or stepped back) need not
+    /// agree with revision order, and a hole in the middle would be skipped
+    /// by watchers. Returns how many were deleted.
     pub async fn compact(&self, keep: u64, older_than: Option<Timestamp>) -> Result<u64> {
         let newest = self.revision().await?;
         let by_count = newest.saturating_sub(keep.max(1));
         let result = sqlx::query(
             "DELETE FROM room_events \
-             WHERE revision < $1 AND (revision <= $2 OR observed_at < $3)",
+             WHERE revision < $1 \
+               AND (revision <= $2 \
+                    OR revision <= (SELECT COALESCE(MAX(revision), 0) FROM room_events \
+                                    WHERE observed_at < $3))",
         )
         .bind(i64::try_from(newest).unwrap_or(i64::MAX))
         .bind(i64::try_from(by_count).unwrap_or(i64::MAX))
@@ -776,12 +804,33 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Database errors that say "not now" rather than "wrong": retrying helps.
+fn transient(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let code = db.code().unwrap_or_default();
+    // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (and their extended codes).
+    // Postgres: serialization failure, deadlock, admin or crash shutdown,
+    // cannot connect now.
+    let sqlite_busy = code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+    sqlite_busy
+        || matches!(
+            code.as_ref(),
+            "40001" | "40P01" | "57P01" | "57P02" | "57P03"
+        )
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 tracing::error!(error = %e, "cache database unavailable");
                 Error::Unavailable("the cache database is unavailable".into())
+            }
+            e if transient(&e) => {
+                tracing::warn!(error = %e, "cache database busy");
+                Error::Unavailable("the cache database is busy; retry".into())
             }
             e => Error::Internal(anyhow::Error::new(e).context("cache database error")),
         }
