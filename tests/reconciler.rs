@@ -48,6 +48,26 @@ fn rename(name: &str) -> RoomPatch {
     }
 }
 
+fn room_arn(id: &str) -> String {
+    format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}")
+}
+
+/// A plain room with IVS Chat's default limits, for driving the store.
+fn room(id: &str, update_nanos: i64, name: &str) -> Room {
+    Room {
+        arn: room_arn(id),
+        id: id.into(),
+        name: name.into(),
+        create_time: Timestamp::from_nanos(1),
+        update_time: Timestamp::from_nanos(update_nanos),
+        maximum_message_rate_per_second: Room::DEFAULT_MAXIMUM_MESSAGE_RATE_PER_SECOND,
+        maximum_message_length: Room::DEFAULT_MAXIMUM_MESSAGE_LENGTH,
+        message_review_handler: None,
+        tags: Default::default(),
+        logging_configuration_identifiers: Vec::new(),
+    }
+}
+
 /// Calls the emulator has answered for `op` since `before`.
 fn calls_since(emulator: &Emulator, op: Operation, before: u64) -> u64 {
     emulator.calls(op) - before
@@ -176,19 +196,7 @@ async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
 /// keep counting after it.
 async fn change_log_matches_the_cache_and_survives_compaction(db: TestDb) {
     let store = Store::open(&db.url).await.unwrap();
-    let arn = |id: &str| format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}");
-    let room = |id: &str, update: i64, name: &str| Room {
-        arn: arn(id),
-        id: id.into(),
-        name: name.into(),
-        create_time: Timestamp::from_nanos(1),
-        update_time: Timestamp::from_nanos(update),
-        maximum_message_rate_per_second: 10,
-        maximum_message_length: 500,
-        message_review_handler: None,
-        tags: Default::default(),
-        logging_configuration_identifiers: Vec::new(),
-    };
+    let arn = room_arn;
     let api = EventSource::Api;
     store
         .put(&room("a", 10, "a"), Timestamp::from_nanos(10), api)
@@ -340,18 +348,7 @@ async fn idle_watchers_get_bookmarks_every_interval() {
     drop(ignored);
     assert_eq!(feed.watchers(), 1, "a dropped stream is gone at once");
 
-    let room = Room {
-        arn: "arn:aws:ivschat:us-east-1:123456789012:room/bookmarked1".into(),
-        id: "bookmarked1".into(),
-        name: "b".into(),
-        create_time: Timestamp::from_nanos(1),
-        update_time: Timestamp::from_nanos(1),
-        maximum_message_rate_per_second: 10,
-        maximum_message_length: 500,
-        message_review_handler: None,
-        tags: Default::default(),
-        logging_configuration_identifiers: Vec::new(),
-    };
+    let room = room("bookmarked1", 1, "b");
     // The database is written in real time: paused time would jump ahead,
     // past the pool's timeouts, while the write waits on the database.
     tokio::time::resume();
@@ -385,19 +382,7 @@ async fn idle_watchers_get_bookmarks_every_interval() {
 async fn compaction_by_age_only_removes_a_prefix(db: TestDb) {
     let store = Store::open(&db.url).await.unwrap();
     for i in 1..=5 {
-        let id = format!("prefix{i:06}");
-        let room = Room {
-            arn: format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}"),
-            id,
-            name: "p".into(),
-            create_time: Timestamp::from_nanos(1),
-            update_time: Timestamp::from_nanos(1),
-            maximum_message_rate_per_second: 10,
-            maximum_message_length: 500,
-            message_review_handler: None,
-            tags: Default::default(),
-            logging_configuration_identifiers: Vec::new(),
-        };
+        let room = room(&format!("prefix{i:06}"), 1, "p");
         store
             .put(&room, Timestamp::now(), EventSource::Api)
             .await
