@@ -147,6 +147,13 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub event_ring_capacity: u64,
 
+    /// How often each process re-reads the change log even without a
+    /// notification. New events normally arrive at once (this process's
+    /// commits, other replicas' Postgres NOTIFY); this only bounds the delay
+    /// after a lost notification.
+    #[arg(long, env = "IVSCHAT_ROOMS_EVENT_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub event_poll_interval: Duration,
+
     /// How often compaction of the change log runs.
     #[arg(long, env = "IVSCHAT_ROOMS_COMPACTION_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub compaction_interval: Duration,

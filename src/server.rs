@@ -49,7 +49,7 @@ pub async fn run(
             retention_age: Some(config.event_retention_age).filter(|age| !age.is_zero()),
             compaction_interval: config.compaction_interval,
             ring_capacity: usize::try_from(config.event_ring_capacity).unwrap_or(usize::MAX),
-            ..FeedSettings::default()
+            safety_interval: config.event_poll_interval,
         },
     )
     .await

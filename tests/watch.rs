@@ -63,29 +63,44 @@ async fn next(stream: &mut Watch) -> Kind {
 
 /// The next event, skipping bookmarks.
 async fn next_event(stream: &mut Watch) -> proto::RoomEvent {
-    loop {
-        if let Kind::Event(event) = next(stream).await {
-            return event;
+    let event = async {
+        loop {
+            if let Kind::Event(event) = next(stream).await {
+                return event;
+            }
         }
-    }
+    };
+    // Bookmarks keep coming: bound the whole wait, not each message.
+    tokio::time::timeout(PATIENCE, event)
+        .await
+        .expect("an event in time")
 }
 
 /// Events until (and including) `revision`.
 async fn events_through(stream: &mut Watch, revision: u64) -> Vec<proto::RoomEvent> {
     let mut events = Vec::new();
-    loop {
-        match next(stream).await {
-            Kind::Event(event) => {
-                let done = event.revision >= revision;
-                events.push(event);
-                if done {
-                    return events;
+    let collect = async {
+        loop {
+            match next(stream).await {
+                Kind::Event(event) => {
+                    let done = event.revision >= revision;
+                    events.push(event);
+                    if done {
+                        return;
+                    }
                 }
+                Kind::Progress(p) if p.revision >= revision => return,
+                Kind::Progress(_) => {}
             }
-            Kind::Progress(p) if p.revision >= revision => return events,
-            Kind::Progress(_) => {}
         }
+    };
+    if tokio::time::timeout(PATIENCE, collect).await.is_err() {
+        panic!(
+            "no events through revision {revision} in time; got revisions {:?}",
+            revisions(&events)
+        );
     }
+    events
 }
 
 fn revisions(events: &[proto::RoomEvent]) -> Vec<u64> {
@@ -650,8 +665,8 @@ async fn shutdown_ends_streams_with_unavailable(db: TestDb) {
 }
 
 /// Two replicas on one Postgres behave as one: a change through either reaches
-/// a watcher on the other, in revision order; the reconciler runs on one of
-/// them and passes to the other when it stops.
+/// a watcher on the other, in revision order, woken by NOTIFY (not polling);
+/// the reconciler runs on one of them and passes to the other when it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_postgres_share_one_stream_and_one_reconciler() {
     let Some(db) =
@@ -663,7 +678,16 @@ async fn replicas_on_postgres_share_one_stream_and_one_reconciler() {
     let config = serve_config(
         &db.url,
         &url,
-        &["--reconcile-interval", "50ms", "--resync-interval", "1h"],
+        &[
+            "--reconcile-interval",
+            "50ms",
+            "--resync-interval",
+            "1h",
+            // No re-reading the log on a timer: what the other replica
+            // commits can only arrive through LISTEN/NOTIFY.
+            "--event-poll-interval",
+            "1h",
+        ],
     );
     let mut a = TestServer::start(config.clone()).await;
     a.wait_listed().await;

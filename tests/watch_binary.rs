@@ -250,17 +250,20 @@ async fn watch(
 
 /// The next event on the stream, skipping progress bookmarks.
 async fn next_event(stream: &mut Streaming<proto::WatchRoomsResponse>) -> proto::RoomEvent {
-    loop {
-        let message = within("a watch event", stream.message()).await;
-        match message {
-            Ok(Some(proto::WatchRoomsResponse {
-                kind: Some(Kind::Event(event)),
-            })) => return event,
-            Ok(Some(_progress)) => {}
-            Ok(None) => panic!("the watch stream ended"),
-            Err(status) => panic!("the watch stream failed: {status:?}"),
+    // Bookmarks keep coming: bound the whole wait, not each message.
+    within("a watch event", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(proto::WatchRoomsResponse {
+                    kind: Some(Kind::Event(event)),
+                })) => return event,
+                Ok(Some(_progress)) => {}
+                Ok(None) => panic!("the watch stream ended"),
+                Err(status) => panic!("the watch stream failed: {status:?}"),
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Events `first..=last` from the stream, failing on any gap or repeat.
