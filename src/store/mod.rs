@@ -88,7 +88,8 @@ impl Leadership {
     /// Gives the turn up at once.
     pub async fn resign(mut self) {
         if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
+            // A dead connection frees the lock as surely as a closed one.
+            let _ = tokio::time::timeout(LEADERSHIP_TIMEOUT, conn.close()).await;
         }
     }
 }
