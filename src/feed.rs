@@ -140,11 +140,6 @@ impl Feed {
         self.inner.watchers.load(Ordering::SeqCst)
     }
 
-    /// The newest revision the feed has delivered to its ring.
-    pub fn revision(&self) -> u64 {
-        *self.inner.tailed.borrow()
-    }
-
     /// Waits until the feed has taken in `revision`.
     pub async fn caught_up(&self, revision: u64) {
         let mut tailed = self.inner.tailed.subscribe();

@@ -10,7 +10,10 @@
 //!   (a per-room lock), so a read that started before a write cannot land after
 //!   it, and concurrent misses of one room wait for the first to fill the cache.
 //! - ListRooms is answered from the cache once a full listing of IVS Chat has
-//!   completed (at startup, persisted across restarts).
+//!   completed (the reconciler's first pass, on whichever replica leads;
+//!   persisted across restarts).
+//! - Every cache write names its source for the change log: API for calls
+//!   through this service, RECONCILER for changes found in IVS Chat.
 //! - An exchange with IVS Chat, and the cache step that follows it, run to
 //!   completion in a task of their own, even if the client gives up: a write
 //!   IVS Chat has made always reaches the cache. Shutdown waits for them.

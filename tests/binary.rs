@@ -4,80 +4,18 @@
 
 mod common;
 
-use std::process::Stdio;
-
+use common::binary::{BIN, Server};
 use common::proto;
-use common::proto::room_service_client::RoomServiceClient;
-use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
-use tokio::process::{Child, ChildStderr, Command};
+use tokio::process::Command;
 
-/// A running `ivschat-rooms serve` and the address it reported.
-struct Binary {
-    child: Child,
-    stderr: Lines<BufReader<ChildStderr>>,
-    seen: Vec<String>,
-    address: String,
-}
-
-impl Binary {
-    /// Starts the binary on port 0 and waits for its "serving" log line.
-    async fn start(args: &[&str], env: &[(&str, &str)]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ivschat-rooms"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the binary");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = Vec::new();
-        let address = loop {
-            let line = stderr
-                .next_line()
-                .await
-                .unwrap()
-                .unwrap_or_else(|| panic!("the binary exited before serving: {seen:#?}"));
-            seen.push(line.clone());
-            if line.contains("serving ivschat.rooms.v1.RoomService") {
-                let address = line
-                    .split_whitespace()
-                    .find_map(|word| word.strip_prefix("address="))
-                    .expect("the serving line names its address");
-                break address.to_owned();
-            }
-        };
-        Binary {
-            child,
-            stderr,
-            seen,
-            address,
-        }
-    }
-
-    async fn client(&self) -> RoomServiceClient<tonic::transport::Channel> {
-        RoomServiceClient::connect(format!("http://{}", self.address))
-            .await
-            .expect("connect")
-    }
-
-    /// Sends SIGTERM and waits for the exit status and the rest of the log.
-    async fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let pid = self.child.id().expect("running").to_string();
-        let killed = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
-        assert!(killed.success());
-        while let Some(line) = self.stderr.next_line().await.unwrap() {
-            self.seen.push(line);
-        }
-        (self.child.wait().await.unwrap(), self.seen)
-    }
+/// `ivschat-rooms serve` on port 0 with `args` and `env`.
+async fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(env.iter().copied());
+    Server::spawn(command).await
 }
 
 /// `--upstream aws` takes endpoint, credentials and region from aws-config's
@@ -88,7 +26,7 @@ async fn aws_upstream_uses_the_standard_chain() {
     let (emulator, url) = common::emulator().await;
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("cache.db").display());
-    let binary = Binary::start(
+    let binary = start(
         &[],
         &[
             ("IVSCHAT_ROOMS_UPSTREAM", "aws"),
@@ -128,7 +66,7 @@ async fn aws_upstream_uses_the_standard_chain() {
 async fn embedded_default_warns_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let binary = Binary::start(&["--data-dir", data_dir.to_str().unwrap()], &[]).await;
+    let binary = start(&["--data-dir", data_dir.to_str().unwrap()], &[]).await;
     binary
         .client()
         .await
@@ -149,7 +87,7 @@ async fn embedded_default_warns_and_stops_on_sigterm() {
 /// A configuration mistake fails at startup with a clear message.
 #[tokio::test]
 async fn bad_database_url_fails_fast() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ivschat-rooms"))
+    let out = Command::new(BIN)
         .args([
             "serve",
             "--listen",

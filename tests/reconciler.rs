@@ -68,13 +68,23 @@ fn room(id: &str, update_nanos: i64, name: &str) -> Room {
     }
 }
 
-/// Calls the emulator has answered for `op` since `before`.
-fn calls_since(emulator: &Emulator, op: Operation, before: u64) -> u64 {
-    emulator.calls(op) - before
+/// Runs one incremental pass: the rooms it fetched, and the ListRooms and
+/// GetRoom calls the emulator answered meanwhile.
+async fn incremental_pass(rooms: &Rooms, emulator: &Emulator) -> (usize, u64, u64) {
+    let (list, get) = (
+        emulator.calls(Operation::ListRooms),
+        emulator.calls(Operation::GetRoom),
+    );
+    let report = rooms.reconcile_recent().await.unwrap();
+    (
+        report.fetched,
+        emulator.calls(Operation::ListRooms) - list,
+        emulator.calls(Operation::GetRoom) - get,
+    )
 }
 
 on_both_backends!(
-    incremental_pass_stops_at_the_first_page_with_nothing_newer,
+    incremental_pass_pages_only_down_to_what_the_last_pass_saw,
     full_listing_finds_deletions_and_logs_them,
     change_log_matches_the_cache_and_survives_compaction,
     compaction_by_age_only_removes_a_prefix,
@@ -84,7 +94,7 @@ on_both_backends!(
 /// ListRooms and one GetRoom. Sixty changed (more than a page of 50): pages
 /// until a page has nothing newer, one GetRoom each. Every change found is
 /// one RECONCILER event.
-async fn incremental_pass_stops_at_the_first_page_with_nothing_newer(db: TestDb) {
+async fn incremental_pass_pages_only_down_to_what_the_last_pass_saw(db: TestDb) {
     let (emulator, url) = emulator().await;
     let aws = sdk(&url);
     for i in 0..120 {
@@ -100,14 +110,7 @@ async fn incremental_pass_stops_at_the_first_page_with_nothing_newer(db: TestDb)
     let after_listing = store.revision().await.unwrap();
     assert_eq!(after_listing, 120, "one CREATED per room");
 
-    let (list, get) = (
-        emulator.calls(Operation::ListRooms),
-        emulator.calls(Operation::GetRoom),
-    );
-    let report = rooms.reconcile_recent().await.unwrap();
-    assert_eq!(report.fetched, 0);
-    assert_eq!(calls_since(&emulator, Operation::ListRooms, list), 1);
-    assert_eq!(calls_since(&emulator, Operation::GetRoom, get), 0);
+    assert_eq!(incremental_pass(&rooms, &emulator).await, (0, 1, 0));
     assert_eq!(
         store.revision().await.unwrap(),
         after_listing,
@@ -118,14 +121,7 @@ async fn incremental_pass_stops_at_the_first_page_with_nothing_newer(db: TestDb)
     emulator
         .update_room(&all[7].arn, &rename("changed"))
         .unwrap();
-    let (list, get) = (
-        emulator.calls(Operation::ListRooms),
-        emulator.calls(Operation::GetRoom),
-    );
-    let report = rooms.reconcile_recent().await.unwrap();
-    assert_eq!(report.fetched, 1);
-    assert_eq!(calls_since(&emulator, Operation::ListRooms, list), 1);
-    assert_eq!(calls_since(&emulator, Operation::GetRoom, get), 1);
+    assert_eq!(incremental_pass(&rooms, &emulator).await, (1, 1, 1));
     let events = store.events_after(after_listing, 10).await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -139,15 +135,8 @@ async fn incremental_pass_stops_at_the_first_page_with_nothing_newer(db: TestDb)
             .update_room(&room.arn, &rename(&format!("{}-2", room.name)))
             .unwrap();
     }
-    let (list, get) = (
-        emulator.calls(Operation::ListRooms),
-        emulator.calls(Operation::GetRoom),
-    );
-    let report = rooms.reconcile_recent().await.unwrap();
-    assert_eq!(report.fetched, 60);
     // 50 newer, then 10 newer and 40 listed before: the last pass saw those.
-    assert_eq!(calls_since(&emulator, Operation::ListRooms, list), 2);
-    assert_eq!(calls_since(&emulator, Operation::GetRoom, get), 60);
+    assert_eq!(incremental_pass(&rooms, &emulator).await, (60, 2, 60));
     assert_eq!(store.revision().await.unwrap(), after_listing + 61);
 }
 

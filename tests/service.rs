@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{TestDb, TestServer, emulator, proto, sdk, serve_config};
+use common::{TestDb, TestServer, create, emulator, proto, sdk, serve_config, setup};
 use ivschat_rooms::emulator::{Emulator, Faults, InjectedError, Operation};
 use tonic::Code;
 use tonic_types::StatusExt as _;
@@ -14,14 +14,6 @@ const LAMBDA: &str = "arn:aws:lambda:us-east-1:123456789012:function:review";
 const LOGGING_A: &str = "arn:aws:ivschat:us-east-1:123456789012:logging-configuration/loggingA0001";
 const LOGGING_B: &str = "arn:aws:ivschat:us-east-1:123456789012:logging-configuration/loggingB0002";
 const UNKNOWN_ROOM: &str = "arn:aws:ivschat:us-east-1:123456789012:room/doesNotExist";
-
-/// A server on `db` in front of a fresh emulator, its startup listing done.
-async fn setup(db: &TestDb, extra: &[&str]) -> (TestServer, Emulator, String) {
-    let (emulator, url) = emulator().await;
-    let mut server = TestServer::start(serve_config(&db.url, &url, extra)).await;
-    server.wait_listed().await;
-    (server, emulator, url)
-}
 
 /// Two servers on one cache in front of one emulator, startup listings done,
 /// so their calls really race.
@@ -33,13 +25,6 @@ async fn two_replicas(db: &TestDb) -> (TestServer, TestServer, Emulator) {
     a.wait_listed().await;
     b.wait_listed().await;
     (a, b, emulator)
-}
-
-fn create(name: &str) -> proto::CreateRoomRequest {
-    proto::CreateRoomRequest {
-        name: name.into(),
-        ..Default::default()
-    }
 }
 
 fn get(arn: &str, consistency: proto::ReadConsistency) -> proto::GetRoomRequest {
@@ -126,12 +111,7 @@ async fn create_then_get_round_trips(db: TestDb) {
 /// A cached read costs no upstream call; STRONG always costs one.
 async fn cached_reads_spare_upstream(db: TestDb) {
     let (mut server, emulator, _) = setup(&db, &["--max-staleness", "1h"]).await;
-    let room = server
-        .client
-        .create_room(create("a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("a").await;
     let before = emulator.calls(Operation::GetRoom);
     for _ in 0..5 {
         server
@@ -153,12 +133,7 @@ async fn cached_reads_spare_upstream(db: TestDb) {
 /// behind the service's back; within it, STRONG does.
 async fn stale_rows_are_read_again(db: TestDb) {
     let (mut server, emulator, _) = setup(&db, &["--max-staleness", "0s"]).await;
-    let room = server
-        .client
-        .create_room(create("before"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("before").await;
     emulator
         .update_room(
             &room.arn,
@@ -262,12 +237,7 @@ async fn update_is_partial(db: TestDb) {
 /// without asking IVS Chat again (within the staleness bound).
 async fn delete_forgets_the_room(db: TestDb) {
     let (mut server, emulator, _) = setup(&db, &["--max-staleness", "1h"]).await;
-    let room = server
-        .client
-        .create_room(create("doomed"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("doomed").await;
     server
         .client
         .delete_room(proto::DeleteRoomRequest {
@@ -419,12 +389,7 @@ async fn startup_listing_fills_the_cache(db: TestDb) {
 /// though tagging does not move updateTime.
 async fn tags_round_trip(db: TestDb) {
     let (mut server, emulator, _) = setup(&db, &["--max-staleness", "1h"]).await;
-    let room = server
-        .client
-        .create_room(create("tagged"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("tagged").await;
     let tagged = server
         .client
         .tag_room(proto::TagRoomRequest {
@@ -463,12 +428,7 @@ async fn tags_round_trip(db: TestDb) {
 /// never reach IVS Chat.
 async fn invalid_requests_never_reach_upstream(db: TestDb) {
     let (mut server, emulator, _) = setup(&db, &[]).await;
-    let room = server
-        .client
-        .create_room(create("ok"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("ok").await;
     let calls = total_calls(&emulator);
     let c = &mut server.client;
     let cases: Vec<(tonic::Status, Vec<&str>)> = vec![
@@ -611,12 +571,7 @@ async fn invalid_requests_never_reach_upstream(db: TestDb) {
 /// change nothing.
 async fn reserved_fields_are_refused(db: TestDb) {
     let (mut server, emulator, _) = setup(&db, &[]).await;
-    let room = server
-        .client
-        .create_room(create("r"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("r").await;
     let err = server
         .client
         .create_room(proto::CreateRoomRequest {
@@ -709,12 +664,7 @@ async fn unreachable_or_slow_upstream_is_unavailable(db: TestDb) {
 /// after it, can never overwrite the update in the cache: the older version loses.
 async fn older_answer_never_overwrites_newer(db: TestDb) {
     let (mut a, mut b, emulator) = two_replicas(&db).await;
-    let room = a
-        .client
-        .create_room(create("v1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = a.create_room("v1").await;
 
     let held = emulator.hold_responses(Operation::GetRoom);
     let gets = emulator.calls(Operation::GetRoom);
@@ -813,12 +763,7 @@ async fn restart_keeps_the_cache(db: TestDb) {
     let (emulator, url) = emulator().await;
     let mut server =
         TestServer::start(serve_config(&db.url, &url, &["--max-staleness", "1h"])).await;
-    let room = server
-        .client
-        .create_room(create("kept"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("kept").await;
     // Wait for the startup listing so the cache is known to be complete.
     server
         .client
@@ -911,12 +856,7 @@ async fn abandoned_write_still_reaches_the_cache(db: TestDb) {
 /// does not bring the room back into the cache.
 async fn late_answer_does_not_resurrect_a_deleted_room(db: TestDb) {
     let (mut a, mut b, emulator) = two_replicas(&db).await;
-    let room = a
-        .client
-        .create_room(create("doomed"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = a.create_room("doomed").await;
 
     let held = emulator.hold_responses(Operation::UpdateRoom);
     let late_update = tokio::spawn({

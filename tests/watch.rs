@@ -7,9 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{TestDb, TestServer, emulator, proto, sdk, serve_config};
+use common::{TestDb, TestServer, emulator, proto, sdk, serve_config, setup};
 use futures::StreamExt as _;
-use ivschat_rooms::emulator::Emulator;
 use proto::watch_rooms_response::Kind;
 use tonic::Code;
 use tonic::codec::Streaming;
@@ -26,13 +25,6 @@ const DELETED: i32 = proto::EventType::Deleted as i32;
 const SNAPSHOT: i32 = proto::EventType::Snapshot as i32;
 const API: i32 = proto::EventSource::Api as i32;
 const RECONCILER: i32 = proto::EventSource::Reconciler as i32;
-
-async fn setup(db: &TestDb, extra: &[&str]) -> (TestServer, Emulator, String) {
-    let (emulator, url) = emulator().await;
-    let mut server = TestServer::start(serve_config(&db.url, &url, extra)).await;
-    server.wait_listed().await;
-    (server, emulator, url)
-}
 
 async fn watch(server: &mut TestServer, request: proto::WatchRoomsRequest) -> Watch {
     server
@@ -107,13 +99,6 @@ fn revisions(events: &[proto::RoomEvent]) -> Vec<u64> {
     events.iter().map(|e| e.revision).collect()
 }
 
-fn create(name: &str) -> proto::CreateRoomRequest {
-    proto::CreateRoomRequest {
-        name: name.into(),
-        ..Default::default()
-    }
-}
-
 fn rename(arn: &str, name: &str) -> proto::UpdateRoomRequest {
     proto::UpdateRoomRequest {
         identifier: arn.into(),
@@ -166,12 +151,7 @@ async fn events_say_what_changed(db: TestDb) {
     let (_, start) = list_all(&mut server).await;
     let mut stream = watch(&mut server, after(start)).await;
 
-    let room = server
-        .client
-        .create_room(create("lobby"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("lobby").await;
     let created = next_event(&mut stream).await;
     assert_eq!(created.revision, start + 1);
     assert_eq!((created.r#type, created.source), (CREATED, API));
@@ -228,12 +208,7 @@ async fn events_say_what_changed(db: TestDb) {
 
     // Reading a room again changes nothing, so logs nothing: the next event
     // is the next change.
-    let other = server
-        .client
-        .create_room(create("other"))
-        .await
-        .unwrap()
-        .into_inner();
+    let other = server.create_room("other").await;
     server
         .client
         .get_room(proto::GetRoomRequest {
@@ -256,12 +231,7 @@ async fn events_say_what_changed(db: TestDb) {
 /// naming the field.
 async fn bad_watch_requests_are_refused(db: TestDb) {
     let (mut server, _emulator, _) = setup(&db, &[]).await;
-    let room = server
-        .client
-        .create_room(create("lobby"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("lobby").await;
     let status = server
         .client
         .watch_rooms(proto::WatchRoomsRequest {
@@ -303,12 +273,7 @@ async fn snapshot_then_live_has_no_gap_or_duplicate(db: TestDb) {
     let (mut server, _emulator, _) = setup(&db, &[]).await;
     let mut arns = Vec::new();
     for i in 0..5 {
-        let room = server
-            .client
-            .create_room(create(&format!("room-{i}")))
-            .await
-            .unwrap()
-            .into_inner();
+        let room = server.create_room(&format!("room-{i}")).await;
         arns.push(room.arn);
     }
     // Writers run while the snapshot is taken.
@@ -373,12 +338,7 @@ async fn resume_after_cancel_delivers_exactly_the_missed_events(db: TestDb) {
     let (mut server, _emulator, _) = setup(&db, &[]).await;
     let (_, start) = list_all(&mut server).await;
     let mut stream = watch(&mut server, after(start)).await;
-    let room = server
-        .client
-        .create_room(create("a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("a").await;
     let last_seen = next_event(&mut stream).await.revision;
     drop(stream);
 
@@ -421,12 +381,7 @@ async fn out_of_band_changes_arrive_from_the_reconciler(db: TestDb) {
     )
     .await;
     let aws = sdk(&url);
-    let room = server
-        .client
-        .create_room(create("ours"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("ours").await;
     let (_, start) = list_all(&mut server).await;
     let mut stream = watch(&mut server, after(start)).await;
 
@@ -487,12 +442,7 @@ async fn compacted_revisions_are_out_of_range(db: TestDb) {
         ],
     )
     .await;
-    let room = server
-        .client
-        .create_room(create("r"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("r").await;
     for n in 0..4 {
         server
             .client
@@ -544,12 +494,7 @@ async fn thousand_concurrent_updates_arrive_in_order_without_gaps(db: TestDb) {
     let (mut server, _emulator, _) = setup(&db, &[]).await;
     let mut arns = Vec::new();
     for i in 0..10 {
-        let room = server
-            .client
-            .create_room(create(&format!("room-{i}")))
-            .await
-            .unwrap()
-            .into_inner();
+        let room = server.create_room(&format!("room-{i}")).await;
         arns.push(room.arn);
     }
     let (_, start) = list_all(&mut server).await;
@@ -613,12 +558,7 @@ async fn thousand_concurrent_updates_arrive_in_order_without_gaps(db: TestDb) {
 /// 8 events), in order.
 async fn slow_watcher_does_not_delay_a_fast_one(db: TestDb) {
     let (mut server, _emulator, _) = setup(&db, &["--event-ring-capacity", "8"]).await;
-    let room = server
-        .client
-        .create_room(create("r"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = server.create_room("r").await;
     let (_, start) = list_all(&mut server).await;
     let mut slow = watch(&mut server, after(start)).await;
     let mut fast = watch(&mut server, after(start)).await;
@@ -645,7 +585,7 @@ async fn slow_watcher_does_not_delay_a_fast_one(db: TestDb) {
 /// to resume after, instead of waiting out the grace period.
 async fn shutdown_ends_streams_with_unavailable(db: TestDb) {
     let (mut server, _emulator, _) = setup(&db, &["--shutdown-grace", "1h"]).await;
-    server.client.create_room(create("r")).await.unwrap();
+    server.create_room("r").await;
     let (_, newest) = list_all(&mut server).await;
     let mut stream = watch(&mut server, after(0)).await;
     assert_eq!(revisions(&events_through(&mut stream, newest).await), [1]);
@@ -697,12 +637,7 @@ async fn replicas_on_postgres_share_one_stream_and_one_reconciler() {
     let mut on_b = watch(&mut b, after(start)).await;
     let mut on_a = watch(&mut a, after(start)).await;
 
-    let room = a
-        .client
-        .create_room(create("x"))
-        .await
-        .unwrap()
-        .into_inner();
+    let room = a.create_room("x").await;
     for n in 0..10 {
         let replica = if n % 2 == 0 { &mut a } else { &mut b };
         replica

@@ -7,9 +7,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, VecDeque};
-use std::os::unix::process::ExitStatusExt as _;
-use std::path::Path;
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
@@ -20,149 +18,12 @@ use proto::{EventSource, EventType};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
 use common::TestDb;
-
-const BIN: &str = env!("CARGO_BIN_EXE_ivschat-rooms");
-
-/// How long any one awaited thing may take before the test fails instead of
-/// hanging.
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
-}
-
-/// A running `ivschat-rooms serve`.
-struct Server {
-    child: Child,
-    address: String,
-    /// Log lines logged before the "serving" line, not yet looked at.
-    backlog: VecDeque<String>,
-    /// Log lines after those; read continuously so the server never blocks
-    /// on a full pipe.
-    log: mpsc::UnboundedReceiver<String>,
-}
-
-impl Server {
-    /// `ivschat-rooms serve --upstream embedded` on a data directory,
-    /// listening on `listen`.
-    async fn start(listen: &str, data_dir: &Path, flags: &[&str]) -> Server {
-        let mut command = Command::new(BIN);
-        command
-            .args(["serve", "--listen", listen, "--upstream", "embedded"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(flags);
-        Server::spawn(command).await
-    }
-
-    /// Starts `command` (the binary, with its arguments) and waits for its
-    /// "serving" log line, which names the address actually bound. Earlier
-    /// lines are kept for [`Server::logged`]: the reconciler starts before
-    /// the server serves, so its lines may come first.
-    async fn spawn(mut command: Command) -> Server {
-        let mut child = command
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the binary");
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (tx, mut log) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let mut backlog = VecDeque::new();
-        let address = within("the server to serve", async {
-            loop {
-                let line = log
-                    .recv()
-                    .await
-                    .unwrap_or_else(|| panic!("the binary exited before serving: {backlog:#?}"));
-                if line.contains("serving ivschat.rooms.v1.RoomService") {
-                    break line
-                        .split_whitespace()
-                        .find_map(|word| word.strip_prefix("address="))
-                        .expect("the serving line names its address")
-                        .to_owned();
-                }
-                backlog.push_back(line);
-            }
-        })
-        .await;
-        Server {
-            child,
-            address,
-            backlog,
-            log,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    async fn client(&self) -> RoomServiceClient<Channel> {
-        within("a connection", RoomServiceClient::connect(self.url()))
-            .await
-            .expect("connect")
-    }
-
-    /// Waits for a log line containing `needle`.
-    async fn logged(&mut self, needle: &str) -> String {
-        within(&format!("the log line {needle:?}"), async {
-            loop {
-                let line = self
-                    .next_line()
-                    .await
-                    .unwrap_or_else(|| panic!("the server exited before logging {needle:?}"));
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-        })
-        .await
-    }
-
-    /// The next log line not yet looked at; `None` once the server has exited
-    /// and every line has been.
-    async fn next_line(&mut self) -> Option<String> {
-        match self.backlog.pop_front() {
-            Some(line) => Some(line),
-            None => self.log.recv().await,
-        }
-    }
-
-    /// The log lines not yet looked at that have been read so far, without
-    /// waiting for more.
-    fn logged_so_far(&mut self) -> Vec<String> {
-        let mut lines: Vec<String> = self.backlog.drain(..).collect();
-        while let Ok(line) = self.log.try_recv() {
-            lines.push(line);
-        }
-        lines
-    }
-
-    /// `kill -9`: no shutdown handler runs, nothing is drained or flushed.
-    async fn kill_9(mut self) {
-        self.child.start_kill().expect("SIGKILL");
-        let status = within("the killed server to exit", self.child.wait())
-            .await
-            .unwrap();
-        assert_eq!(status.signal(), Some(9), "{status:?}");
-    }
-}
+use common::binary::{BIN, Server, within};
 
 /// A `ivschat-rooms watch` process: its stdout line by line, its stderr
 /// collected until it exits.

@@ -36,7 +36,7 @@ const EVENTS_CHANNEL: &str = "ivschat_rooms_events";
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+enum Backend {
     Sqlite,
     Postgres,
 }
@@ -175,10 +175,6 @@ impl Store {
         let revision = store.revision().await?;
         store.committed.send_replace(revision);
         Ok(store)
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// The cached row for `arn`, tombstones included.

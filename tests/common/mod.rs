@@ -2,6 +2,8 @@
 //! emulator, the real server on port 0, and clients for both.
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod binary;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 
@@ -182,6 +184,22 @@ pub fn serve_config(db_url: &str, emulator_url: &str, extra: &[&str]) -> ServeCo
     }
 }
 
+/// A server on `db` in front of a fresh emulator, its startup listing done.
+pub async fn setup(db: &TestDb, extra: &[&str]) -> (TestServer, Emulator, String) {
+    let (emulator, url) = emulator().await;
+    let mut server = TestServer::start(serve_config(&db.url, &url, extra)).await;
+    server.wait_listed().await;
+    (server, emulator, url)
+}
+
+/// CreateRoom for a room named `name`, everything else IVS Chat's defaults.
+pub fn create(name: &str) -> proto::CreateRoomRequest {
+    proto::CreateRoomRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
 /// The real server on port 0.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -225,6 +243,15 @@ impl TestServer {
             .list_rooms(proto::ListRoomsRequest::default())
             .await
             .expect("the startup listing completes");
+    }
+
+    /// Creates a room named `name` through the server.
+    pub async fn create_room(&mut self, name: &str) -> proto::Room {
+        self.client
+            .create_room(create(name))
+            .await
+            .expect("create a room")
+            .into_inner()
     }
 
     /// Stops the server gracefully (in-flight exchanges with IVS Chat included)
