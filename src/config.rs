@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::budget::Operation;
 use crate::emulator::InjectedError;
 
 #[derive(Debug, Parser)]
@@ -91,20 +92,49 @@ pub struct ServeConfig {
     )]
     pub emulator_region: String,
 
-    /// Time limit for one IVS Chat call, retries included.
+    /// Time limit for one attempt of an IVS Chat call.
     #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
 
-    /// Attempts per IVS Chat call, the first included (the SDK retries
-    /// throttling, 5xx and timeouts with backoff).
+    /// Attempts per IVS Chat call, the first included: throttling, 5xx,
+    /// timeouts and connection failures are retried with backoff, each
+    /// attempt within the budget.
     #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_MAX_ATTEMPTS", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=10))]
     pub upstream_max_attempts: u32,
+
+    /// IVS Chat calls per second allowed for each operation (AWS allows 5
+    /// per account and region, shared by everyone calling it).
+    #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_RATE", default_value = "5")]
+    pub upstream_rate: NonZeroU32,
+
+    /// A rate for one operation instead of --upstream-rate, as
+    /// `Operation=RATE` (e.g. `GetRoom=3`); repeat for several.
+    #[arg(long = "upstream-operation-rate", env = "IVSCHAT_ROOMS_UPSTREAM_OPERATION_RATES",
+          value_delimiter = ',', value_parser = operation_rate)]
+    pub upstream_operation_rates: Vec<(Operation, NonZeroU32)>,
+
+    /// How long a request without a deadline waits for its turn in the
+    /// budget before RESOURCE_EXHAUSTED (a request's own deadline applies
+    /// when it has one).
+    #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_MAX_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_max_wait: Duration,
 
     /// How long a cached room confirmed by IVS Chat is served without asking
     /// again (READ_CONSISTENCY_CACHED).
     #[arg(long, env = "IVSCHAT_ROOMS_MAX_STALENESS", default_value = "60s", value_parser = humantime::parse_duration)]
     pub max_staleness: Duration,
+
+    /// While IVS Chat is down or throttling, cached reads are answered from
+    /// rooms confirmed up to this long ago (past --max-staleness, marked
+    /// `x-cache: stale`); `0s` turns this off.
+    #[arg(long, env = "IVSCHAT_ROOMS_STALE_IF_ERROR", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub stale_if_error: Duration,
+
+    /// How many cached rooms each process also keeps in memory, for cached
+    /// reads without SQL (`0` turns the memory layer off).
+    #[arg(long, env = "IVSCHAT_ROOMS_MEMORY_CACHE_ROOMS", default_value_t = 200_000)]
+    pub memory_cache_rooms: usize,
 
     /// How long ListRooms waits for the first full listing of IVS Chat before
     /// answering UNAVAILABLE.
@@ -258,6 +288,16 @@ pub struct WatchArgs {
     pub rooms: Vec<String>,
 }
 
+fn operation_rate(s: &str) -> Result<(Operation, NonZeroU32), String> {
+    let (op, rate) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected Operation=RATE, got {s}"))?;
+    let rate = rate
+        .parse()
+        .map_err(|_| format!("the rate must be a whole number above 0, got {rate}"))?;
+    Ok((op.parse()?, rate))
+}
+
 fn fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
@@ -302,6 +342,28 @@ mod tests {
         };
         assert_eq!(c.upstream_timeout, Duration::from_millis(1500));
         assert_eq!(c.max_staleness, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn operation_rates_parse() {
+        let Command::Serve(c) = parse(&[
+            "--upstream-operation-rate",
+            "GetRoom=3",
+            "--upstream-operation-rate",
+            "ListRooms=1,UpdateRoom=2",
+        ]) else {
+            panic!("expected serve")
+        };
+        let three = NonZeroU32::new(3).unwrap();
+        assert_eq!(c.upstream_operation_rates[0], (Operation::GetRoom, three));
+        assert_eq!(c.upstream_operation_rates.len(), 3);
+        assert_eq!(c.upstream_rate.get(), 5);
+        for bad in ["GetRoom", "GetRoom=0", "Nope=1", "GetRoom=x"] {
+            assert!(
+                Cli::try_parse_from(["ivschat-rooms", "--upstream-operation-rate", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::{Error, Result, Room, RoomArn, RoomEvent, Timestamp};
+use crate::hot::HotRooms;
 use crate::store::Store;
 
 /// How many events a watcher takes at a time from the ring or the log.
@@ -93,6 +94,8 @@ pub struct Feed {
 
 struct Inner {
     store: Store,
+    /// Kept exact by the tailer, which applies every event to it.
+    hot: HotRooms,
     settings: FeedSettings,
     ring: RwLock<VecDeque<Arc<RoomEvent>>>,
     /// The newest revision in the ring (every event up to it has been read).
@@ -104,12 +107,19 @@ struct Inner {
 }
 
 impl Feed {
-    /// Starts the tailer, the Postgres listener and the compactor.
-    pub async fn start(store: Store, settings: FeedSettings) -> Result<Feed> {
-        let revision = store.revision().await?;
+    /// Starts the tailer, the Postgres listener and the compactor. The feed
+    /// starts after the revision `hot` was loaded at, and applies every later
+    /// event to it.
+    pub async fn start(store: Store, settings: FeedSettings, hot: HotRooms) -> Result<Feed> {
+        let revision = if hot.enabled() {
+            hot.through()
+        } else {
+            store.revision().await?
+        };
         let feed = Feed {
             inner: Arc::new(Inner {
                 store,
+                hot,
                 settings,
                 ring: RwLock::new(VecDeque::with_capacity(settings.ring_capacity.min(1024))),
                 tailed: watch::Sender::new(revision),
@@ -172,6 +182,9 @@ impl Feed {
             let Some(last) = events.last().map(|e| e.revision) else {
                 return Ok(());
             };
+            // Before anyone learns the feed has these: a read that follows
+            // an event must not be answered from an entry it outdated.
+            inner.hot.apply(after, &events);
             {
                 let mut ring = inner.ring.write().expect("ring");
                 let mut expected = after + 1;

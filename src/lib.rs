@@ -22,11 +22,13 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod budget;
 pub mod config;
 pub mod domain;
 pub mod emulator;
 pub mod feed;
 pub mod grpc;
+pub mod hot;
 pub mod reconciler;
 pub mod rooms;
 pub mod server;

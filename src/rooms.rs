@@ -3,7 +3,13 @@
 //!
 //! - Reads are served from the cache while the row was confirmed by IVS Chat
 //!   within `max_staleness` (a tombstone answers NOT_FOUND the same way);
-//!   otherwise they read IVS Chat and store what it says.
+//!   otherwise they read IVS Chat and store what it says. The cache is read
+//!   through the hot layer (`hot`), which is exact, then SQL.
+//! - Concurrent reads of one room that need IVS Chat share one call (a
+//!   flight); a STRONG read only joins a flight that started after it arrived.
+//! - When IVS Chat is down or throttling (or the budget cannot serve a read in
+//!   time), a cached read is answered from a row past `max_staleness` but
+//!   within `stale_if_error`, and says so; STRONG reads and writes fail.
 //! - Writes go to IVS Chat first; the cache then takes the result, under the
 //!   store's update-time rule, so a slow answer never overwrites a newer one.
 //! - Within this process, calls that reach IVS Chat for the same room take turns
@@ -19,17 +25,23 @@
 //!   IVS Chat has made always reaches the cache. Shutdown waits for them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+
+use crate::budget::Caller;
 
 use crate::domain::{
     Error, EventSource, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch,
     RoomSummary, Timestamp, validate,
 };
+use crate::hot::HotRooms;
 use crate::store::{CachedRoom, Store};
 use crate::upstream::Upstream;
 
@@ -60,6 +72,69 @@ pub struct RoomsSettings {
     /// How much later than its updateTime a change may first show in IVS
     /// Chat's listing: incremental passes look back this much further.
     pub listing_lag: Duration,
+    /// How long after IVS Chat last confirmed it a row may still be served,
+    /// marked stale, while IVS Chat cannot be asked (zero: never).
+    pub stale_if_error: Duration,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// The cache, within `max_staleness`.
+    Hit,
+    /// IVS Chat.
+    Miss,
+    /// The cache, past `max_staleness`: IVS Chat could not be asked.
+    Stale,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+        }
+    }
+}
+
+/// How an answer was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheInfo {
+    pub status: CacheStatus,
+    /// Since IVS Chat last confirmed what the answer says (zero for a miss).
+    pub age: Duration,
+}
+
+impl CacheInfo {
+    const MISS: CacheInfo = CacheInfo {
+        status: CacheStatus::Miss,
+        age: Duration::ZERO,
+    };
+
+    fn of(status: CacheStatus, row: &CachedRoom) -> CacheInfo {
+        CacheInfo {
+            status,
+            age: row.validated_at.elapsed(),
+        }
+    }
+}
+
+/// A GetRoom's answer, and how it was made (unknown when the request was
+/// refused before the cache was looked at).
+#[derive(Debug)]
+pub struct Read {
+    pub answer: Result<Room>,
+    pub cache: Option<CacheInfo>,
+}
+
+/// One cached page of rooms.
+#[derive(Debug)]
+pub struct Listing {
+    pub page: ListedPage<Room>,
+    /// The change-log revision the page reflects.
+    pub revision: u64,
+    pub cache: CacheInfo,
 }
 
 impl RoomsSettings {
@@ -75,9 +150,13 @@ pub struct Rooms {
 
 struct Inner {
     store: Store,
+    hot: HotRooms,
     upstream: Upstream,
     settings: RoomsSettings,
     locks: RoomLocks,
+    /// GetRoom calls to IVS Chat under way, which readers of the room join.
+    flights: Mutex<HashMap<RoomArn, Flight>>,
+    next_flight: AtomicU64,
     /// Whether a full listing has ever completed, so ListRooms can use the cache.
     listed: watch::Sender<bool>,
     /// Exchanges with IVS Chat under way, detached from their requests.
@@ -87,6 +166,16 @@ struct Inner {
     reconciled_through: Mutex<Option<Timestamp>>,
     /// CreateRoom exchanges under way in this process.
     creating: AtomicUsize,
+}
+
+/// A GetRoom of one room under way, shared by every reader that joins it.
+struct Flight {
+    id: u64,
+    /// When it began: a STRONG read joins only a flight that began after it.
+    began: Instant,
+    /// Whether it asks IVS Chat whatever the cache holds.
+    strong: bool,
+    answer: Shared<BoxFuture<'static, Arc<Result<Room>>>>,
 }
 
 /// Counts one CreateRoom exchange while it lives.
@@ -117,14 +206,23 @@ pub struct ListingReport {
 }
 
 impl Rooms {
-    pub async fn new(store: Store, upstream: Upstream, settings: RoomsSettings) -> Result<Rooms> {
+    /// The policy over `store` (read through `hot`) and IVS Chat.
+    pub async fn new(
+        store: Store,
+        hot: HotRooms,
+        upstream: Upstream,
+        settings: RoomsSettings,
+    ) -> Result<Rooms> {
         let listed = store.full_listing_at().await?.is_some();
         Ok(Rooms {
             inner: Arc::new(Inner {
                 store,
+                hot,
                 upstream,
                 settings,
                 locks: RoomLocks::default(),
+                flights: Mutex::default(),
+                next_flight: AtomicU64::new(0),
                 listed: watch::Sender::new(listed),
                 exchanges: TaskTracker::new(),
                 reconciled_through: Mutex::new(None),
@@ -133,60 +231,178 @@ impl Rooms {
         })
     }
 
-    pub async fn create(&self, new: NewRoom) -> Result<Room> {
+    pub async fn create(&self, new: NewRoom, caller: Caller) -> Result<Room> {
         validate::new_room(&new)?;
         self.exchange(|rooms| async move {
             // Until the cache has the room, the reconciler leaves rooms it has
             // never seen alone, so that this creation is logged as ours.
             let _creating = Creating::start(&rooms.inner.creating);
             let asked_at = Timestamp::now();
-            let room = rooms.inner.upstream.create_room(&new).await?;
+            let room = rooms.inner.upstream.create_room(&new, caller).await?;
             Ok(rooms.keep(room, asked_at, EventSource::Api).await)
         })
         .await
     }
 
-    pub async fn get(&self, identifier: &str, consistency: Consistency) -> Result<Room> {
-        let arn = RoomArn::parse("identifier", identifier)?;
-        if consistency == Consistency::Cached
-            && let Some(answer) = self.fresh(&arn).await?
-        {
-            return answer;
-        }
-        self.exchange(|rooms| async move {
-            let _turn = rooms.inner.locks.lock(&arn).await;
-            // Whoever held the turn before may just have filled the cache.
-            if consistency == Consistency::Cached
-                && let Some(answer) = rooms.fresh(&arn).await?
-            {
-                return answer;
+    /// A room, from the cache when it is fresh enough for `consistency`,
+    /// otherwise from IVS Chat (one call shared by concurrent readers).
+    pub async fn get(&self, identifier: &str, consistency: Consistency, caller: Caller) -> Read {
+        let arrived = Instant::now();
+        let arn = match RoomArn::parse("identifier", identifier) {
+            Ok(arn) => arn,
+            Err(e) => {
+                return Read {
+                    answer: Err(e),
+                    cache: None,
+                };
             }
-            // A change found here was made behind this service's back.
-            rooms.refresh(&arn, EventSource::Reconciler).await
-        })
-        .await
+        };
+        if consistency == Consistency::Cached {
+            match self.cached(&arn).await {
+                Ok(Some(row)) if self.is_fresh(&row) => {
+                    return Read {
+                        cache: Some(CacheInfo::of(CacheStatus::Hit, &row)),
+                        answer: answer(&row),
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Read {
+                        answer: Err(e),
+                        cache: None,
+                    };
+                }
+            }
+        }
+        let fetched = self.fetch(&arn, consistency, caller, arrived).await;
+        match fetched {
+            Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
+                // Anything the cache still holds, within the hard limit, beats
+                // no answer.
+                if let Ok(Some(row)) = self.cached(&arn).await
+                    && row.validated_at.elapsed() <= self.inner.settings.stale_if_error
+                {
+                    let status = if self.is_fresh(&row) {
+                        CacheStatus::Hit
+                    } else {
+                        CacheStatus::Stale
+                    };
+                    return Read {
+                        cache: Some(CacheInfo::of(status, &row)),
+                        answer: answer(&row),
+                    };
+                }
+                Read {
+                    answer: Err(e),
+                    cache: Some(CacheInfo::MISS),
+                }
+            }
+            answer => Read {
+                answer,
+                cache: Some(CacheInfo::MISS),
+            },
+        }
     }
 
-    pub async fn update(&self, identifier: &str, patch: RoomPatch) -> Result<Room> {
+    /// Reads the room from IVS Chat into the cache, or joins a read of it
+    /// already under way: any, for a cached read; one that began after
+    /// `arrived`, for a STRONG read (it sees every write that completed
+    /// before this request).
+    async fn fetch(
+        &self,
+        arn: &RoomArn,
+        consistency: Consistency,
+        caller: Caller,
+        arrived: Instant,
+    ) -> Result<Room> {
+        let strong = consistency == Consistency::Strong;
+        let answer = {
+            let mut flights = self.inner.flights.lock().expect("flights");
+            match flights.get(arn) {
+                Some(f) if !strong || (f.strong && f.began >= arrived) => f.answer.clone(),
+                _ => {
+                    let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
+                    let answer = self.fly(arn.clone(), id, strong, caller);
+                    flights.insert(
+                        arn.clone(),
+                        Flight {
+                            id,
+                            began: Instant::now(),
+                            strong,
+                            answer: answer.clone(),
+                        },
+                    );
+                    answer
+                }
+            }
+        };
+        match &*answer.await {
+            Ok(room) => Ok(room.clone()),
+            Err(e) => Err(e.duplicate()),
+        }
+    }
+
+    /// Starts flight `id`: a GetRoom of `arn` in an exchange of its own, with
+    /// the room's turn; a non-strong flight first looks whether whoever had
+    /// the turn before filled the cache.
+    fn fly(
+        &self,
+        arn: RoomArn,
+        id: u64,
+        strong: bool,
+        caller: Caller,
+    ) -> Shared<BoxFuture<'static, Arc<Result<Room>>>> {
+        let rooms = self.clone();
+        let task = self.inner.exchanges.spawn(async move {
+            let answer = async {
+                let _turn = rooms.inner.locks.lock(&arn).await;
+                if !strong
+                    && let Some(row) = rooms.cached(&arn).await?
+                    && rooms.is_fresh(&row)
+                {
+                    return answer(&row);
+                }
+                // A change found here was made behind this service's back.
+                rooms.refresh(&arn, EventSource::Reconciler, caller).await
+            }
+            .await;
+            let mut flights = rooms.inner.flights.lock().expect("flights");
+            if flights.get(&arn).is_some_and(|f| f.id == id) {
+                flights.remove(&arn);
+            }
+            Arc::new(answer)
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Arc::new(Err(Error::Internal(anyhow::anyhow!(
+                    "an exchange with IVS Chat failed: {e}"
+                ))))
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    pub async fn update(&self, identifier: &str, patch: RoomPatch, caller: Caller) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::room_patch(&patch)?;
         self.exchange(|rooms| async move {
             let _turn = rooms.inner.locks.lock(&arn).await;
             let asked_at = Timestamp::now();
             let room = rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.update_room(&arn, &patch).await)
+                .gone_if_not_found(&arn, rooms.inner.upstream.update_room(&arn, &patch, caller).await)
                 .await?;
             Ok(rooms.keep(room, asked_at, EventSource::Api).await)
         })
         .await
     }
 
-    pub async fn delete(&self, identifier: &str) -> Result<()> {
+    pub async fn delete(&self, identifier: &str, caller: Caller) -> Result<()> {
         let arn = RoomArn::parse("identifier", identifier)?;
         self.exchange(|rooms| async move {
             let _turn = rooms.inner.locks.lock(&arn).await;
             rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.delete_room(&arn).await)
+                .gone_if_not_found(&arn, rooms.inner.upstream.delete_room(&arn, caller).await)
                 .await?;
             rooms.forget(&arn, EventSource::Api).await;
             Ok(())
@@ -194,29 +410,34 @@ impl Rooms {
         .await
     }
 
-    pub async fn tag(&self, identifier: &str, tags: BTreeMap<String, String>) -> Result<Room> {
+    pub async fn tag(
+        &self,
+        identifier: &str,
+        tags: BTreeMap<String, String>,
+        caller: Caller,
+    ) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::tags("tags", &tags)?;
         self.exchange(|rooms| async move {
             let _turn = rooms.inner.locks.lock(&arn).await;
             rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.tag_room(&arn, &tags).await)
+                .gone_if_not_found(&arn, rooms.inner.upstream.tag_room(&arn, &tags, caller).await)
                 .await?;
             // Tagging need not move updateTime, so read the room back whole.
-            rooms.refresh(&arn, EventSource::Api).await
+            rooms.refresh(&arn, EventSource::Api, caller).await
         })
         .await
     }
 
-    pub async fn untag(&self, identifier: &str, keys: Vec<String>) -> Result<Room> {
+    pub async fn untag(&self, identifier: &str, keys: Vec<String>, caller: Caller) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::tag_keys("tagKeys", &keys)?;
         self.exchange(|rooms| async move {
             let _turn = rooms.inner.locks.lock(&arn).await;
             rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.untag_room(&arn, &keys).await)
+                .gone_if_not_found(&arn, rooms.inner.upstream.untag_room(&arn, &keys, caller).await)
                 .await?;
-            rooms.refresh(&arn, EventSource::Api).await
+            rooms.refresh(&arn, EventSource::Api, caller).await
         })
         .await
     }
@@ -255,7 +476,9 @@ impl Rooms {
 
     /// A page of cached rooms and the change-log revision it reflects; waits
     /// (boundedly) for the first full listing, which may be another replica's.
-    pub async fn list(&self, query: ListQuery) -> Result<(ListedPage<Room>, u64)> {
+    /// Its age is the oldest confirmation on the page (of the last full
+    /// listing, for an empty page).
+    pub async fn list(&self, query: ListQuery) -> Result<Listing> {
         validate::list_query(&query)?;
         let wait = async {
             let mut listed = self.inner.listed.subscribe();
@@ -284,7 +507,19 @@ impl Rooms {
                 ));
             }
         }
-        self.inner.store.list(&query).await
+        let (page, revision, validated_at) = self.inner.store.list(&query).await?;
+        let validated_at = match validated_at {
+            Some(at) => Some(at),
+            None => self.inner.store.full_listing_at().await?,
+        };
+        Ok(Listing {
+            page,
+            revision,
+            cache: CacheInfo {
+                status: CacheStatus::Hit,
+                age: validated_at.map(Timestamp::elapsed).unwrap_or_default(),
+            },
+        })
     }
 
     /// Lists every room in IVS Chat and brings the cache in line: new and newer
@@ -302,7 +537,11 @@ impl Rooms {
         let mut top = None;
         let mut complete = true;
         loop {
-            let page = self.inner.upstream.list_rooms(&query).await?;
+            let page = self
+                .inner
+                .upstream
+                .list_rooms(&query, Caller::Background)
+                .await?;
             top = top.or(page.rooms.first().map(|r| r.update_time));
             for summary in &page.rooms {
                 report.listed += 1;
@@ -338,7 +577,10 @@ impl Rooms {
             .await?
         {
             let _turn = self.inner.locks.lock(&arn).await;
-            match self.refresh(&arn, EventSource::Reconciler).await {
+            match self
+                .refresh(&arn, EventSource::Reconciler, Caller::Background)
+                .await
+            {
                 Ok(_) => {}
                 Err(Error::NotFound { .. }) => report.deleted += 1,
                 Err(e) => return Err(e),
@@ -370,7 +612,11 @@ impl Rooms {
             ..ListQuery::default()
         };
         loop {
-            let page = self.inner.upstream.list_rooms(&query).await?;
+            let page = self
+                .inner
+                .upstream
+                .list_rooms(&query, Caller::Background)
+                .await?;
             top = top.or(page.rooms.first().map(|r| r.update_time));
             let mut newer_on_page = false;
             for summary in &page.rooms {
@@ -432,7 +678,10 @@ impl Rooms {
             return Ok(false);
         }
         // Gone since it was listed: refresh has forgotten it.
-        match self.refresh(arn, EventSource::Reconciler).await {
+        match self
+            .refresh(arn, EventSource::Reconciler, Caller::Background)
+            .await
+        {
             Ok(_) | Err(Error::NotFound { .. }) => Ok(true),
             Err(e) => Err(e),
         }
@@ -459,23 +708,32 @@ impl Rooms {
         }
     }
 
-    /// The cached answer for `arn` if it is fresh enough.
-    async fn fresh(&self, arn: &RoomArn) -> Result<Option<Result<Room>>> {
-        Ok(self
-            .inner
-            .store
-            .get(arn)
-            .await?
-            .filter(|c| c.validated_at.elapsed() <= self.inner.settings.max_staleness)
-            .map(answer))
+    /// The cached row for `arn`: from memory when it holds one fresh enough
+    /// to serve, otherwise from SQL (which memory then holds).
+    async fn cached(&self, arn: &RoomArn) -> Result<Option<Arc<CachedRoom>>> {
+        let hot = &self.inner.hot;
+        if let Some(row) = hot.get(arn)
+            && self.is_fresh(&row)
+        {
+            return Ok(Some(row));
+        }
+        let (row, as_of) = self.inner.store.get_at_revision(arn).await?;
+        Ok(row.map(|row| {
+            hot.fill(arn, &row, as_of);
+            Arc::new(row)
+        }))
+    }
+
+    fn is_fresh(&self, row: &CachedRoom) -> bool {
+        row.validated_at.elapsed() <= self.inner.settings.max_staleness
     }
 
     /// Reads the room from IVS Chat and stores it; a change found is logged
     /// as made by `source`. Call with the room's turn.
-    async fn refresh(&self, arn: &RoomArn, source: EventSource) -> Result<Room> {
+    async fn refresh(&self, arn: &RoomArn, source: EventSource, caller: Caller) -> Result<Room> {
         let asked_at = Timestamp::now();
         let room = self
-            .gone_if_not_found(arn, self.inner.upstream.get_room(arn).await)
+            .gone_if_not_found(arn, self.inner.upstream.get_room(arn, caller).await)
             .await?;
         Ok(self.keep(room, asked_at, source).await)
     }
@@ -518,12 +776,18 @@ impl Rooms {
     }
 }
 
-fn answer(cached: CachedRoom) -> Result<Room> {
+fn answer(cached: &CachedRoom) -> Result<Room> {
     if cached.deleted {
         Err(Error::room_not_found(&cached.room.arn))
     } else {
-        Ok(cached.room)
+        Ok(cached.room.clone())
     }
+}
+
+/// IVS Chat could not be asked: down, throttling, or the budget could not
+/// serve the call in time.
+fn unanswerable_upstream(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(_) | Error::ResourceExhausted(_))
 }
 
 /// One async lock per room, created on demand and dropped when unused.

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
+use crate::budget::BudgetSettings;
 use crate::grpc::{RoomService, proto};
+use crate::hot::HotRooms;
 use crate::reconciler::{self, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
 use crate::store::Store;
@@ -30,13 +32,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let store = Store::open(&config.database_url()).await?;
     let (upstream, embedded) = upstream(&config).await?;
+    let hot = HotRooms::load(&store, config.memory_cache_rooms)
+        .await
+        .context("could not read the cache")?;
     let rooms = Rooms::new(
         store.clone(),
+        hot.clone(),
         upstream,
         RoomsSettings {
             max_staleness: config.max_staleness,
             listing_wait: config.listing_wait,
             listing_lag: RoomsSettings::LISTING_LAG,
+            stale_if_error: config.stale_if_error,
         },
     )
     .await
@@ -51,6 +58,7 @@ pub async fn run(
             ring_capacity: usize::try_from(config.event_ring_capacity).unwrap_or(usize::MAX),
             safety_interval: config.event_poll_interval,
         },
+        hot,
     )
     .await
     .context("could not read the change log")?;
@@ -164,6 +172,11 @@ async fn upstream(config: &ServeConfig) -> anyhow::Result<(Upstream, Option<Embe
     let settings = UpstreamSettings {
         timeout: config.upstream_timeout,
         max_attempts: config.upstream_max_attempts,
+        budget: BudgetSettings {
+            rate: config.upstream_rate,
+            rates: config.upstream_operation_rates.iter().copied().collect(),
+            max_wait: config.upstream_max_wait,
+        },
     };
     Ok(match config.upstream {
         UpstreamKind::Aws => (Upstream::aws(settings).await?, None),

@@ -2,8 +2,13 @@
 //!
 //! Whether it talks to AWS or to the embedded emulator, this is the same client
 //! and the same code path; only the endpoint and credentials differ.
+//!
+//! Every attempt, retries included, first takes a token from the [`Budget`]:
+//! the SDK's own retries are off, because they would bypass it. Retries here
+//! back off exponentially; a ThrottlingException also pauses the budget.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
@@ -16,23 +21,32 @@ use aws_sdk_ivschat::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ivschat::types;
 use aws_smithy_types::DateTime;
 
+use crate::budget::{Budget, BudgetSettings, Caller, Operation};
 use crate::domain::{
     Error, FallbackResult, FieldViolation, ListQuery, ListedPage, MessageReviewHandler, NewRoom,
     Result, Room, RoomArn, RoomPatch, RoomSummary, Timestamp,
 };
 
-/// Retries and timeouts for every call upstream.
-#[derive(Debug, Clone, Copy)]
+/// Retries, timeouts and the budget for every call upstream.
+#[derive(Debug, Clone)]
 pub struct UpstreamSettings {
-    /// The whole call, retries included.
+    /// One attempt.
     pub timeout: Duration,
     /// Attempts per call, the first included (1 disables retries).
     pub max_attempts: u32,
+    pub budget: BudgetSettings,
 }
 
-#[derive(Clone, Debug)]
+/// The first retry waits about this long; each later one twice as long as
+/// the one before, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
 pub struct Upstream {
     client: Client,
+    budget: Arc<Budget>,
+    max_attempts: u32,
 }
 
 impl Upstream {
@@ -40,8 +54,8 @@ impl Upstream {
     /// IMDS; `AWS_ENDPOINT_URL_IVSCHAT` / `AWS_ENDPOINT_URL` override the endpoint.
     pub async fn aws(settings: UpstreamSettings) -> anyhow::Result<Upstream> {
         let shared = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(retry_config(settings))
-            .timeout_config(timeout_config(settings))
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeout_config(&settings))
             .load()
             .await;
         // Without a region every call would fail; say so now.
@@ -49,9 +63,7 @@ impl Upstream {
             shared.region().is_some(),
             "no AWS region configured: set AWS_REGION or a region in the AWS profile"
         );
-        Ok(Upstream {
-            client: Client::new(&shared),
-        })
+        Ok(Upstream::new(Client::new(&shared), &settings))
     }
 
     /// An IVS Chat at `endpoint_url` that takes any credentials (the emulator).
@@ -63,75 +75,146 @@ impl Upstream {
                 "emulator", "emulator", None, None, "emulator",
             ))
             .endpoint_url(endpoint_url)
-            .retry_config(retry_config(settings))
-            .timeout_config(timeout_config(settings))
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeout_config(&settings))
             .build();
+        Upstream::new(Client::from_conf(config), &settings)
+    }
+
+    fn new(client: Client, settings: &UpstreamSettings) -> Upstream {
         Upstream {
-            client: Client::from_conf(config),
+            client,
+            budget: Arc::new(Budget::new(&settings.budget)),
+            max_attempts: settings.max_attempts.max(1),
         }
     }
 
-    pub async fn create_room(&self, new: &NewRoom) -> Result<Room> {
+    /// Sends one call through the budget, retrying throttling and transient
+    /// failures (5xx, timeouts, connection failures) with backoff, within the
+    /// caller's deadline.
+    async fn call<T, E, Fut>(
+        &self,
+        op: Operation,
+        caller: Caller,
+        send: impl Fn() -> Fut,
+    ) -> Result<T>
+    where
+        Fut: Future<Output = std::result::Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
+    {
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 1.. {
+            self.budget.acquire(op, caller).await?;
+            let err = match send().await {
+                Ok(out) => {
+                    self.budget.succeeded(op);
+                    return Ok(out);
+                }
+                Err(err) => err,
+            };
+            let throttled = throttling(&err);
+            if throttled {
+                self.budget.throttled(op);
+            }
+            let wait = backoff.mul_f64(rand::random_range(0.5..1.0));
+            let in_time = match caller {
+                Caller::User {
+                    deadline: Some(deadline),
+                } => tokio::time::Instant::now() + wait < deadline,
+                _ => true,
+            };
+            if attempt >= self.max_attempts || !(throttled || transient(&err)) || !in_time {
+                return Err(err.into());
+            }
+            tracing::debug!(operation = %op, attempt, ?wait, "retrying an IVS Chat call");
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        unreachable!("the attempts loop returns")
+    }
+
+    pub async fn create_room(&self, new: &NewRoom, caller: Caller) -> Result<Room> {
         let out = self
-            .client
-            .create_room()
-            .name(&new.name)
-            .set_maximum_message_rate_per_second(new.maximum_message_rate_per_second)
-            .set_maximum_message_length(new.maximum_message_length)
-            .set_message_review_handler(new.message_review_handler.as_ref().map(to_sdk_handler))
-            .set_tags(Some(new.tags.clone().into_iter().collect()))
-            .set_logging_configuration_identifiers(Some(
-                new.logging_configuration_identifiers.clone(),
-            ))
-            .send()
+            .call(Operation::CreateRoom, caller, || {
+                self.client
+                    .create_room()
+                    .name(&new.name)
+                    .set_maximum_message_rate_per_second(new.maximum_message_rate_per_second)
+                    .set_maximum_message_length(new.maximum_message_length)
+                    .set_message_review_handler(
+                        new.message_review_handler.as_ref().map(to_sdk_handler),
+                    )
+                    .set_tags(Some(new.tags.clone().into_iter().collect()))
+                    .set_logging_configuration_identifiers(Some(
+                        new.logging_configuration_identifiers.clone(),
+                    ))
+                    .send()
+            })
             .await?;
         room_from_output!(out)
     }
 
-    pub async fn get_room(&self, arn: &RoomArn) -> Result<Room> {
+    pub async fn get_room(&self, arn: &RoomArn, caller: Caller) -> Result<Room> {
         let out = self
-            .client
-            .get_room()
-            .identifier(arn.as_str())
-            .send()
+            .call(Operation::GetRoom, caller, || {
+                self.client.get_room().identifier(arn.as_str()).send()
+            })
             .await?;
         room_from_output!(out)
     }
 
-    pub async fn update_room(&self, arn: &RoomArn, patch: &RoomPatch) -> Result<Room> {
+    pub async fn update_room(
+        &self,
+        arn: &RoomArn,
+        patch: &RoomPatch,
+        caller: Caller,
+    ) -> Result<Room> {
         let out = self
-            .client
-            .update_room()
-            .identifier(arn.as_str())
-            .set_name(patch.name.clone())
-            .set_maximum_message_rate_per_second(patch.maximum_message_rate_per_second)
-            .set_maximum_message_length(patch.maximum_message_length)
-            .set_message_review_handler(patch.message_review_handler.as_ref().map(to_sdk_handler))
-            .set_logging_configuration_identifiers(patch.logging_configuration_identifiers.clone())
-            .send()
+            .call(Operation::UpdateRoom, caller, || {
+                self.client
+                    .update_room()
+                    .identifier(arn.as_str())
+                    .set_name(patch.name.clone())
+                    .set_maximum_message_rate_per_second(patch.maximum_message_rate_per_second)
+                    .set_maximum_message_length(patch.maximum_message_length)
+                    .set_message_review_handler(
+                        patch.message_review_handler.as_ref().map(to_sdk_handler),
+                    )
+                    .set_logging_configuration_identifiers(
+                        patch.logging_configuration_identifiers.clone(),
+                    )
+                    .send()
+            })
             .await?;
         room_from_output!(out)
     }
 
-    pub async fn delete_room(&self, arn: &RoomArn) -> Result<()> {
-        self.client
-            .delete_room()
-            .identifier(arn.as_str())
-            .send()
-            .await?;
+    pub async fn delete_room(&self, arn: &RoomArn, caller: Caller) -> Result<()> {
+        self.call(Operation::DeleteRoom, caller, || {
+            self.client.delete_room().identifier(arn.as_str()).send()
+        })
+        .await?;
         Ok(())
     }
 
-    pub async fn list_rooms(&self, query: &ListQuery) -> Result<ListedPage<RoomSummary>> {
+    pub async fn list_rooms(
+        &self,
+        query: &ListQuery,
+        caller: Caller,
+    ) -> Result<ListedPage<RoomSummary>> {
         let out = self
-            .client
-            .list_rooms()
-            .set_name(query.name.clone())
-            .set_message_review_handler_uri(query.message_review_handler_uri.clone())
-            .set_logging_configuration_identifier(query.logging_configuration_identifier.clone())
-            .set_max_results(query.max_results)
-            .set_next_token(query.next_token.clone())
-            .send()
+            .call(Operation::ListRooms, caller, || {
+                self.client
+                    .list_rooms()
+                    .set_name(query.name.clone())
+                    .set_message_review_handler_uri(query.message_review_handler_uri.clone())
+                    .set_logging_configuration_identifier(
+                        query.logging_configuration_identifier.clone(),
+                    )
+                    .set_max_results(query.max_results)
+                    .set_next_token(query.next_token.clone())
+                    .send()
+            })
             .await?;
         let rooms = out
             .rooms()
@@ -163,32 +246,37 @@ impl Upstream {
         })
     }
 
-    pub async fn tag_room(&self, arn: &RoomArn, tags: &BTreeMap<String, String>) -> Result<()> {
-        self.client
-            .tag_resource()
-            .resource_arn(arn.as_str())
-            .set_tags(Some(tags.clone().into_iter().collect()))
-            .send()
-            .await?;
+    pub async fn tag_room(
+        &self,
+        arn: &RoomArn,
+        tags: &BTreeMap<String, String>,
+        caller: Caller,
+    ) -> Result<()> {
+        self.call(Operation::TagResource, caller, || {
+            self.client
+                .tag_resource()
+                .resource_arn(arn.as_str())
+                .set_tags(Some(tags.clone().into_iter().collect()))
+                .send()
+        })
+        .await?;
         Ok(())
     }
 
-    pub async fn untag_room(&self, arn: &RoomArn, keys: &[String]) -> Result<()> {
-        self.client
-            .untag_resource()
-            .resource_arn(arn.as_str())
-            .set_tag_keys(Some(keys.to_vec()))
-            .send()
-            .await?;
+    pub async fn untag_room(&self, arn: &RoomArn, keys: &[String], caller: Caller) -> Result<()> {
+        self.call(Operation::UntagResource, caller, || {
+            self.client
+                .untag_resource()
+                .resource_arn(arn.as_str())
+                .set_tag_keys(Some(keys.to_vec()))
+                .send()
+        })
+        .await?;
         Ok(())
     }
 }
 
-fn retry_config(settings: UpstreamSettings) -> RetryConfig {
-    RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1))
-}
-
-fn timeout_config(settings: UpstreamSettings) -> TimeoutConfig {
+fn timeout_config(settings: &UpstreamSettings) -> TimeoutConfig {
     TimeoutConfig::builder()
         .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
         .operation_timeout(settings.timeout)
@@ -284,6 +372,29 @@ validation_fields!(
     aws_sdk_ivschat::operation::untag_resource::UntagResourceError,
 );
 
+/// IVS Chat refused the call for its rate (under whichever name).
+fn throttling<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    match err {
+        SdkError::ServiceError(service) => {
+            service.raw().status().as_u16() == 429
+                || service.err().code() == Some("ThrottlingException")
+        }
+        _ => false,
+    }
+}
+
+/// A failure that may not happen again: a 5xx, no answer in time, no
+/// connection.
+fn transient<E>(err: &SdkError<E, HttpResponse>) -> bool {
+    match err {
+        SdkError::ServiceError(service) => service.raw().status().is_server_error(),
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The one mapping from SDK failures to our errors, after the SDK's retries:
 /// upstream calls just use `?`.
 impl<E> From<SdkError<E, HttpResponse>> for Error
@@ -324,11 +435,11 @@ where
                 }
                 "AccessDeniedException" => Error::PermissionDenied(message),
                 "PendingVerification" => Error::PendingVerification(message),
-                "ServiceQuotaExceededException" | "ThrottlingException" => {
-                    Error::ResourceExhausted(message)
+                "ServiceQuotaExceededException" => Error::ResourceExhausted(message),
+                // Someone else spends the account's quota too: try later.
+                _ if code == "ThrottlingException" || status.as_u16() == 429 => {
+                    Error::Unavailable(format!("IVS Chat is throttling calls: {message}"))
                 }
-                // Throttled under another name (e.g. TooManyRequestsException).
-                _ if status.as_u16() == 429 => Error::ResourceExhausted(message),
                 "ConflictException" => Error::Conflict(message),
                 _ if status.is_server_error() => {
                     tracing::warn!(%code, %message, status = status.as_u16(), "IVS Chat failed");

@@ -13,6 +13,8 @@ use ivschat_rooms::emulator::{Emulator, Operation};
 use ivschat_rooms::feed::{Feed, FeedSettings, WatchItem, WatchRequest};
 use ivschat_rooms::rooms::{Rooms, RoomsSettings};
 use ivschat_rooms::store::Store;
+use ivschat_rooms::budget::BudgetSettings;
+use ivschat_rooms::hot::HotRooms;
 use ivschat_rooms::upstream::{Upstream, UpstreamSettings};
 
 async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
@@ -23,10 +25,15 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
         UpstreamSettings {
             timeout: Duration::from_secs(5),
             max_attempts: 1,
+            budget: BudgetSettings {
+                rate: std::num::NonZeroU32::MAX,
+                ..BudgetSettings::default()
+            },
         },
     );
     let rooms = Rooms::new(
         store.clone(),
+        HotRooms::off(),
         upstream,
         RoomsSettings {
             max_staleness: Duration::from_secs(3600),
@@ -34,6 +41,7 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
             // Rooms here are all seconds old: no look-back, so that the
             // watermark's effect on paging shows.
             listing_lag: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
         },
     )
     .await
@@ -172,11 +180,13 @@ async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
     let again = rooms.full_listing().await.unwrap();
     assert_eq!((again.fetched, again.deleted), (0, 0));
     assert_eq!(store.revision().await.unwrap(), before + 1);
-    let (page, _) = rooms
+    let listing = rooms
         .list(ivschat_rooms::domain::ListQuery::default())
         .await
         .unwrap();
-    let arns: Vec<_> = page.rooms.iter().map(|r| r.arn.as_str()).collect();
+    let arns: Vec<_> = listing
+        .page
+        .rooms.iter().map(|r| r.arn.as_str()).collect();
     assert_eq!(arns, [kept.arn().unwrap()]);
 }
 
@@ -295,6 +305,7 @@ async fn idle_watchers_get_bookmarks_every_interval() {
             bookmark_interval: interval,
             ..FeedSettings::default()
         },
+        HotRooms::off(),
     )
     .await
     .unwrap();

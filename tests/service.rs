@@ -611,7 +611,7 @@ async fn upstream_errors_map_to_codes(db: TestDb) {
     assert_eq!(err.code(), Code::NotFound);
     for (injected, code) in [
         (InjectedError::Internal, Code::Unavailable),
-        (InjectedError::Throttling, Code::ResourceExhausted),
+        (InjectedError::Throttling, Code::Unavailable),
         (InjectedError::ServiceQuotaExceeded, Code::ResourceExhausted),
         (InjectedError::AccessDenied, Code::PermissionDenied),
         (InjectedError::PendingVerification, Code::FailedPrecondition),
@@ -799,9 +799,10 @@ async fn restart_keeps_the_cache(db: TestDb) {
     assert_eq!(listed.rooms, [room]);
 }
 
-/// Throttling that outlasts the SDK's retries is RESOURCE_EXHAUSTED, after
-/// exactly --upstream-max-attempts calls.
-async fn throttling_after_retries_is_resource_exhausted(db: TestDb) {
+/// Throttling that outlasts the retries is UNAVAILABLE (IVS Chat cannot be
+/// asked now; RESOURCE_EXHAUSTED is this service's own budget), after exactly
+/// --upstream-max-attempts calls.
+async fn throttling_after_retries_is_unavailable(db: TestDb) {
     let (mut server, emulator, _) = setup(&db, &["--upstream-max-attempts", "3"]).await;
     emulator.set_faults(Faults {
         error_rate: 1.0,
@@ -809,7 +810,7 @@ async fn throttling_after_retries_is_resource_exhausted(db: TestDb) {
         ..Default::default()
     });
     let err = server.client.create_room(create("x")).await.unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(emulator.calls(Operation::CreateRoom), 3);
 }
 
@@ -903,7 +904,7 @@ async fn late_answer_does_not_resurrect_a_deleted_room(db: TestDb) {
 }
 
 on_both_backends!(
-    throttling_after_retries_is_resource_exhausted,
+    throttling_after_retries_is_unavailable,
     abandoned_write_still_reaches_the_cache,
     late_answer_does_not_resurrect_a_deleted_room,
     create_then_get_round_trips,

@@ -48,12 +48,14 @@ pub enum Error {
     /// IVS Chat's PendingVerification: the account cannot use the API yet.
     #[error("pending verification: {0}")]
     PendingVerification(String),
-    /// Quota or throttling that outlasted the SDK's retries.
+    /// This service's budget for IVS Chat calls cannot serve the request in
+    /// time, or an IVS Chat quota (ServiceQuotaExceeded) is reached.
     #[error("upstream limit exceeded: {0}")]
     ResourceExhausted(String),
     #[error("conflict: {0}")]
     Conflict(String),
-    /// Upstream unreachable, 5xx or timed out; or the cache database is.
+    /// Upstream unreachable, 5xx, timed out or throttling after retries; or
+    /// the cache database is unavailable.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// A watch asked to resume from a revision the change log no longer holds
@@ -76,6 +78,35 @@ pub enum Error {
 impl Error {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Error {
         Error::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// The same error, for a second caller (requests that shared one call
+    /// upstream); an internal error keeps its text, not its chain.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidArgument(v) => Error::InvalidArgument(v.clone()),
+            Error::NotFound {
+                resource_id,
+                message,
+            } => Error::NotFound {
+                resource_id: resource_id.clone(),
+                message: message.clone(),
+            },
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::PendingVerification(m) => Error::PendingVerification(m.clone()),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+            Error::Conflict(m) => Error::Conflict(m.clone()),
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::RevisionOutOfRange {
+                message,
+                oldest_available_revision,
+            } => Error::RevisionOutOfRange {
+                message: message.clone(),
+                oldest_available_revision: *oldest_available_revision,
+            },
+            Error::Unimplemented(m) => Error::Unimplemented(m.clone()),
+            Error::Internal(e) => Error::Internal(anyhow::anyhow!("{e:#}")),
+        }
     }
 
     /// No room `room` (an id or an ARN).

@@ -11,11 +11,12 @@ mod faults;
 mod http;
 mod state;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -57,10 +58,17 @@ struct Shared {
     state: Mutex<State>,
     faults: RwLock<Arc<ActiveFaults>>,
     calls: [AtomicU64; Operation::ALL.len()],
+    /// When the newest calls of each operation were handled, oldest first, at
+    /// most `CALL_TIMES_KEPT` per operation.
+    call_times: Mutex<[VecDeque<Instant>; Operation::ALL.len()]>,
     call_made: Notify,
     /// Operations whose responses wait for a `HeldResponses` to be released.
     held: Mutex<HashMap<Operation, watch::Receiver<bool>>>,
 }
+
+/// How many call times [`Emulator::call_times`] keeps per operation: the newest
+/// ones, so a long-running emulator's log stays bounded (a few MiB at most).
+pub const CALL_TIMES_KEPT: usize = 100_000;
 
 /// Responses of one operation held back until this is released or dropped:
 /// the operation has happened, its answer has not arrived. Lets tests order
@@ -99,6 +107,7 @@ impl Emulator {
                 state: Mutex::new(state),
                 faults: RwLock::new(Arc::new(ActiveFaults::new(config.faults))),
                 calls: Default::default(),
+                call_times: Mutex::default(),
                 call_made: Notify::new(),
                 held: Mutex::default(),
             }),
@@ -195,6 +204,30 @@ impl Emulator {
         self.shared.calls[op.index()].load(Ordering::SeqCst)
     }
 
+    /// When the requests for `op` counted by [`Emulator::calls`] were handled,
+    /// oldest first: the newest [`CALL_TIMES_KEPT`] since the last
+    /// [`Emulator::clear_call_times`]. For measuring the rate at which a
+    /// client calls, as AWS's per-operation limit sees it.
+    pub fn call_times(&self, op: Operation) -> Vec<Instant> {
+        self.shared.call_times.lock().expect("call times lock")[op.index()]
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Forgets the call times recorded so far (the counts stay).
+    pub fn clear_call_times(&self) {
+        for times in self
+            .shared
+            .call_times
+            .lock()
+            .expect("call times lock")
+            .iter_mut()
+        {
+            times.clear();
+        }
+    }
+
     /// Waits until at least `n` requests for `op` have been handled.
     pub async fn wait_for_calls(&self, op: Operation, n: u64) {
         loop {
@@ -226,6 +259,14 @@ impl Emulator {
     }
 
     fn record_call(&self, op: Operation) {
+        {
+            let mut times = self.shared.call_times.lock().expect("call times lock");
+            let times = &mut times[op.index()];
+            if times.len() == CALL_TIMES_KEPT {
+                times.pop_front();
+            }
+            times.push_back(Instant::now());
+        }
         self.shared.calls[op.index()].fetch_add(1, Ordering::SeqCst);
         self.shared.call_made.notify_waiters();
     }

@@ -2,12 +2,16 @@
 
 use std::pin::Pin;
 
+use std::time::Duration;
+
 use futures::{Stream, StreamExt as _};
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
+use crate::budget::Caller;
 use crate::domain::{Error, Result};
 use crate::feed::Feed;
-use crate::rooms::Rooms;
+use crate::rooms::{CacheInfo, Rooms};
 
 use super::proto::room_service_server as server;
 use super::{convert, proto, to_status};
@@ -45,6 +49,47 @@ fn reply<T, U>(result: Result<T>, convert: impl FnOnce(T) -> U) -> Result<Respon
     result.map(|t| Response::new(convert(t))).map_err(to_status)
 }
 
+/// The caller of a request, with the deadline its client set (gRPC's
+/// `grpc-timeout`), for the upstream budget.
+fn caller<T>(request: &Request<T>) -> Caller {
+    let timeout = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout);
+    Caller::User {
+        deadline: timeout.map(|t| tokio::time::Instant::now() + t),
+    }
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The cache headers: `x-cache` (hit, miss or stale) and `x-cache-age` (seconds
+/// since IVS Chat confirmed what the answer says, to the millisecond).
+fn cache_headers(metadata: &mut MetadataMap, cache: CacheInfo) {
+    metadata.insert("x-cache", MetadataValue::from_static(cache.status.as_str()));
+    let age = format!("{:.3}", cache.age.as_secs_f64());
+    if let Ok(age) = MetadataValue::try_from(age) {
+        metadata.insert("x-cache-age", age);
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchRoomsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -69,10 +114,11 @@ impl server::RoomService for RoomService {
         &self,
         request: Request<proto::CreateRoomRequest>,
     ) -> Result<Response<proto::Room>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let result = async {
             reserved("request_id", !req.request_id.is_empty())?;
-            self.rooms.create(convert::new_room(req)?).await
+            self.rooms.create(convert::new_room(req)?, caller).await
         };
         reply(result.await, convert::room)
     }
@@ -81,24 +127,31 @@ impl server::RoomService for RoomService {
         &self,
         request: Request<proto::GetRoomRequest>,
     ) -> Result<Response<proto::Room>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
-        let result = async {
-            let consistency = convert::consistency(req.consistency)?;
-            self.rooms.get(&req.identifier, consistency).await
-        };
-        reply(result.await, convert::room)
+        let consistency = convert::consistency(req.consistency).map_err(to_status)?;
+        let read = self.rooms.get(&req.identifier, consistency, caller).await;
+        let mut reply = reply(read.answer, convert::room);
+        if let Some(cache) = read.cache {
+            match &mut reply {
+                Ok(response) => cache_headers(response.metadata_mut(), cache),
+                Err(status) => cache_headers(status.metadata_mut(), cache),
+            }
+        }
+        reply
     }
 
     async fn update_room(
         &self,
         request: Request<proto::UpdateRoomRequest>,
     ) -> Result<Response<proto::Room>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let result = async {
             reserved("expected_update_time", req.expected_update_time.is_some())?;
             let identifier = req.identifier.clone();
             self.rooms
-                .update(&identifier, convert::room_patch(req)?)
+                .update(&identifier, convert::room_patch(req)?, caller)
                 .await
         };
         reply(result.await, convert::room)
@@ -108,8 +161,9 @@ impl server::RoomService for RoomService {
         &self,
         request: Request<proto::DeleteRoomRequest>,
     ) -> Result<Response<proto::DeleteRoomResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
-        reply(self.rooms.delete(&req.identifier).await, |()| {
+        reply(self.rooms.delete(&req.identifier, caller).await, |()| {
             proto::DeleteRoomResponse {}
         })
     }
@@ -119,32 +173,57 @@ impl server::RoomService for RoomService {
         request: Request<proto::ListRoomsRequest>,
     ) -> Result<Response<proto::ListRoomsResponse>, Status> {
         let query = convert::list_query(request.into_inner());
-        reply(self.rooms.list(query).await, |(page, revision)| {
-            proto::ListRoomsResponse {
-                rooms: page.rooms.into_iter().map(convert::room).collect(),
-                next_token: page.next_token.unwrap_or_default(),
-                revision,
-            }
-        })
+        let listing = self.rooms.list(query).await;
+        let cache = listing.as_ref().ok().map(|l| l.cache);
+        let mut reply = reply(listing, |listing| proto::ListRoomsResponse {
+            rooms: listing.page.rooms.into_iter().map(convert::room).collect(),
+            next_token: listing.page.next_token.unwrap_or_default(),
+            revision: listing.revision,
+        })?;
+        if let Some(cache) = cache {
+            cache_headers(reply.metadata_mut(), cache);
+        }
+        Ok(reply)
     }
 
     async fn tag_room(
         &self,
         request: Request<proto::TagRoomRequest>,
     ) -> Result<Response<proto::Room>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let tags = req.tags.into_iter().collect();
-        reply(self.rooms.tag(&req.identifier, tags).await, convert::room)
+        reply(
+            self.rooms.tag(&req.identifier, tags, caller).await,
+            convert::room,
+        )
     }
 
     async fn untag_room(
         &self,
         request: Request<proto::UntagRoomRequest>,
     ) -> Result<Response<proto::Room>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         reply(
-            self.rooms.untag(&req.identifier, req.tag_keys).await,
+            self.rooms.untag(&req.identifier, req.tag_keys, caller).await,
             convert::room,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "100x", "123456789S", "-1S"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

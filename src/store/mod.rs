@@ -183,6 +183,34 @@ impl Store {
         get_row(&mut conn, arn).await
     }
 
+    /// The cached row for `arn` and the change-log revision it reflects, read
+    /// in one transaction.
+    pub async fn get_at_revision(&self, arn: &RoomArn) -> Result<(Option<CachedRoom>, u64)> {
+        let mut tx = self.begin_read().await?;
+        let revision = revision_in(&mut tx).await?;
+        let row = get_row(&mut tx, arn).await?;
+        tx.commit().await?;
+        Ok((row, revision))
+    }
+
+    /// Up to `limit` cached rows (tombstones included), most recently
+    /// confirmed first, and the revision they reflect, read in one transaction.
+    pub async fn rows_at_revision(&self, limit: usize) -> Result<(Vec<CachedRoom>, u64)> {
+        let mut tx = self.begin_read().await?;
+        let revision = revision_in(&mut tx).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM rooms ORDER BY validated_at DESC LIMIT $1"
+        ))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let rows = rows.iter().map(cached_room).collect::<Result<_>>()?;
+        Ok((rows, revision))
+    }
+
     /// Stores `room` as IVS Chat returned it to a call that started at
     /// `validated_at`, unless the cache holds a newer version, the same version
     /// observed later, or a tombstone recorded after that call started. A
@@ -194,59 +222,33 @@ impl Store {
         validated_at: Timestamp,
         source: EventSource,
     ) -> Result<CachedRoom> {
-        let (uri, fallback) = match &room.message_review_handler {
-            Some(h) => (Some(h.uri.as_str()), Some(h.fallback_result.as_str())),
-            None => (None, None),
-        };
-        let arn = room.arn();
         let mut tx = self.begin_write().await?;
-        let before = get_row(&mut tx, &arn).await?;
-        // A live row: replace when newer; when equal (content may differ, e.g.
-        // tags), when observed no earlier, so validated_at never moves back. A
-        // tombstone: only an answer to a call that started after it.
-        sqlx::query(concat!(
-            "INSERT INTO rooms (",
-            columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL) \
-             ON CONFLICT (arn) DO UPDATE SET \
-               name = excluded.name, create_time = excluded.create_time, \
-               update_time = excluded.update_time, \
-               maximum_message_rate_per_second = excluded.maximum_message_rate_per_second, \
-               maximum_message_length = excluded.maximum_message_length, \
-               review_handler_uri = excluded.review_handler_uri, \
-               review_handler_fallback = excluded.review_handler_fallback, \
-               tags = excluded.tags, \
-               logging_configuration_identifiers = excluded.logging_configuration_identifiers, \
-               validated_at = excluded.validated_at, deleted_at = NULL \
-             WHERE (rooms.deleted_at IS NULL \
-                    AND (excluded.update_time > rooms.update_time \
-                         OR (excluded.update_time = rooms.update_time \
-                             AND excluded.validated_at >= rooms.validated_at))) \
-                OR (rooms.deleted_at IS NOT NULL AND excluded.validated_at > rooms.deleted_at)"
-        ))
-        .bind(room.arn.as_str())
-        .bind(room.id.as_str())
-        .bind(room.name.as_str())
-        .bind(room.create_time.as_nanos())
-        .bind(room.update_time.as_nanos())
-        .bind(i64::from(room.maximum_message_rate_per_second))
-        .bind(i64::from(room.maximum_message_length))
-        .bind(uri)
-        .bind(fallback)
-        .bind(serde_json::to_string(&room.tags).context("could not encode tags")?)
-        .bind(
-            serde_json::to_string(&room.logging_configuration_identifiers)
-                .context("could not encode logging configuration identifiers")?,
-        )
-        .bind(validated_at.as_nanos())
-        .execute(&mut *tx)
-        .await?;
-        let after = get_row(&mut tx, &arn)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("room {arn} vanished right after it was stored"))?;
-        self.commit_with_event(tx, before.as_ref(), Some(&after), source)
+        let (before, after) = upsert(&mut tx, room, validated_at).await?;
+        let revision = self
+            .append_event(&mut tx, before.as_ref(), Some(&after), source)
             .await?;
+        self.commit(tx, revision).await?;
         Ok(after)
+    }
+
+    /// [`Store::put`] for many rooms in one transaction (one commit, each
+    /// change its own event): for bulk loads.
+    pub async fn put_many(
+        &self,
+        rooms: &[Room],
+        validated_at: Timestamp,
+        source: EventSource,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let mut newest = None;
+        for room in rooms {
+            let (before, after) = upsert(&mut tx, room, validated_at).await?;
+            newest = self
+                .append_event(&mut tx, before.as_ref(), Some(&after), source)
+                .await?
+                .or(newest);
+        }
+        self.commit(tx, newest).await
     }
 
     /// Records that IVS Chat said at `at` that the room is gone, unless a call
@@ -276,8 +278,10 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let after = get_row(&mut tx, arn).await?;
-        self.commit_with_event(tx, before.as_ref(), after.as_ref(), source)
-            .await
+        let revision = self
+            .append_event(&mut tx, before.as_ref(), after.as_ref(), source)
+            .await?;
+        self.commit(tx, revision).await
     }
 
     /// Starts a transaction that writes the cache. Its first statement takes
@@ -292,28 +296,28 @@ impl Store {
         Ok(tx)
     }
 
-    /// Appends the event for `before` → `after` (if anything visible changed)
-    /// and commits, so the change and its event land together or not at all.
-    async fn commit_with_event(
+    /// Appends the event for `before` → `after`, if anything visible changed,
+    /// to the transaction, which must be [`Store::begin_write`]'s: the change
+    /// and its event land together or not at all. Returns its revision.
+    async fn append_event(
         &self,
-        mut tx: Transaction<'static, Any>,
+        tx: &mut Transaction<'static, Any>,
         before: Option<&CachedRoom>,
         after: Option<&CachedRoom>,
         source: EventSource,
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         fn visible(c: Option<&CachedRoom>) -> Option<&Room> {
             c.filter(|c| !c.deleted).map(|c| &c.room)
         }
         let Some(event) =
             RoomEvent::between(visible(before), visible(after), source, Timestamp::now())
         else {
-            tx.commit().await?;
-            return Ok(());
+            return Ok(None);
         };
         let revision: i64 = sqlx::query_scalar(
             "UPDATE cache_state SET value = value + 1 WHERE key = 'revision' RETURNING value",
         )
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
         sqlx::query(concat!(
             "INSERT INTO room_events (",
@@ -335,10 +339,18 @@ impl Store {
                 .context("could not encode a room")?,
         )
         .bind(serde_json::to_string(&event.changed_fields).context("could not encode fields")?)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        if self.backend == Backend::Postgres {
-            // Delivered to listeners when (and only if) the transaction commits.
+        Ok(Some(revision_from(revision)?))
+    }
+
+    /// Commits a write transaction whose newest event (if any) is `revision`,
+    /// and announces it: to this process at once, and on Postgres to other
+    /// replicas (NOTIFY is delivered when, and only if, the commit happens).
+    async fn commit(&self, mut tx: Transaction<'static, Any>, revision: Option<u64>) -> Result<()> {
+        if let Some(revision) = revision
+            && self.backend == Backend::Postgres
+        {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(EVENTS_CHANNEL)
                 .bind(revision.to_string())
@@ -346,7 +358,9 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
-        self.saw_committed(revision_from(revision)?);
+        if let Some(revision) = revision {
+            self.saw_committed(revision);
+        }
         Ok(())
     }
 
@@ -560,8 +574,12 @@ impl Store {
     }
 
     /// One page of live rooms, newest `update_time` first, as ListRooms pages,
-    /// and the revision of the change log it reflects.
-    pub async fn list(&self, query: &ListQuery) -> Result<(ListedPage<Room>, u64)> {
+    /// the revision of the change log it reflects, and when IVS Chat last
+    /// confirmed the least recently confirmed room on it.
+    pub async fn list(
+        &self,
+        query: &ListQuery,
+    ) -> Result<(ListedPage<Room>, u64, Option<Timestamp>)> {
         let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => Some(PageCursor::decode(token)?),
             None => None,
@@ -603,7 +621,10 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut rooms = rows.iter().map(room).collect::<Result<Vec<_>>>()?;
+        let mut rows = rows.iter().map(cached_room).collect::<Result<Vec<_>>>()?;
+        rows.truncate(limit + 1);
+        let validated_at = rows.iter().take(limit).map(|c| c.validated_at).min();
+        let mut rooms: Vec<Room> = rows.into_iter().map(|c| c.room).collect();
         let next_token = if rooms.len() > limit {
             rooms.truncate(limit);
             rooms.last().map(|last| {
@@ -616,7 +637,7 @@ impl Store {
         } else {
             None
         };
-        Ok((ListedPage { rooms, next_token }, revision))
+        Ok((ListedPage { rooms, next_token }, revision, validated_at))
     }
 
     /// Live rooms not confirmed by IVS Chat since `before`: after a full listing
@@ -677,6 +698,64 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The upsert of [`Store::put`], under its rules; returns the row before and after.
+async fn upsert(
+    tx: &mut Transaction<'static, Any>,
+    room: &Room,
+    validated_at: Timestamp,
+) -> Result<(Option<CachedRoom>, CachedRoom)> {
+    let (uri, fallback) = match &room.message_review_handler {
+        Some(h) => (Some(h.uri.as_str()), Some(h.fallback_result.as_str())),
+        None => (None, None),
+    };
+    let arn = room.arn();
+    let before = get_row(tx, &arn).await?;
+    // A live row: replace when newer; when equal (content may differ, e.g.
+    // tags), when observed no earlier, so validated_at never moves back. A
+    // tombstone: only an answer to a call that started after it.
+    sqlx::query(concat!(
+        "INSERT INTO rooms (",
+        columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL) \
+         ON CONFLICT (arn) DO UPDATE SET \
+           name = excluded.name, create_time = excluded.create_time, \
+           update_time = excluded.update_time, \
+           maximum_message_rate_per_second = excluded.maximum_message_rate_per_second, \
+           maximum_message_length = excluded.maximum_message_length, \
+           review_handler_uri = excluded.review_handler_uri, \
+           review_handler_fallback = excluded.review_handler_fallback, \
+           tags = excluded.tags, \
+           logging_configuration_identifiers = excluded.logging_configuration_identifiers, \
+           validated_at = excluded.validated_at, deleted_at = NULL \
+         WHERE (rooms.deleted_at IS NULL \
+                AND (excluded.update_time > rooms.update_time \
+                     OR (excluded.update_time = rooms.update_time \
+                         AND excluded.validated_at >= rooms.validated_at))) \
+            OR (rooms.deleted_at IS NOT NULL AND excluded.validated_at > rooms.deleted_at)"
+    ))
+    .bind(room.arn.as_str())
+    .bind(room.id.as_str())
+    .bind(room.name.as_str())
+    .bind(room.create_time.as_nanos())
+    .bind(room.update_time.as_nanos())
+    .bind(i64::from(room.maximum_message_rate_per_second))
+    .bind(i64::from(room.maximum_message_length))
+    .bind(uri)
+    .bind(fallback)
+    .bind(serde_json::to_string(&room.tags).context("could not encode tags")?)
+    .bind(
+        serde_json::to_string(&room.logging_configuration_identifiers)
+            .context("could not encode logging configuration identifiers")?,
+    )
+    .bind(validated_at.as_nanos())
+    .execute(&mut **tx)
+    .await?;
+    let after = get_row(tx, &arn)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("room {arn} vanished right after it was stored"))?;
+    Ok((before, after))
 }
 
 async fn get_row(conn: &mut AnyConnection, arn: &RoomArn) -> Result<Option<CachedRoom>> {

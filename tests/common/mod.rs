@@ -170,6 +170,10 @@ pub fn serve_config(db_url: &str, emulator_url: &str, extra: &[&str]) -> ServeCo
         "1",
         "--upstream-timeout",
         "5s",
+        // No budget to wait for unless a test asks: AWS's 5 calls per
+        // second would make most tests slow.
+        "--upstream-rate",
+        "1000000",
         // No reconciling pass after the startup listing unless a test asks
         // (later flags win), so upstream call counts are the test's own.
         "--reconcile-interval",

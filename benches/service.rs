@@ -1,0 +1,1364 @@
+//! The performance measures P1-P6: `cargo bench --bench service [-- --quick] [P1 P4 ...]`.
+//!
+//! Everything runs in-process on loopback: an emulator, the real server
+//! (`server::run` on port 0, a fresh SQLite database in a temporary
+//! directory) and the clients. Each measure runs in a child process of its
+//! own (this binary with `--measure ID`), so that one measure's memory,
+//! tasks and connections cannot disturb the next.
+//!
+//! # Reading the output
+//!
+//! One line per measure on stdout, `ID name value` (P4: two values), each
+//! value measured in this run:
+//!
+//! | id | value | target |
+//! |---|---|---|
+//! | P1 | cached GetRoom throughput ÷ a bare tonic server's, same load | ≥ 0.9 |
+//! | P2 | upstream GetRoom calls for 1,000 concurrent cold GetRoom of one room | 1 |
+//! | P3 | most upstream calls of one operation in any 1 s, clients pushing 10× the budget | ≤ 5 |
+//! | P4 | p99 delivery latency with N watchers ÷ with 1; RSS KiB per idle watcher | ≤ 10; ≤ 16 |
+//! | P5 | cached GetRoom throughput with 100,000 rooms ÷ with 100 | ≥ 0.9 |
+//! | P6 | UpdateRoom through the service ÷ straight through the SDK (5 ms upstream) | ≤ 1.1 |
+//!
+//! Lines starting with `# ` are context: absolute rates, latencies, the
+//! counts used. `--quick` uses smaller counts (P4: 2,000 watchers, P5:
+//! 20,000 rooms) and shorter runs. Any non-flag argument selects the measures
+//! whose id starts with it. The servers run with their defaults except for
+//! the flags each measure names; every flag is also an `IVSCHAT_ROOMS_*`
+//! variable, so e.g. `IVSCHAT_ROOMS_MEMORY_CACHE_ROOMS=200000 cargo bench
+//! --bench service -- P5` tries another setting. `RUST_LOG` turns on the
+//! servers' logs (stderr).
+//!
+//! A measure that cannot be taken (a failed call, a missing message) panics:
+//! the run then exits non-zero.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use futures::StreamExt as _;
+use ivschat_rooms::config::{Cli, Command, ServeConfig};
+use ivschat_rooms::domain::{EventSource, Room, Timestamp};
+use ivschat_rooms::emulator::{Emulator, EmulatorConfig, Faults, Operation};
+use ivschat_rooms::grpc::proto;
+use ivschat_rooms::grpc::proto::room_service_client::RoomServiceClient;
+use ivschat_rooms::grpc::proto::room_service_server::{self, RoomServiceServer};
+use ivschat_rooms::store::Store;
+use prost::Message as _;
+use rand::{Rng as _, SeedableRng as _};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+const MEASURES: [&str; 6] = ["P1", "P2", "P3", "P4", "P5", "P6"];
+
+/// The upstream budget the service allows per operation by default (AWS's
+/// 5 TPS): P3's target.
+const BUDGET_PER_SECOND: usize = 5;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    if let Some(at) = args.iter().position(|a| a == "--measure") {
+        let id = args.get(at + 1).expect("--measure needs an id").clone();
+        run_measure(&id, Scale::new(quick));
+        return ExitCode::SUCCESS;
+    }
+    // Flags we do not know (cargo passes --bench) are ignored; the rest filter.
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let selected: Vec<&str> = MEASURES
+        .into_iter()
+        .filter(|id| filters.is_empty() || filters.iter().any(|f| id.starts_with(f.as_str())))
+        .collect();
+    let exe = std::env::current_exe().expect("path of this bench binary");
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    for id in selected {
+        let measure_started = Instant::now();
+        let mut child = std::process::Command::new(&exe);
+        child.args(["--measure", id]);
+        if quick {
+            child.arg("--quick");
+        }
+        let status = child.status().expect("run a measure in a child process");
+        println!(
+            "# {id} took {:.1} s",
+            measure_started.elapsed().as_secs_f64()
+        );
+        if !status.success() {
+            eprintln!("{id} FAILED ({status})");
+            failed.push(id);
+        }
+    }
+    println!(
+        "# all took {:.1} s{}",
+        started.elapsed().as_secs_f64(),
+        if quick { " (--quick)" } else { "" }
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("failed measures: {}", failed.join(" "));
+        ExitCode::FAILURE
+    }
+}
+
+fn run_measure(id: &str, scale: Scale) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        match id {
+            "P1" => p1_cached_get_vs_bare(&scale).await,
+            "P2" => p2_cold_gets_coalesce(&scale).await,
+            "P3" => p3_upstream_budget(&scale).await,
+            "P4" => p4_watchers(&scale).await,
+            "P5" => p5_many_rooms(&scale).await,
+            "P6" => p6_update_overhead(&scale).await,
+            other => panic!("unknown measure {other}"),
+        }
+    });
+    // Servers still serving idle connections need not wind down.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
+
+/// Counts and durations: full, or `--quick`.
+struct Scale {
+    /// Throughput comparisons (P1, P5): A, B, A, B ... this many of each.
+    rounds: usize,
+    /// How long each side is loaded per round.
+    slice: Duration,
+    /// Load before measuring, per side.
+    warmup: Duration,
+    /// P2: concurrent cold reads.
+    cold_gets: usize,
+    /// P3: how long clients push 10× the budget.
+    overload: Duration,
+    /// P4: watchers, and updates measured with them and with one watcher.
+    watchers: usize,
+    many_watcher_updates: usize,
+    one_watcher_updates: usize,
+    /// P5: rooms in the big cache.
+    rooms: usize,
+    /// P6: pairs of updates.
+    update_pairs: usize,
+}
+
+impl Scale {
+    fn new(quick: bool) -> Scale {
+        if quick {
+            Scale {
+                rounds: 3,
+                slice: Duration::from_millis(1500),
+                warmup: Duration::from_secs(1),
+                cold_gets: 1000,
+                overload: Duration::from_secs(4),
+                watchers: 2000,
+                many_watcher_updates: 3,
+                one_watcher_updates: 11,
+                rooms: 20_000,
+                update_pairs: 10,
+            }
+        } else {
+            Scale {
+                rounds: 5,
+                slice: Duration::from_secs(3),
+                warmup: Duration::from_secs(2),
+                cold_gets: 1000,
+                overload: Duration::from_secs(10),
+                watchers: 10_000,
+                many_watcher_updates: 5,
+                one_watcher_updates: 21,
+                rooms: 100_000,
+                update_pairs: 40,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The measures
+// ---------------------------------------------------------------------------
+
+/// P1: cached GetRoom through the service ÷ a bare tonic server answering a
+/// constant Room (the same one), under the same load, interleaved.
+async fn p1_cached_get_vs_bare(scale: &Scale) {
+    let (_emulator, emulator_url) = emulator(Faults::default()).await;
+    let db = TempDb::new();
+    let service = Service::start(serve_config(&db.url, &emulator_url, &["--max-staleness", "1h"])).await;
+    let room = service
+        .client()
+        .await
+        .create_room(create("p1"))
+        .await
+        .expect("CreateRoom through the service")
+        .into_inner();
+    let bare = BareServer::start(room.clone()).await;
+
+    let requests = Arc::new(vec![cached_get(&room.arn)]);
+    let service_side = LoadTarget::connect(&service.uri(), requests.clone()).await;
+    let bare_side = LoadTarget::connect(&bare.uri(), requests).await;
+    let (service_rate, bare_rate) = compare_throughput("P1", scale, &service_side, &bare_side).await;
+    println!("# P1 cached GetRoom: service {service_rate:.0}/s, bare tonic server {bare_rate:.0}/s");
+    println!(
+        "P1 cached_get_throughput_ratio {:.3}",
+        service_rate / bare_rate
+    );
+    bare.stop().await;
+    service.stop().await;
+}
+
+/// P2: 1,000 concurrent GetRoom of a room the cache has never seen cost this
+/// many upstream GetRoom calls.
+async fn p2_cold_gets_coalesce(scale: &Scale) {
+    // Slow enough that every request arrives while the first upstream call
+    // is still under way: the reads really are concurrent with it.
+    let upstream_latency = Duration::from_millis(200);
+    let (emulator, emulator_url) = emulator(Faults {
+        latency_by_operation: [(Operation::GetRoom, upstream_latency)].into(),
+        ..Faults::default()
+    })
+    .await;
+    let db = TempDb::new();
+    let service = Service::start(serve_config(&db.url, &emulator_url, &[])).await;
+    // Created behind the service's back, after its startup listing.
+    let arn = sdk(&emulator_url)
+        .create_room()
+        .name("p2")
+        .send()
+        .await
+        .expect("CreateRoom in the emulator")
+        .arn
+        .expect("a room ARN");
+    let channels = connect_many(&service.uri(), 10).await;
+    let before = emulator.calls(Operation::GetRoom);
+    let started = Instant::now();
+    let reads: Vec<_> = (0..scale.cold_gets)
+        .map(|i| {
+            let mut client = RoomServiceClient::new(channels[i % channels.len()].clone());
+            let request = cached_get(&arn);
+            tokio::spawn(async move { client.get_room(request).await })
+        })
+        .collect();
+    let mut failures = BTreeMap::<String, usize>::new();
+    for read in reads {
+        if let Err(status) = read.await.expect("a GetRoom task") {
+            *failures
+                .entry(format!("{:?}: {}", status.code(), status.message()))
+                .or_default() += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    let upstream = emulator.calls(Operation::GetRoom) - before;
+    assert!(
+        failures.is_empty(),
+        "P2: every cold GetRoom must succeed, but: {failures:?}"
+    );
+    println!(
+        "# P2 {} concurrent cold GetRoom (CACHED) over {} connections took {} ms; upstream GetRoom latency {} ms",
+        scale.cold_gets,
+        channels.len(),
+        elapsed.as_millis(),
+        upstream_latency.as_millis()
+    );
+    println!(
+        "P2 upstream_get_calls_for_{}_cold_gets {upstream}",
+        scale.cold_gets
+    );
+    service.stop().await;
+}
+
+/// P3: with clients pushing 10× the budget on three operations at once, the
+/// most upstream calls of any one operation in any 1 s window.
+async fn p3_upstream_budget(scale: &Scale) {
+    let (emulator, emulator_url) = emulator(Faults::default()).await;
+    let db = TempDb::new();
+    let service = Service::start(serve_config(&db.url, &emulator_url, &[])).await;
+    let mut client = service.client().await;
+    let mut arns = Vec::new();
+    for i in 0..3 {
+        let room = client
+            .create_room(create(&format!("p3-{i}")))
+            .await
+            .expect("CreateRoom through the service")
+            .into_inner();
+        arns.push(room.arn);
+    }
+    // Let the budget refill, then count only the overload.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    emulator.clear_call_times();
+
+    let offered_per_second = 10 * BUDGET_PER_SECOND;
+    let deadline = Duration::from_secs(1);
+    let outcomes = Arc::new(Mutex::new(BTreeMap::<(&'static str, String), usize>::new()));
+    let channels = connect_many(&service.uri(), 4).await;
+    let generators: Vec<JoinHandle<()>> = ["UpdateRoom", "GetRoom", "CreateRoom"]
+        .into_iter()
+        .enumerate()
+        .map(|(g, op)| {
+            let channel = channels[g % channels.len()].clone();
+            let arns = arns.clone();
+            let outcomes = outcomes.clone();
+            let duration = scale.overload;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(
+                    Duration::from_secs(1) / u32::try_from(offered_per_second).expect("rate"),
+                );
+                let end = tokio::time::Instant::now() + duration;
+                let mut calls = Vec::new();
+                for i in 0usize.. {
+                    tick.tick().await;
+                    if tokio::time::Instant::now() >= end {
+                        break;
+                    }
+                    let mut client = RoomServiceClient::new(channel.clone());
+                    let arn = arns[i % arns.len()].clone();
+                    let outcomes = outcomes.clone();
+                    calls.push(tokio::spawn(async move {
+                        let call = async {
+                            match op {
+                                "UpdateRoom" => {
+                                    let mut request = Request::new(proto::UpdateRoomRequest {
+                                        identifier: arn,
+                                        name: Some(format!("p3-update-{i}")),
+                                        ..Default::default()
+                                    });
+                                    request.set_timeout(deadline);
+                                    client.update_room(request).await.map(drop)
+                                }
+                                "GetRoom" => {
+                                    let mut request = Request::new(proto::GetRoomRequest {
+                                        identifier: arn,
+                                        consistency: proto::ReadConsistency::Strong as i32,
+                                    });
+                                    request.set_timeout(deadline);
+                                    client.get_room(request).await.map(drop)
+                                }
+                                _ => {
+                                    let mut request = Request::new(create(&format!("p3-new-{i}")));
+                                    request.set_timeout(deadline);
+                                    client.create_room(request).await.map(drop)
+                                }
+                            }
+                        };
+                        // The client gives up a little after the deadline
+                        // it asked the server to keep.
+                        let outcome =
+                            match tokio::time::timeout(deadline + Duration::from_millis(500), call)
+                                .await
+                            {
+                                Ok(Ok(())) => "OK".to_owned(),
+                                Ok(Err(status)) => format!("{:?}", status.code()),
+                                Err(_) => "no answer by the deadline".to_owned(),
+                            };
+                        *outcomes
+                            .lock()
+                            .expect("outcomes lock")
+                            .entry((op, outcome))
+                            .or_default() += 1;
+                    }));
+                }
+                for call in calls {
+                    call.await.expect("a request task");
+                }
+            })
+        })
+        .collect();
+    for generator in generators {
+        generator.await.expect("a load generator");
+    }
+    // Exchanges with IVS Chat outlive their requests: wait until upstream
+    // calls have stopped before counting.
+    let mut last = total_calls(&emulator);
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = total_calls(&emulator);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+
+    let mut worst = 0;
+    let mut per_operation = Vec::new();
+    for op in Operation::ALL {
+        let times = emulator.call_times(op);
+        if times.is_empty() {
+            continue;
+        }
+        let max = max_in_window(times.clone(), Duration::from_secs(1));
+        worst = worst.max(max);
+        per_operation.push(format!("{op:?} {max} (of {} calls)", times.len()));
+    }
+    println!(
+        "# P3 clients offered {offered_per_second}/s per operation for {} s (UpdateRoom of 3 rooms, GetRoom STRONG, CreateRoom), deadline {} ms; service default budget ({BUDGET_PER_SECOND}/s per operation)",
+        scale.overload.as_secs(),
+        deadline.as_millis()
+    );
+    println!(
+        "# P3 most upstream calls in a 1 s window: {}",
+        per_operation.join(", ")
+    );
+    for ((op, outcome), n) in outcomes.lock().expect("outcomes lock").iter() {
+        println!("# P3 {op}: {n} {outcome}");
+    }
+    println!("P3 max_upstream_calls_per_1s_window {worst}");
+    service.stop().await;
+}
+
+/// P4: p99 delivery latency of one update to N watchers ÷ to 1 watcher, and
+/// the RSS growth per idle watcher.
+async fn p4_watchers(scale: &Scale) {
+    let (_emulator, emulator_url) = emulator(Faults::default()).await;
+    let db = TempDb::new();
+    let service = Service::start(serve_config(&db.url, &emulator_url, &[])).await;
+    let mut updater = service.client().await;
+    let room = updater
+        .create_room(create("p4"))
+        .await
+        .expect("CreateRoom through the service")
+        .into_inner();
+    let mut updates = 0usize;
+    // Updates 250 ms apart: the upstream budget (5/s) never delays one.
+    let pace = Duration::from_millis(250);
+
+    // One watcher.
+    let channels = connect_many(&service.uri(), 1).await;
+    let one = Watchers::open(&channels, 1).await;
+    let mut one_latencies = Vec::new();
+    for _ in 0..scale.one_watcher_updates {
+        tokio::time::sleep(pace).await;
+        one_latencies.push(p99(one.deliver(&mut updater, &room.arn, &mut updates).await));
+    }
+    one.close();
+
+    // N watchers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = rss_kib();
+    let opened = Instant::now();
+    let channels = connect_many(&service.uri(), scale.watchers.div_ceil(100)).await;
+    let many = Watchers::open(&channels, scale.watchers).await;
+    let open_time = opened.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib();
+    let mut many_latencies = Vec::new();
+    for _ in 0..scale.many_watcher_updates {
+        tokio::time::sleep(pace).await;
+        many_latencies.push(p99(many.deliver(&mut updater, &room.arn, &mut updates).await));
+    }
+
+    let one_p99 = median(&one_latencies);
+    let many_p99 = median(&many_latencies);
+    let kib_per_watcher = rss_after.saturating_sub(rss_before) as f64 / scale.watchers as f64;
+    println!(
+        "# P4 latency = UpdateRoom sent through the service -> event received by a watcher; per update the p99 over its watchers, then the median over {} updates (1 watcher) and {} updates ({} watchers)",
+        scale.one_watcher_updates, scale.many_watcher_updates, scale.watchers
+    );
+    println!(
+        "# P4 1 watcher: median {:.2} ms (per update: {})",
+        ms(one_p99),
+        list_ms(&one_latencies)
+    );
+    println!(
+        "# P4 {} watchers on {} connections (opened in {} ms): median p99 {:.2} ms (per update: {})",
+        scale.watchers,
+        channels.len(),
+        open_time.as_millis(),
+        ms(many_p99),
+        list_ms(&many_latencies)
+    );
+    println!(
+        "# P4 RSS {rss_before} KiB -> {rss_after} KiB with {} idle watchers; clients, service and emulator share the process, so this includes the client side of each stream",
+        scale.watchers
+    );
+    println!(
+        "P4 watchers_{} {:.2} {:.2}",
+        scale.watchers,
+        many_p99.as_secs_f64() / one_p99.as_secs_f64(),
+        kib_per_watcher
+    );
+    many.close();
+    service.stop().await;
+}
+
+/// P5: cached GetRoom of random rooms with a big cache ÷ with 100 rooms,
+/// interleaved; both caches seeded directly in the store.
+async fn p5_many_rooms(scale: &Scale) {
+    let (emulator, emulator_url) = emulator(Faults::default()).await;
+    // The emulator knows none of the seeded rooms: keep the reconciler's
+    // startup listing from ever answering (it would check each room upstream).
+    let _quiet = emulator.hold_responses(Operation::ListRooms);
+    let small_db = TempDb::new();
+    let big_db = TempDb::new();
+    let rooms = rooms(scale.rooms);
+    let seeding = Instant::now();
+    seed(&small_db.url, &rooms[..100]).await;
+    seed(&big_db.url, &rooms).await;
+    println!(
+        "# P5 seeded {} + 100 rooms in {:.1} s",
+        rooms.len(),
+        seeding.elapsed().as_secs_f64()
+    );
+    let flags = ["--max-staleness", "1h", "--upstream-timeout", "1h"];
+    let small = Service::start(serve_config(&small_db.url, &emulator_url, &flags)).await;
+    let big = Service::start(serve_config(&big_db.url, &emulator_url, &flags)).await;
+
+    let small_side = LoadTarget::connect(
+        &small.uri(),
+        Arc::new(rooms[..100].iter().map(|r| cached_get(&r.arn)).collect()),
+    )
+    .await;
+    let big_side = LoadTarget::connect(
+        &big.uri(),
+        Arc::new(rooms.iter().map(|r| cached_get(&r.arn)).collect()),
+    )
+    .await;
+    // Every room read once, so both caches start warm.
+    for side in [&small_side, &big_side] {
+        let touched = Instant::now();
+        side.touch_all().await;
+        println!(
+            "# P5 read all {} rooms once in {:.1} s",
+            side.requests.len(),
+            touched.elapsed().as_secs_f64()
+        );
+    }
+    let (big_rate, small_rate) = compare_throughput("P5", scale, &big_side, &small_side).await;
+    println!(
+        "# P5 cached GetRoom of a random room: {} rooms {big_rate:.0}/s, 100 rooms {small_rate:.0}/s",
+        rooms.len()
+    );
+    println!(
+        "P5 cached_get_throughput_ratio_{}_vs_100_rooms {:.3}",
+        rooms.len(),
+        big_rate / small_rate
+    );
+    big.stop().await;
+    small.stop().await;
+}
+
+/// P6: UpdateRoom through the service ÷ the same call straight through the
+/// SDK, against one emulator answering after 5 ms.
+async fn p6_update_overhead(scale: &Scale) {
+    let upstream_latency = Duration::from_millis(5);
+    let (_emulator, emulator_url) = emulator(Faults {
+        latency: upstream_latency,
+        ..Faults::default()
+    })
+    .await;
+    let db = TempDb::new();
+    let service = Service::start(serve_config(&db.url, &emulator_url, &[])).await;
+    let mut client = service.client().await;
+    let direct = sdk(&emulator_url);
+    let arn = client
+        .create_room(create("p6"))
+        .await
+        .expect("CreateRoom through the service")
+        .into_inner()
+        .arn;
+    // One call every 250 ms: the service's UpdateRooms, one upstream call
+    // each, come 500 ms apart, well within the budget (5/s).
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let warmup = 2;
+    let (mut through_service, mut through_sdk) = (Vec::new(), Vec::new());
+    for i in 0..warmup + scale.update_pairs {
+        tick.tick().await;
+        let started = Instant::now();
+        client
+            .update_room(proto::UpdateRoomRequest {
+                identifier: arn.clone(),
+                name: Some(format!("p6-service-{i}")),
+                ..Default::default()
+            })
+            .await
+            .expect("UpdateRoom through the service");
+        let service_time = started.elapsed();
+        tick.tick().await;
+        let started = Instant::now();
+        direct
+            .update_room()
+            .identifier(&arn)
+            .name(format!("p6-sdk-{i}"))
+            .send()
+            .await
+            .expect("UpdateRoom through the SDK");
+        let sdk_time = started.elapsed();
+        if i >= warmup {
+            through_service.push(service_time);
+            through_sdk.push(sdk_time);
+        }
+    }
+    let (service_median, sdk_median) = (median(&through_service), median(&through_sdk));
+    println!(
+        "# P6 UpdateRoom, upstream latency {} ms, {} pairs (after {warmup} warm-up pairs): service median {:.2} ms, SDK median {:.2} ms",
+        upstream_latency.as_millis(),
+        scale.update_pairs,
+        ms(service_median),
+        ms(sdk_median)
+    );
+    println!(
+        "P6 update_latency_ratio {:.3}",
+        service_median.as_secs_f64() / sdk_median.as_secs_f64()
+    );
+    service.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Load generation (P1, P5)
+// ---------------------------------------------------------------------------
+
+/// Concurrent callers per load, and the connections they share.
+const LOAD_CONCURRENCY: usize = 64;
+const LOAD_CONNECTIONS: usize = 4;
+
+/// One side of a throughput comparison: its connections and the GetRoom
+/// requests its callers pick from at random.
+struct LoadTarget {
+    channels: Vec<Channel>,
+    requests: Arc<Vec<proto::GetRoomRequest>>,
+}
+
+/// What one load run did.
+#[derive(Debug, Default)]
+struct LoadResult {
+    completed: u64,
+    failed: u64,
+    first_failure: Option<Status>,
+    elapsed: Duration,
+}
+
+impl LoadTarget {
+    async fn connect(uri: &str, requests: Arc<Vec<proto::GetRoomRequest>>) -> LoadTarget {
+        LoadTarget {
+            channels: connect_many(uri, LOAD_CONNECTIONS).await,
+            requests,
+        }
+    }
+
+    /// `LOAD_CONCURRENCY` callers, each looping unary GetRoom of a random
+    /// request for `duration`.
+    async fn load(&self, duration: Duration) -> LoadResult {
+        let started = Instant::now();
+        let end = started + duration;
+        let callers: Vec<_> = (0..LOAD_CONCURRENCY)
+            .map(|i| {
+                let mut client = RoomServiceClient::new(self.channels[i % self.channels.len()].clone());
+                let requests = self.requests.clone();
+                tokio::spawn(async move {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(i as u64);
+                    let mut result = LoadResult::default();
+                    while Instant::now() < end {
+                        let request = requests[rng.random_range(0..requests.len())].clone();
+                        match client.get_room(request).await {
+                            Ok(_) => result.completed += 1,
+                            Err(status) => {
+                                result.failed += 1;
+                                result.first_failure.get_or_insert(status);
+                            }
+                        }
+                    }
+                    result
+                })
+            })
+            .collect();
+        let mut total = LoadResult::default();
+        for caller in callers {
+            let result = caller.await.expect("a load caller");
+            total.completed += result.completed;
+            total.failed += result.failed;
+            if total.first_failure.is_none() {
+                total.first_failure = result.first_failure;
+            }
+        }
+        total.elapsed = started.elapsed();
+        assert!(
+            total.failed == 0,
+            "{} of {} GetRoom calls failed, the first with {:?}",
+            total.failed,
+            total.failed + total.completed,
+            total.first_failure
+        );
+        total
+    }
+
+    /// Every request once, `LOAD_CONCURRENCY` at a time.
+    async fn touch_all(&self) {
+        let next = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..LOAD_CONCURRENCY)
+            .map(|i| {
+                let mut client = RoomServiceClient::new(self.channels[i % self.channels.len()].clone());
+                let requests = self.requests.clone();
+                let next = next.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let at = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(request) = requests.get(at) else {
+                            return;
+                        };
+                        client
+                            .get_room(request.clone())
+                            .await
+                            .expect("GetRoom of a seeded room");
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.expect("a warm-up caller");
+        }
+    }
+}
+
+/// Loads `a` and `b` in turn (after a warm-up of each), `scale.rounds` times,
+/// so that machine noise hits both; returns each side's calls per second
+/// over all its rounds.
+async fn compare_throughput(
+    id: &str,
+    scale: &Scale,
+    a: &LoadTarget,
+    b: &LoadTarget,
+) -> (f64, f64) {
+    a.load(scale.warmup).await;
+    b.load(scale.warmup).await;
+    let (mut a_total, mut b_total) = (LoadResult::default(), LoadResult::default());
+    let (mut a_rounds, mut b_rounds) = (Vec::new(), Vec::new());
+    for _ in 0..scale.rounds {
+        for (side, total, rounds) in [
+            (a, &mut a_total, &mut a_rounds),
+            (b, &mut b_total, &mut b_rounds),
+        ] {
+            let result = side.load(scale.slice).await;
+            rounds.push(format!("{:.0}", rate(&result)));
+            total.completed += result.completed;
+            total.elapsed += result.elapsed;
+        }
+    }
+    println!(
+        "# {id} load: {LOAD_CONCURRENCY} callers over {LOAD_CONNECTIONS} connections, {} rounds of {} ms per side; per round (calls/s): {} vs {}",
+        scale.rounds,
+        scale.slice.as_millis(),
+        a_rounds.join(" "),
+        b_rounds.join(" ")
+    );
+    (rate(&a_total), rate(&b_total))
+}
+
+fn rate(result: &LoadResult) -> f64 {
+    result.completed as f64 / result.elapsed.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------
+// Watchers (P4)
+// ---------------------------------------------------------------------------
+
+/// Open WatchRooms streams whose client only notes when a message arrives.
+struct Watchers {
+    count: usize,
+    tasks: Vec<JoinHandle<()>>,
+    round: Arc<Round>,
+}
+
+/// Where watchers record the arrival of the current update's event.
+struct Round {
+    base: Instant,
+    /// Per watcher: when its event arrived, in nanoseconds after `base`.
+    arrived: Vec<AtomicU64>,
+    /// Watchers yet to receive the current update's event.
+    waiting: AtomicUsize,
+    all_arrived: Notify,
+    /// Streams that have received their first message (a progress).
+    established: AtomicUsize,
+    all_established: Notify,
+}
+
+impl Watchers {
+    /// Opens `count` streams spread over `channels` and waits until each has
+    /// received its first message.
+    async fn open(channels: &[Channel], count: usize) -> Watchers {
+        let round = Arc::new(Round {
+            base: Instant::now(),
+            arrived: (0..count).map(|_| AtomicU64::new(0)).collect(),
+            waiting: AtomicUsize::new(0),
+            all_arrived: Notify::new(),
+            established: AtomicUsize::new(0),
+            all_established: Notify::new(),
+        });
+        // Streams are opened a bounded number at a time, as clients
+        // reconnecting after a deploy would not all arrive in one instant.
+        let opening = Arc::new(Semaphore::new(256));
+        let tasks = (0..count)
+            .map(|i| {
+                let channel = channels[i % channels.len()].clone();
+                let round = round.clone();
+                let opening = opening.clone();
+                tokio::spawn(async move {
+                    let permit = opening.acquire_owned().await.expect("semaphore");
+                    let mut stream = watch_notices(channel).await;
+                    let first = stream.message().await;
+                    if !matches!(first, Ok(Some(Notice::Progress))) {
+                        fail(&format!("watch stream {i} began with {first:?}, not a progress"));
+                    }
+                    drop(permit);
+                    if round.established.fetch_add(1, Ordering::SeqCst) + 1 == count {
+                        round.all_established.notify_one();
+                    }
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(Notice::Event)) => {
+                                let at = round.base.elapsed().as_nanos() as u64;
+                                round.arrived[i].store(at, Ordering::Relaxed);
+                                if round.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+                                    round.all_arrived.notify_one();
+                                }
+                            }
+                            Ok(Some(Notice::Progress)) => {}
+                            other => fail(&format!("watch stream {i} ended: {other:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let all = round.all_established.notified();
+        if round.established.load(Ordering::SeqCst) < count {
+            tokio::time::timeout(Duration::from_secs(120), all)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "only {} of {count} watch streams established in 120 s",
+                        round.established.load(Ordering::SeqCst)
+                    )
+                });
+        }
+        Watchers {
+            count,
+            tasks,
+            round,
+        }
+    }
+
+    /// Updates the room through the service and returns, per watcher, how
+    /// long after the request was sent its event arrived.
+    async fn deliver(
+        &self,
+        client: &mut RoomServiceClient<Channel>,
+        arn: &str,
+        updates: &mut usize,
+    ) -> Vec<Duration> {
+        *updates += 1;
+        self.round.waiting.store(self.count, Ordering::SeqCst);
+        let all = self.round.all_arrived.notified();
+        let sent = self.round.base.elapsed();
+        client
+            .update_room(proto::UpdateRoomRequest {
+                identifier: arn.to_owned(),
+                name: Some(format!("p4-{updates}")),
+                ..Default::default()
+            })
+            .await
+            .expect("UpdateRoom through the service");
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} of {} watchers did not get the update in 60 s",
+                    self.round.waiting.load(Ordering::SeqCst),
+                    self.count
+                )
+            });
+        self.round
+            .arrived
+            .iter()
+            .map(|at| Duration::from_nanos(at.load(Ordering::Relaxed)).saturating_sub(sent))
+            .collect()
+    }
+
+    fn close(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// What arrived on a watch stream; its content is not decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Notice {
+    Event,
+    Progress,
+    Other,
+}
+
+/// WatchRooms from now on, every room, with a client that only tells events
+/// from progress messages (by the oneof's field tag) and keeps small buffers.
+async fn watch_notices(channel: Channel) -> tonic::codec::Streaming<Notice> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if let Err(e) = grpc.ready().await {
+        fail(&format!("channel not ready for WatchRooms: {e}"));
+    }
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/ivschat.rooms.v1.RoomService/WatchRooms",
+    );
+    match grpc
+        .server_streaming(
+            Request::new(proto::WatchRoomsRequest::default()),
+            path,
+            NoticeCodec,
+        )
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => fail(&format!("WatchRooms refused: {status:?}")),
+    }
+}
+
+/// Ends the measure from a task whose panic nobody would see soon.
+fn fail(message: &str) -> ! {
+    eprintln!("{message}");
+    std::process::exit(1)
+}
+
+struct NoticeCodec;
+struct RequestEncoder;
+struct NoticeDecoder;
+
+impl tonic::codec::Codec for NoticeCodec {
+    type Encode = proto::WatchRoomsRequest;
+    type Decode = Notice;
+    type Encoder = RequestEncoder;
+    type Decoder = NoticeDecoder;
+
+    fn encoder(&mut self) -> RequestEncoder {
+        RequestEncoder
+    }
+
+    fn decoder(&mut self) -> NoticeDecoder {
+        NoticeDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RequestEncoder {
+    type Item = proto::WatchRoomsRequest;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: proto::WatchRoomsRequest,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encode WatchRoomsRequest: {e}")))
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        tonic::codec::BufferSettings::new(128, 32 * 1024)
+    }
+}
+
+impl tonic::codec::Decoder for NoticeDecoder {
+    type Item = Notice;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Notice>, Status> {
+        use prost::bytes::Buf as _;
+        // WatchRoomsResponse: `event` is field 1, `progress` field 2, both
+        // length-delimited.
+        let notice = match src.chunk().first() {
+            Some(0x0a) => Notice::Event,
+            Some(0x12) => Notice::Progress,
+            _ => Notice::Other,
+        };
+        src.advance(src.remaining());
+        Ok(Some(notice))
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        tonic::codec::BufferSettings::new(1024, 32 * 1024)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers and clients
+// ---------------------------------------------------------------------------
+
+/// A database of the measure's own, removed when dropped.
+struct TempDb {
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TempDb {
+    fn new() -> TempDb {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        TempDb {
+            url: format!("sqlite://{}", dir.path().join("cache.db").display()),
+            _dir: dir,
+        }
+    }
+}
+
+/// An emulator on a loopback port, with `faults`.
+async fn emulator(faults: Faults) -> (Emulator, String) {
+    let emulator = Emulator::new(EmulatorConfig {
+        faults,
+        ..EmulatorConfig::default()
+    })
+    .expect("emulator");
+    let url = emulator
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("emulator listens");
+    (emulator, url)
+}
+
+/// The AWS SDK pointed at an emulator, with retries off.
+fn sdk(url: &str) -> aws_sdk_ivschat::Client {
+    use aws_sdk_ivschat::config::{BehaviorVersion, Credentials, Region, retry::RetryConfig};
+    let config = aws_sdk_ivschat::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .endpoint_url(url)
+        .retry_config(RetryConfig::disabled())
+        .build();
+    aws_sdk_ivschat::Client::from_conf(config)
+}
+
+/// The service's defaults, in front of the emulator at `emulator_url`, with
+/// the reconciler quiet after its startup listing, and `extra` flags.
+fn serve_config(db_url: &str, emulator_url: &str, extra: &[&str]) -> ServeConfig {
+    let args = [
+        "ivschat-rooms",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db_url,
+        "--upstream",
+        "emulator",
+        "--emulator-url",
+        emulator_url,
+        "--reconcile-interval",
+        "1h",
+        "--resync-interval",
+        "1h",
+    ];
+    let cli = Cli::try_parse_from(args.iter().chain(extra))
+        .unwrap_or_else(|e| panic!("service flags {extra:?} do not parse: {e}"));
+    match cli.into_command() {
+        Command::Serve(config) => config,
+        Command::Emulator(_) | Command::Watch(_) => unreachable!("serve was asked for"),
+    }
+}
+
+/// The real server on a loopback port.
+struct Service {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    /// Starts the server and waits until it serves and its startup listing is
+    /// done (ListRooms waits for it).
+    async fn start(config: ServeConfig) -> Service {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local address");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(ivschat_rooms::server::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let service = Service { addr, stop, task };
+        let channel = connect(&service.uri()).await;
+        let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await;
+        if let Err(status) = health {
+            let outcome = service.task.await;
+            panic!("the service did not start: {status:?}; it said {outcome:?}");
+        }
+        RoomServiceClient::new(channel)
+            .list_rooms(proto::ListRoomsRequest::default())
+            .await
+            .expect("the service's startup listing completes");
+        service
+    }
+
+    fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn client(&self) -> RoomServiceClient<Channel> {
+        RoomServiceClient::new(connect(&self.uri()).await)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the service stops within 30 s")
+            .expect("the service task")
+            .expect("the service stops cleanly");
+    }
+}
+
+/// The least a tonic server can do for GetRoom: answer a constant Room.
+struct BareService {
+    room: proto::Room,
+}
+
+#[tonic::async_trait]
+impl room_service_server::RoomService for BareService {
+    type WatchRoomsStream = futures::stream::Pending<Result<proto::WatchRoomsResponse, Status>>;
+
+    async fn get_room(
+        &self,
+        _request: Request<proto::GetRoomRequest>,
+    ) -> Result<Response<proto::Room>, Status> {
+        Ok(Response::new(self.room.clone()))
+    }
+
+    async fn create_room(
+        &self,
+        _request: Request<proto::CreateRoomRequest>,
+    ) -> Result<Response<proto::Room>, Status> {
+        Err(Status::unimplemented("bare server"))
+    }
+
+    async fn update_room(
+        &self,
+        _request: Request<proto::UpdateRoomRequest>,
+    ) -> Result<Response<proto::Room>, Status> {
+        Err(Status::unimplemented("bare server"))
+    }
+
+    async fn delete_room(
+        &self,
+        _request: Request<proto::DeleteRoomRequest>,
+    ) -> Result<Response<proto::DeleteRoomResponse>, Status> {
+        Err(Status::unimplemented("bare server"))
+    }
+
+    async fn list_rooms(
+        &self,
+        _request: Request<proto::ListRoomsRequest>,
+    ) -> Result<Response<proto::ListRoomsResponse>, Status> {
+        Err(Status::unimplemented("bare server"))
+    }
+
+    async fn tag_room(
+        &self,
+        _request: Request<proto::TagRoomRequest>,
+    ) -> Result<Response<proto::Room>, Status> {
+        Err(Status::unimplemented("bare server"))
+    }
+
+    async fn untag_room(
+        &self,
+        _request: Request<proto::UntagRoomRequest>,
+    ) -> Result<Response<proto::Room>, Status> {
+        Err(Status::unimplemented("bare server"))
+    }
+
+    async fn watch_rooms(
+        &self,
+        _request: Request<proto::WatchRoomsRequest>,
+    ) -> Result<Response<Self::WatchRoomsStream>, Status> {
+        Err(Status::unimplemented("bare server"))
+    }
+}
+
+/// A bare tonic server (TCP_NODELAY, as the service's) on a loopback port.
+struct BareServer {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl BareServer {
+    async fn start(room: proto::Room) -> BareServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local address");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+            let conn = conn?;
+            conn.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(conn)
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RoomServiceServer::new(BareService { room }))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopped.await;
+                }),
+        );
+        BareServer { addr, stop, task }
+    }
+
+    fn uri(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .expect("the bare server task")
+            .expect("the bare server stops cleanly");
+    }
+}
+
+/// One connection (HTTP/2, TCP_NODELAY) to `uri`.
+async fn connect(uri: &str) -> Channel {
+    Endpoint::from_shared(uri.to_owned())
+        .expect("a server URI")
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("could not connect to {uri}: {e}"))
+}
+
+/// `n` separate connections to `uri`.
+async fn connect_many(uri: &str, n: usize) -> Vec<Channel> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(connect(uri).await);
+    }
+    channels
+}
+
+fn create(name: &str) -> proto::CreateRoomRequest {
+    proto::CreateRoomRequest {
+        name: name.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn cached_get(arn: &str) -> proto::GetRoomRequest {
+    proto::GetRoomRequest {
+        identifier: arn.to_owned(),
+        consistency: proto::ReadConsistency::Cached as i32,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Seeding (P5)
+// ---------------------------------------------------------------------------
+
+/// `n` distinct rooms as IVS Chat would describe them.
+fn rooms(n: usize) -> Vec<Room> {
+    let now = Timestamp::now().truncate_to_micros();
+    (0..n)
+        .map(|i| {
+            let id = format!("bench{i:07}");
+            Room {
+                arn: format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}"),
+                id,
+                name: format!("bench-room-{i}"),
+                create_time: now,
+                update_time: now,
+                maximum_message_rate_per_second: Room::DEFAULT_MAXIMUM_MESSAGE_RATE_PER_SECOND,
+                maximum_message_length: Room::DEFAULT_MAXIMUM_MESSAGE_LENGTH,
+                message_review_handler: None,
+                tags: BTreeMap::new(),
+                logging_configuration_identifiers: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// Puts `rooms` straight into the cache at `url`, confirmed now, and records
+/// a full listing so the server answers ListRooms from the cache at once.
+async fn seed(url: &str, rooms: &[Room]) {
+    let store = Store::open(url).await.expect("open the cache to seed it");
+    let now = Timestamp::now();
+    for chunk in rooms.chunks(10_000) {
+        store
+            .put_many(chunk, now, EventSource::Reconciler)
+            .await
+            .expect("seed the cache");
+    }
+    store
+        .set_full_listing_at(now)
+        .await
+        .expect("record a full listing");
+    store.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// Arithmetic
+// ---------------------------------------------------------------------------
+
+/// The most of `times` in any half-open window `[t, t + window)`.
+fn max_in_window(mut times: Vec<Instant>, window: Duration) -> usize {
+    times.sort();
+    let mut end = 0;
+    let mut most = 0;
+    for (start, &t) in times.iter().enumerate() {
+        while end < times.len() && times[end] < t + window {
+            end += 1;
+        }
+        most = most.max(end - start);
+    }
+    most
+}
+
+/// The nearest-rank 99th percentile.
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    assert!(!samples.is_empty(), "no samples");
+    samples.sort();
+    let rank = (samples.len() * 99).div_ceil(100);
+    samples[rank.max(1) - 1]
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    assert!(!samples.is_empty(), "no samples");
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let middle = sorted.len() / 2;
+    if sorted.len() % 2 == 0 {
+        (sorted[middle - 1] + sorted[middle]) / 2
+    } else {
+        sorted[middle]
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn list_ms(samples: &[Duration]) -> String {
+    samples
+        .iter()
+        .map(|d| format!("{:.2}", ms(*d)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn total_calls(emulator: &Emulator) -> u64 {
+    Operation::ALL.into_iter().map(|op| emulator.calls(op)).sum()
+}
+
+/// This process's resident set, in KiB (Linux).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
