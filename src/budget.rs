@@ -183,8 +183,8 @@ impl Budget {
             .into_iter()
             .map(|op| {
                 let rate = settings.rates.get(&op).copied().unwrap_or(settings.rate);
-                let interval =
-                    Duration::from_secs_f64(HEADROOM / f64::from(rate.get())).max(Duration::from_nanos(1));
+                let interval = Duration::from_secs_f64(HEADROOM / f64::from(rate.get()))
+                    .max(Duration::from_nanos(1));
                 let quota = Quota::with_period(interval).expect("a positive period");
                 Bucket {
                     op,
@@ -346,7 +346,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_hopeless_wait_is_refused_at_once() {
         let budget = budget(5);
-        budget.acquire(Operation::GetRoom, Caller::USER).await.unwrap();
+        budget
+            .acquire(Operation::GetRoom, Caller::USER)
+            .await
+            .unwrap();
         let start = Instant::now();
         let deadline = Some(start + Duration::from_millis(50));
         let err = budget

@@ -133,7 +133,11 @@ pub struct ServeConfig {
 
     /// How many cached rooms each process also keeps in memory, for cached
     /// reads without SQL (`0` turns the memory layer off).
-    #[arg(long, env = "IVSCHAT_ROOMS_MEMORY_CACHE_ROOMS", default_value_t = 200_000)]
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_MEMORY_CACHE_ROOMS",
+        default_value_t = 200_000
+    )]
     pub memory_cache_rooms: usize,
 
     /// How long ListRooms waits for the first full listing of IVS Chat before

@@ -6,7 +6,8 @@
 //!   otherwise they read IVS Chat and store what it says. The cache is read
 //!   through the hot layer (`hot`), which is exact, then SQL.
 //! - Concurrent reads of one room that need IVS Chat share one call (a
-//!   flight); a STRONG read only joins a flight that started after it arrived.
+//!   flight); a STRONG read only joins a STRONG flight that has not sent its
+//!   call yet, so it sees every write that completed before it arrived.
 //! - When IVS Chat is down or throttling (or the budget cannot serve a read in
 //!   time), a cached read is answered from a row past `max_staleness` but
 //!   within `stale_if_error`, and says so; STRONG reads and writes fail.
@@ -25,14 +26,13 @@
 //!   IVS Chat has made always reaches the cache. Shutdown waits for them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::{OwnedMutexGuard, watch};
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::Caller;
@@ -171,10 +171,11 @@ struct Inner {
 /// A GetRoom of one room under way, shared by every reader that joins it.
 struct Flight {
     id: u64,
-    /// When it began: a STRONG read joins only a flight that began after it.
-    began: Instant,
     /// Whether it asks IVS Chat whatever the cache holds.
     strong: bool,
+    /// Whether it has (about to have) sent its call: a STRONG read that
+    /// arrives later must not take its answer.
+    sent: Arc<AtomicBool>,
     answer: Shared<BoxFuture<'static, Arc<Result<Room>>>>,
 }
 
@@ -247,7 +248,6 @@ impl Rooms {
     /// A room, from the cache when it is fresh enough for `consistency`,
     /// otherwise from IVS Chat (one call shared by concurrent readers).
     pub async fn get(&self, identifier: &str, consistency: Consistency, caller: Caller) -> Read {
-        let arrived = Instant::now();
         let arn = match RoomArn::parse("identifier", identifier) {
             Ok(arn) => arn,
             Err(e) => {
@@ -274,7 +274,7 @@ impl Rooms {
                 }
             }
         }
-        let fetched = self.fetch(&arn, consistency, caller, arrived).await;
+        let fetched = self.fetch(&arn, consistency, caller).await;
         match fetched {
             Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
                 // Anything the cache still holds, within the hard limit, beats
@@ -305,30 +305,27 @@ impl Rooms {
     }
 
     /// Reads the room from IVS Chat into the cache, or joins a read of it
-    /// already under way: any, for a cached read; one that began after
-    /// `arrived`, for a STRONG read (it sees every write that completed
-    /// before this request).
-    async fn fetch(
-        &self,
-        arn: &RoomArn,
-        consistency: Consistency,
-        caller: Caller,
-        arrived: Instant,
-    ) -> Result<Room> {
+    /// already under way: any, for a cached read; for a STRONG read, a STRONG
+    /// one that has not sent its call yet (so the answer is IVS Chat's as of
+    /// after this request arrived).
+    async fn fetch(&self, arn: &RoomArn, consistency: Consistency, caller: Caller) -> Result<Room> {
         let strong = consistency == Consistency::Strong;
         let answer = {
             let mut flights = self.inner.flights.lock().expect("flights");
             match flights.get(arn) {
-                Some(f) if !strong || (f.strong && f.began >= arrived) => f.answer.clone(),
+                Some(f) if !strong || (f.strong && !f.sent.load(Ordering::SeqCst)) => {
+                    f.answer.clone()
+                }
                 _ => {
                     let id = self.inner.next_flight.fetch_add(1, Ordering::Relaxed);
-                    let answer = self.fly(arn.clone(), id, strong, caller);
+                    let sent = Arc::new(AtomicBool::new(false));
+                    let answer = self.fly(arn.clone(), id, strong, sent.clone(), caller);
                     flights.insert(
                         arn.clone(),
                         Flight {
                             id,
-                            began: Instant::now(),
                             strong,
+                            sent,
                             answer: answer.clone(),
                         },
                     );
@@ -350,6 +347,7 @@ impl Rooms {
         arn: RoomArn,
         id: u64,
         strong: bool,
+        sent: Arc<AtomicBool>,
         caller: Caller,
     ) -> Shared<BoxFuture<'static, Arc<Result<Room>>>> {
         let rooms = self.clone();
@@ -362,6 +360,7 @@ impl Rooms {
                 {
                     return answer(&row);
                 }
+                sent.store(true, Ordering::SeqCst);
                 // A change found here was made behind this service's back.
                 rooms.refresh(&arn, EventSource::Reconciler, caller).await
             }
@@ -390,7 +389,10 @@ impl Rooms {
             let _turn = rooms.inner.locks.lock(&arn).await;
             let asked_at = Timestamp::now();
             let room = rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.update_room(&arn, &patch, caller).await)
+                .gone_if_not_found(
+                    &arn,
+                    rooms.inner.upstream.update_room(&arn, &patch, caller).await,
+                )
                 .await?;
             Ok(rooms.keep(room, asked_at, EventSource::Api).await)
         })
@@ -421,7 +423,10 @@ impl Rooms {
         self.exchange(|rooms| async move {
             let _turn = rooms.inner.locks.lock(&arn).await;
             rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.tag_room(&arn, &tags, caller).await)
+                .gone_if_not_found(
+                    &arn,
+                    rooms.inner.upstream.tag_room(&arn, &tags, caller).await,
+                )
                 .await?;
             // Tagging need not move updateTime, so read the room back whole.
             rooms.refresh(&arn, EventSource::Api, caller).await
@@ -435,7 +440,10 @@ impl Rooms {
         self.exchange(|rooms| async move {
             let _turn = rooms.inner.locks.lock(&arn).await;
             rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.untag_room(&arn, &keys, caller).await)
+                .gone_if_not_found(
+                    &arn,
+                    rooms.inner.upstream.untag_room(&arn, &keys, caller).await,
+                )
                 .await?;
             rooms.refresh(&arn, EventSource::Api, caller).await
         })

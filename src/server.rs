@@ -11,10 +11,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::BudgetSettings;
 use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
-use crate::budget::BudgetSettings;
 use crate::grpc::{RoomService, proto};
 use crate::hot::HotRooms;
 use crate::reconciler::{self, ReconcileSettings};

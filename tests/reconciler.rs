@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use common::{TestDb, emulator, sdk};
 use futures::StreamExt as _;
+use ivschat_rooms::budget::BudgetSettings;
 use ivschat_rooms::domain::{EventKind, EventSource, Room, RoomArn, RoomPatch, Timestamp};
 use ivschat_rooms::emulator::{Emulator, Operation};
 use ivschat_rooms::feed::{Feed, FeedSettings, WatchItem, WatchRequest};
+use ivschat_rooms::hot::HotRooms;
 use ivschat_rooms::rooms::{Rooms, RoomsSettings};
 use ivschat_rooms::store::Store;
-use ivschat_rooms::budget::BudgetSettings;
-use ivschat_rooms::hot::HotRooms;
 use ivschat_rooms::upstream::{Upstream, UpstreamSettings};
 
 async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
@@ -184,9 +184,7 @@ async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
         .list(ivschat_rooms::domain::ListQuery::default())
         .await
         .unwrap();
-    let arns: Vec<_> = listing
-        .page
-        .rooms.iter().map(|r| r.arn.as_str()).collect();
+    let arns: Vec<_> = listing.page.rooms.iter().map(|r| r.arn.as_str()).collect();
     assert_eq!(arns, [kept.arn().unwrap()]);
 }
 

@@ -206,7 +206,9 @@ impl server::RoomService for RoomService {
         let caller = caller(&request);
         let req = request.into_inner();
         reply(
-            self.rooms.untag(&req.identifier, req.tag_keys, caller).await,
+            self.rooms
+                .untag(&req.identifier, req.tag_keys, caller)
+                .await,
             convert::room,
         )
     }
@@ -221,7 +223,10 @@ mod tests {
         assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         for bad in ["", "m", "100", "100x", "123456789S", "-1S"] {
             assert_eq!(grpc_timeout(bad), None, "{bad}");
         }
