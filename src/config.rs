@@ -35,6 +35,8 @@ impl Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// One value per process: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve RoomService over gRPC (the default).
     Serve(ServeConfig),
