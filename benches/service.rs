@@ -54,7 +54,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 const MEASURES: [&str; 6] = ["P1", "P2", "P3", "P4", "P5", "P6"];
 
@@ -137,7 +137,8 @@ fn run_measure(id: &str, scale: Scale) {
 
 /// Counts and durations: full, or `--quick`.
 struct Scale {
-    /// Throughput comparisons (P1, P5): A, B, A, B ... this many of each.
+    /// Throughput comparisons (P1, P5): rounds of A and B (even, so that
+    /// each side goes first equally often).
     rounds: usize,
     /// How long each side is loaded per round.
     slice: Duration,
@@ -161,8 +162,8 @@ impl Scale {
     fn new(quick: bool) -> Scale {
         if quick {
             Scale {
-                rounds: 3,
-                slice: Duration::from_millis(1500),
+                rounds: 4,
+                slice: Duration::from_secs(1),
                 warmup: Duration::from_secs(1),
                 cold_gets: 1000,
                 overload: Duration::from_secs(4),
@@ -174,8 +175,8 @@ impl Scale {
             }
         } else {
             Scale {
-                rounds: 5,
-                slice: Duration::from_secs(3),
+                rounds: 6,
+                slice: Duration::from_millis(2500),
                 warmup: Duration::from_secs(2),
                 cold_gets: 1000,
                 overload: Duration::from_secs(10),
@@ -198,7 +199,12 @@ impl Scale {
 async fn p1_cached_get_vs_bare(scale: &Scale) {
     let (_emulator, emulator_url) = emulator(Faults::default()).await;
     let db = TempDb::new();
-    let service = Service::start(serve_config(&db.url, &emulator_url, &["--max-staleness", "1h"])).await;
+    let service = Service::start(serve_config(
+        &db.url,
+        &emulator_url,
+        &["--max-staleness", "1h"],
+    ))
+    .await;
     let room = service
         .client()
         .await
@@ -211,8 +217,11 @@ async fn p1_cached_get_vs_bare(scale: &Scale) {
     let requests = Arc::new(vec![cached_get(&room.arn)]);
     let service_side = LoadTarget::connect(&service.uri(), requests.clone()).await;
     let bare_side = LoadTarget::connect(&bare.uri(), requests).await;
-    let (service_rate, bare_rate) = compare_throughput("P1", scale, &service_side, &bare_side).await;
-    println!("# P1 cached GetRoom: service {service_rate:.0}/s, bare tonic server {bare_rate:.0}/s");
+    let (service_rate, bare_rate) =
+        compare_throughput("P1", scale, &service_side, &bare_side).await;
+    println!(
+        "# P1 cached GetRoom: service {service_rate:.0}/s, bare tonic server {bare_rate:.0}/s"
+    );
     println!(
         "P1 cached_get_throughput_ratio {:.3}",
         service_rate / bare_rate
@@ -441,7 +450,9 @@ async fn p4_watchers(scale: &Scale) {
     let mut one_latencies = Vec::new();
     for _ in 0..scale.one_watcher_updates {
         tokio::time::sleep(pace).await;
-        one_latencies.push(p99(one.deliver(&mut updater, &room.arn, &mut updates).await));
+        one_latencies.push(p99(one
+            .deliver(&mut updater, &room.arn, &mut updates)
+            .await));
     }
     one.close();
 
@@ -454,10 +465,16 @@ async fn p4_watchers(scale: &Scale) {
     let open_time = opened.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib();
-    let mut many_latencies = Vec::new();
+    let (mut many_latencies, mut spreads, mut cpu) = (Vec::new(), Vec::new(), Duration::ZERO);
     for _ in 0..scale.many_watcher_updates {
         tokio::time::sleep(pace).await;
-        many_latencies.push(p99(many.deliver(&mut updater, &room.arn, &mut updates).await));
+        let cpu_before = cpu_time();
+        let latencies = many.deliver(&mut updater, &room.arn, &mut updates).await;
+        cpu += cpu_time().saturating_sub(cpu_before);
+        let first = latencies.iter().min().copied().unwrap_or_default();
+        let last = latencies.iter().max().copied().unwrap_or_default();
+        spreads.push(last - first);
+        many_latencies.push(p99(latencies));
     }
 
     let one_p99 = median(&one_latencies);
@@ -479,6 +496,13 @@ async fn p4_watchers(scale: &Scale) {
         open_time.as_millis(),
         ms(many_p99),
         list_ms(&many_latencies)
+    );
+    let deliveries = (scale.watchers * scale.many_watcher_updates) as u32;
+    println!(
+        "# P4 {} watchers: first to last arrival of an update {} ms (median), {:.1} µs of CPU (all threads: service, emulator and clients) per event delivered",
+        scale.watchers,
+        list_ms(&[median(&spreads)]),
+        cpu.as_secs_f64() * 1e6 / f64::from(deliveries)
     );
     println!(
         "# P4 RSS {rss_before} KiB -> {rss_after} KiB with {} idle watchers; clients, service and emulator share the process, so this includes the client side of each stream",
@@ -554,7 +578,7 @@ async fn p5_many_rooms(scale: &Scale) {
 /// SDK, against one emulator answering after 5 ms.
 async fn p6_update_overhead(scale: &Scale) {
     let upstream_latency = Duration::from_millis(5);
-    let (_emulator, emulator_url) = emulator(Faults {
+    let (emulator, emulator_url) = emulator(Faults {
         latency: upstream_latency,
         ..Faults::default()
     })
@@ -573,6 +597,10 @@ async fn p6_update_overhead(scale: &Scale) {
     // each, come 500 ms apart, well within the budget (5/s).
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let warmup = 2;
+    let calls_before: Vec<u64> = Operation::ALL
+        .iter()
+        .map(|op| emulator.calls(*op))
+        .collect();
     let (mut through_service, mut through_sdk) = (Vec::new(), Vec::new());
     for i in 0..warmup + scale.update_pairs {
         tick.tick().await;
@@ -601,6 +629,23 @@ async fn p6_update_overhead(scale: &Scale) {
             through_sdk.push(sdk_time);
         }
     }
+    // The SDK's own UpdateRooms counted out: what one service UpdateRoom costs upstream.
+    let pairs = warmup + scale.update_pairs;
+    let per_update: Vec<String> = Operation::ALL
+        .iter()
+        .zip(calls_before)
+        .filter_map(|(op, before)| {
+            let mut calls = emulator.calls(*op) - before;
+            if *op == Operation::UpdateRoom {
+                calls -= pairs as u64;
+            }
+            (calls > 0).then(|| format!("{op:?} {:.2}", calls as f64 / pairs as f64))
+        })
+        .collect();
+    println!(
+        "# P6 upstream calls per service UpdateRoom: {}",
+        per_update.join(", ")
+    );
     let (service_median, sdk_median) = (median(&through_service), median(&through_sdk));
     println!(
         "# P6 UpdateRoom, upstream latency {} ms, {} pairs (after {warmup} warm-up pairs): service median {:.2} ms, SDK median {:.2} ms",
@@ -655,7 +700,8 @@ impl LoadTarget {
         let end = started + duration;
         let callers: Vec<_> = (0..LOAD_CONCURRENCY)
             .map(|i| {
-                let mut client = RoomServiceClient::new(self.channels[i % self.channels.len()].clone());
+                let mut client =
+                    RoomServiceClient::new(self.channels[i % self.channels.len()].clone());
                 let requests = self.requests.clone();
                 tokio::spawn(async move {
                     let mut rng = rand::rngs::SmallRng::seed_from_u64(i as u64);
@@ -699,7 +745,8 @@ impl LoadTarget {
         let next = Arc::new(AtomicUsize::new(0));
         let callers: Vec<_> = (0..LOAD_CONCURRENCY)
             .map(|i| {
-                let mut client = RoomServiceClient::new(self.channels[i % self.channels.len()].clone());
+                let mut client =
+                    RoomServiceClient::new(self.channels[i % self.channels.len()].clone());
                 let requests = self.requests.clone();
                 let next = next.clone();
                 tokio::spawn(async move {
@@ -723,37 +770,35 @@ impl LoadTarget {
 }
 
 /// Loads `a` and `b` in turn (after a warm-up of each), `scale.rounds` times,
-/// so that machine noise hits both; returns each side's calls per second
+/// alternating which goes first (A B, B A, ...) so that machine noise, and
+/// any drift in it, hits both alike; returns each side's calls per second
 /// over all its rounds.
-async fn compare_throughput(
-    id: &str,
-    scale: &Scale,
-    a: &LoadTarget,
-    b: &LoadTarget,
-) -> (f64, f64) {
+async fn compare_throughput(id: &str, scale: &Scale, a: &LoadTarget, b: &LoadTarget) -> (f64, f64) {
     a.load(scale.warmup).await;
     b.load(scale.warmup).await;
-    let (mut a_total, mut b_total) = (LoadResult::default(), LoadResult::default());
-    let (mut a_rounds, mut b_rounds) = (Vec::new(), Vec::new());
-    for _ in 0..scale.rounds {
-        for (side, total, rounds) in [
-            (a, &mut a_total, &mut a_rounds),
-            (b, &mut b_total, &mut b_rounds),
-        ] {
-            let result = side.load(scale.slice).await;
-            rounds.push(format!("{:.0}", rate(&result)));
-            total.completed += result.completed;
-            total.elapsed += result.elapsed;
+    let mut totals = [LoadResult::default(), LoadResult::default()];
+    let mut rounds = [Vec::new(), Vec::new()];
+    for round in 0..scale.rounds {
+        let order = if round.is_multiple_of(2) {
+            [0, 1]
+        } else {
+            [1, 0]
+        };
+        for side in order {
+            let result = [a, b][side].load(scale.slice).await;
+            rounds[side].push(format!("{:.0}", rate(&result)));
+            totals[side].completed += result.completed;
+            totals[side].elapsed += result.elapsed;
         }
     }
     println!(
-        "# {id} load: {LOAD_CONCURRENCY} callers over {LOAD_CONNECTIONS} connections, {} rounds of {} ms per side; per round (calls/s): {} vs {}",
+        "# {id} load: {LOAD_CONCURRENCY} callers over {LOAD_CONNECTIONS} connections, {} rounds of {} ms per side, alternating which goes first; per round (calls/s): {} vs {}",
         scale.rounds,
         scale.slice.as_millis(),
-        a_rounds.join(" "),
-        b_rounds.join(" ")
+        rounds[0].join(" "),
+        rounds[1].join(" ")
     );
-    (rate(&a_total), rate(&b_total))
+    (rate(&totals[0]), rate(&totals[1]))
 }
 
 fn rate(result: &LoadResult) -> f64 {
@@ -809,7 +854,9 @@ impl Watchers {
                     let mut stream = watch_notices(channel).await;
                     let first = stream.message().await;
                     if !matches!(first, Ok(Some(Notice::Progress))) {
-                        fail(&format!("watch stream {i} began with {first:?}, not a progress"));
+                        fail(&format!(
+                            "watch stream {i} began with {first:?}, not a progress"
+                        ));
                     }
                     drop(permit);
                     if round.established.fetch_add(1, Ordering::SeqCst) + 1 == count {
@@ -831,9 +878,8 @@ impl Watchers {
                 })
             })
             .collect();
-        let all = round.all_established.notified();
         if round.established.load(Ordering::SeqCst) < count {
-            tokio::time::timeout(Duration::from_secs(120), all)
+            tokio::time::timeout(Duration::from_secs(120), round.all_established.notified())
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
@@ -970,10 +1016,7 @@ impl tonic::codec::Decoder for NoticeDecoder {
     type Item = Notice;
     type Error = Status;
 
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Notice>, Status> {
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Notice>, Status> {
         use prost::bytes::Buf as _;
         // WatchRoomsResponse: `event` is field 1, `progress` field 2, both
         // length-delimited.
@@ -1330,7 +1373,7 @@ fn median(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
     let middle = sorted.len() / 2;
-    if sorted.len() % 2 == 0 {
+    if sorted.len().is_multiple_of(2) {
         (sorted[middle - 1] + sorted[middle]) / 2
     } else {
         sorted[middle]
@@ -1350,7 +1393,24 @@ fn list_ms(samples: &[Duration]) -> String {
 }
 
 fn total_calls(emulator: &Emulator) -> u64 {
-    Operation::ALL.into_iter().map(|op| emulator.calls(op)).sum()
+    Operation::ALL
+        .into_iter()
+        .map(|op| emulator.calls(op))
+        .sum()
+}
+
+/// CPU time used so far by this process's live threads (Linux schedstat,
+/// nanoseconds).
+fn cpu_time() -> Duration {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("read /proc/self/task");
+    let nanos: u64 = tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path().join("schedstat");
+            let stat = std::fs::read_to_string(path).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 /// This process's resident set, in KiB (Linux).

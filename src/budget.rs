@@ -20,9 +20,7 @@
 //! the budget under paused time.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::num::NonZeroU32;
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -33,57 +31,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
+pub use crate::domain::Operation;
 use crate::domain::{Error, Result};
-
-/// The IVS Chat operations the service calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    CreateRoom,
-    GetRoom,
-    UpdateRoom,
-    DeleteRoom,
-    ListRooms,
-    TagResource,
-    UntagResource,
-}
-
-impl Operation {
-    pub const ALL: [Operation; 7] = [
-        Operation::CreateRoom,
-        Operation::GetRoom,
-        Operation::UpdateRoom,
-        Operation::DeleteRoom,
-        Operation::ListRooms,
-        Operation::TagResource,
-        Operation::UntagResource,
-    ];
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
-
-impl FromStr for Operation {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        Operation::ALL
-            .into_iter()
-            .find(|op| op.to_string() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown operation {s}; one of {}",
-                    Operation::ALL.map(|op| op.to_string()).join(", ")
-                )
-            })
-    }
-}
 
 /// Who is asking for a call upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,15 +280,6 @@ mod tests {
             rate: NonZeroU32::new(rate).unwrap(),
             ..BudgetSettings::default()
         })
-    }
-
-    #[test]
-    fn operations_parse_by_their_aws_names() {
-        assert_eq!("GetRoom".parse(), Ok(Operation::GetRoom));
-        assert!("getroom".parse::<Operation>().is_err());
-        for op in Operation::ALL {
-            assert_eq!(Operation::ALL[op.index()], op);
-        }
     }
 
     /// A wait that cannot end before the deadline is refused at once.

@@ -6,11 +6,13 @@
 
 mod error;
 mod event;
+mod operation;
 mod room;
 pub mod validate;
 
 pub use error::{Error, FieldViolation, Result};
 pub use event::{EventKind, EventSource, RoomEvent};
+pub use operation::Operation;
 pub use room::{
     FallbackResult, ListQuery, ListedPage, MessageReviewHandler, NewRoom, PageCursor, Room,
     RoomArn, RoomPatch, RoomSummary, Timestamp,

@@ -3,55 +3,12 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-/// The IVS Chat room operations the emulator serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Operation {
-    CreateRoom,
-    GetRoom,
-    UpdateRoom,
-    DeleteRoom,
-    ListRooms,
-    TagResource,
-    UntagResource,
-    ListTagsForResource,
-}
-
-impl Operation {
-    pub const ALL: [Operation; 8] = [
-        Operation::CreateRoom,
-        Operation::GetRoom,
-        Operation::UpdateRoom,
-        Operation::DeleteRoom,
-        Operation::ListRooms,
-        Operation::TagResource,
-        Operation::UntagResource,
-        Operation::ListTagsForResource,
-    ];
-
-    pub(crate) fn index(self) -> usize {
-        Operation::ALL
-            .iter()
-            .position(|op| *op == self)
-            .expect("every operation is in ALL")
-    }
-}
-
-impl FromStr for Operation {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Operation::ALL
-            .into_iter()
-            .find(|op| format!("{op:?}") == s)
-            .ok_or_else(|| format!("unknown operation {s}"))
-    }
-}
+use crate::domain::Operation;
 
 /// Which error an injected failure is: each error shape of the model, plus
 /// one the model does not know.

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::Emulator;
-use super::faults::{InjectedError, Operation};
+use super::faults::InjectedError;
 use super::state::State as Rooms;
+use crate::domain::Operation;
 use crate::domain::{
     Error, FallbackResult, ListQuery, MessageReviewHandler, NewRoom, Result, Room, RoomPatch,
 };

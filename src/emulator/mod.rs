@@ -21,7 +21,8 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-pub use faults::{Faults, InjectedError, Operation};
+pub use crate::domain::Operation;
+pub use faults::{Faults, InjectedError};
 
 use crate::domain::{Result, Room, RoomPatch};
 use faults::ActiveFaults;
