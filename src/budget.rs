@@ -78,6 +78,9 @@ const HEADROOM: f64 = 1.02;
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
 const MAX_PAUSE: Duration = Duration::from_secs(30);
 
+/// The shortest a background caller sleeps before looking for a token again.
+const BACKGROUND_RECHECK: Duration = Duration::from_millis(5);
+
 /// Governor's clock, made tokio's: paused time in tests pauses the budget.
 #[derive(Debug, Clone, Copy, Default)]
 struct TokioClock;
@@ -216,7 +219,9 @@ impl Bucket {
                 self.taken();
                 return;
             }
-            tokio::time::sleep(self.interval.max(self.paused_for())).await;
+            // Look again a token later (never spinning on a fast bucket).
+            let later = self.interval.max(self.paused_for()).max(BACKGROUND_RECHECK);
+            tokio::time::sleep(later).await;
         }
     }
 
