@@ -27,7 +27,12 @@
 //! the flags each measure names; every flag is also an `IVSCHAT_ROOMS_*`
 //! variable, so e.g. `IVSCHAT_ROOMS_MEMORY_CACHE_ROOMS=200000 cargo bench
 //! --bench service -- P5` tries another setting. `RUST_LOG` turns on the
-//! servers' logs (stderr).
+//! servers' logs (stderr). `BENCH_P4_UPDATES` sets how many updates P4
+//! measures with N watchers (a longer run to profile).
+//!
+//! P4 runs the service and the emulator on a tokio runtime of their own
+//! (threads named `bench-service`), apart from the clients' (`bench-client`),
+//! and splits the CPU per delivered event between them.
 //!
 //! A measure that cannot be taken (a failed call, a missing message) panics:
 //! the run then exits non-zero.
@@ -118,14 +123,27 @@ fn run_measure(id: &str, scale: Scale) {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name(CLIENT_THREADS)
         .build()
         .expect("tokio runtime");
+    // P4 runs the service (and the emulator) on a runtime of its own, so the
+    // CPU its threads use can be told from the clients'.
+    let service_runtime = (id == "P4").then(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name(SERVICE_THREADS)
+            .build()
+            .expect("tokio runtime for the service")
+    });
     runtime.block_on(async {
         match id {
             "P1" => p1_cached_get_vs_bare(&scale).await,
             "P2" => p2_cold_gets_coalesce(&scale).await,
             "P3" => p3_upstream_budget(&scale).await,
-            "P4" => p4_watchers(&scale).await,
+            "P4" => {
+                let service = service_runtime.as_ref().expect("P4's service runtime");
+                p4_watchers(&scale, service.handle()).await;
+            }
             "P5" => p5_many_rooms(&scale).await,
             "P6" => p6_update_overhead(&scale).await,
             other => panic!("unknown measure {other}"),
@@ -133,7 +151,15 @@ fn run_measure(id: &str, scale: Scale) {
     });
     // Servers still serving idle connections need not wind down.
     runtime.shutdown_timeout(Duration::from_secs(1));
+    if let Some(service_runtime) = service_runtime {
+        service_runtime.shutdown_timeout(Duration::from_secs(1));
+    }
 }
+
+/// Thread names (at most 15 bytes: Linux keeps no more in `comm`): the
+/// measures' clients, and P4's service and emulator.
+const CLIENT_THREADS: &str = "bench-client";
+const SERVICE_THREADS: &str = "bench-service";
 
 /// Counts and durations: full, or `--quick`.
 struct Scale {
@@ -430,10 +456,20 @@ async fn p3_upstream_budget(scale: &Scale) {
 
 /// P4: p99 delivery latency of one update to N watchers ÷ to 1 watcher, and
 /// the RSS growth per idle watcher.
-async fn p4_watchers(scale: &Scale) {
-    let (_emulator, emulator_url) = emulator(Faults::default()).await;
+async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
     let db = TempDb::new();
-    let service = Service::start(serve_config(&db.url, &emulator_url, &[])).await;
+    let config = serve_config(&db.url, "http://unused", &[]);
+    let (_emulator, service) = service_runtime
+        .spawn(async move {
+            let (emulator, emulator_url) = emulator(Faults::default()).await;
+            let config = ServeConfig {
+                emulator_url: Some(emulator_url),
+                ..config
+            };
+            (emulator, Service::start(config).await)
+        })
+        .await
+        .expect("start the emulator and the service on their runtime");
     let mut updater = service.client().await;
     let room = updater
         .create_room(create("p4"))
@@ -465,12 +501,17 @@ async fn p4_watchers(scale: &Scale) {
     let open_time = opened.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib();
-    let (mut many_latencies, mut spreads, mut cpu) = (Vec::new(), Vec::new(), Duration::ZERO);
-    for _ in 0..scale.many_watcher_updates {
+    // More updates make a longer run to profile (`perf record`).
+    let many_watcher_updates = std::env::var("BENCH_P4_UPDATES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(scale.many_watcher_updates);
+    let (mut many_latencies, mut spreads, mut cpu) = (Vec::new(), Vec::new(), CpuTime::default());
+    for _ in 0..many_watcher_updates {
         tokio::time::sleep(pace).await;
-        let cpu_before = cpu_time();
+        let cpu_before = CpuTime::now();
         let latencies = many.deliver(&mut updater, &room.arn, &mut updates).await;
-        cpu += cpu_time().saturating_sub(cpu_before);
+        cpu += CpuTime::now() - cpu_before;
         let first = latencies.iter().min().copied().unwrap_or_default();
         let last = latencies.iter().max().copied().unwrap_or_default();
         spreads.push(last - first);
@@ -482,7 +523,7 @@ async fn p4_watchers(scale: &Scale) {
     let kib_per_watcher = rss_after.saturating_sub(rss_before) as f64 / scale.watchers as f64;
     println!(
         "# P4 latency = UpdateRoom sent through the service -> event received by a watcher; per update the p99 over its watchers, then the median over {} updates (1 watcher) and {} updates ({} watchers)",
-        scale.one_watcher_updates, scale.many_watcher_updates, scale.watchers
+        scale.one_watcher_updates, many_watcher_updates, scale.watchers
     );
     println!(
         "# P4 1 watcher: median {:.2} ms (per update: {})",
@@ -497,12 +538,22 @@ async fn p4_watchers(scale: &Scale) {
         ms(many_p99),
         list_ms(&many_latencies)
     );
-    let deliveries = (scale.watchers * scale.many_watcher_updates) as u32;
+    let deliveries = (scale.watchers * many_watcher_updates) as f64;
+    let per_delivery = |cpu: Duration| cpu.as_secs_f64() * 1e6 / deliveries;
     println!(
         "# P4 {} watchers: first to last arrival of an update {} ms (median), {:.1} µs of CPU (all threads: service, emulator and clients) per event delivered",
         scale.watchers,
         list_ms(&[median(&spreads)]),
-        cpu.as_secs_f64() * 1e6 / f64::from(deliveries)
+        per_delivery(cpu.total())
+    );
+    println!(
+        "# P4 {} watchers: CPU per event delivered: service {:.1} µs (its runtime {:.1}, SQLite {:.1}; the emulator's share is one call), clients {:.1} µs, other threads {:.1} µs",
+        scale.watchers,
+        per_delivery(cpu.service + cpu.sqlite),
+        per_delivery(cpu.service),
+        per_delivery(cpu.sqlite),
+        per_delivery(cpu.clients),
+        per_delivery(cpu.other),
     );
     println!(
         "# P4 RSS {rss_before} KiB -> {rss_after} KiB with {} idle watchers; clients, service and emulator share the process, so this includes the client side of each stream",
@@ -1399,18 +1450,79 @@ fn total_calls(emulator: &Emulator) -> u64 {
         .sum()
 }
 
-/// CPU time used so far by this process's live threads (Linux schedstat,
-/// nanoseconds).
-fn cpu_time() -> Duration {
-    let tasks = std::fs::read_dir("/proc/self/task").expect("read /proc/self/task");
-    let nanos: u64 = tasks
-        .filter_map(|task| {
-            let path = task.ok()?.path().join("schedstat");
-            let stat = std::fs::read_to_string(path).ok()?;
-            stat.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum();
-    Duration::from_nanos(nanos)
+/// CPU time used so far by this process's live threads (Linux schedstat), by
+/// what the threads run, told by their names.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuTime {
+    /// Threads named [`SERVICE_THREADS`] (P4's service and emulator).
+    service: Duration,
+    /// sqlx's SQLite worker threads (the service's database).
+    sqlite: Duration,
+    /// Threads named [`CLIENT_THREADS`].
+    clients: Duration,
+    other: Duration,
+}
+
+impl CpuTime {
+    fn now() -> CpuTime {
+        let mut cpu = CpuTime::default();
+        let tasks = std::fs::read_dir("/proc/self/task").expect("read /proc/self/task");
+        for task in tasks.flatten() {
+            let path = task.path();
+            let (Ok(name), Ok(stat)) = (
+                std::fs::read_to_string(path.join("comm")),
+                std::fs::read_to_string(path.join("schedstat")),
+            ) else {
+                continue;
+            };
+            let Some(nanos) = stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let name = name.trim_end();
+            let bucket = if name.starts_with(SERVICE_THREADS) {
+                &mut cpu.service
+            } else if name.starts_with("sqlx-sqlite") {
+                &mut cpu.sqlite
+            } else if name.starts_with(CLIENT_THREADS) {
+                &mut cpu.clients
+            } else {
+                &mut cpu.other
+            };
+            *bucket += Duration::from_nanos(nanos);
+        }
+        cpu
+    }
+
+    fn total(&self) -> Duration {
+        self.service + self.sqlite + self.clients + self.other
+    }
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = CpuTime;
+
+    /// Threads that ended in between make a part smaller: it saturates at 0.
+    fn sub(self, rhs: CpuTime) -> CpuTime {
+        CpuTime {
+            service: self.service.saturating_sub(rhs.service),
+            sqlite: self.sqlite.saturating_sub(rhs.sqlite),
+            clients: self.clients.saturating_sub(rhs.clients),
+            other: self.other.saturating_sub(rhs.other),
+        }
+    }
+}
+
+impl std::ops::AddAssign for CpuTime {
+    fn add_assign(&mut self, rhs: CpuTime) {
+        self.service += rhs.service;
+        self.sqlite += rhs.sqlite;
+        self.clients += rhs.clients;
+        self.other += rhs.other;
+    }
 }
 
 /// This process's resident set, in KiB (Linux).

@@ -14,10 +14,17 @@
 //!   the log was compacted and ends with OUT_OF_RANGE instead of skipping.
 //! - An idle watcher gets a progress bookmark every `bookmark_interval`, on
 //!   its own timer.
+//! - Delivery is shared where it can be: watchers get the same
+//!   [`SharedEvent`]s, on which the gRPC edge keeps each event's encoding, and
+//!   they are woken group by group ([`WatchRequest::wake_group`]: the edge
+//!   groups a connection's streams), so that what they send leaves together.
 
-use std::collections::{HashSet, VecDeque};
+use std::any::Any;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Deref;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use futures::Stream;
@@ -71,6 +78,11 @@ pub struct WatchRequest {
     pub after_revision: Option<u64>,
     /// Start with the matching rooms as they are, then their changes.
     pub include_snapshot: bool,
+    /// Watchers of one group are woken one after the other when events
+    /// arrive, before the next group's. The gRPC edge groups the streams of
+    /// one connection, so that their messages are all ready when the
+    /// connection next writes, and leave in one write.
+    pub wake_group: u64,
 }
 
 /// One item of a watch stream.
@@ -78,12 +90,62 @@ pub struct WatchRequest {
 pub enum WatchItem {
     /// A room as it is at the snapshot's revision.
     Snapshot(Room),
-    Event(Arc<RoomEvent>),
+    Event(Arc<SharedEvent>),
     /// The watcher has seen everything up to `revision`.
     Progress {
         revision: u64,
         snapshot_complete: bool,
     },
+}
+
+/// An event as the feed hands it to every watcher (it derefs to the
+/// [`RoomEvent`]), with room for one value derived from it once for all of
+/// them: the gRPC edge keeps the encoded message there, so that an event going
+/// to 10,000 watchers is converted and encoded once, not 10,000 times. The
+/// feed does not know what that value is.
+pub struct SharedEvent {
+    event: RoomEvent,
+    derived: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl SharedEvent {
+    pub fn new(event: RoomEvent) -> SharedEvent {
+        SharedEvent {
+            event,
+            derived: OnceLock::new(),
+        }
+    }
+
+    /// The value `derive` makes of this event, made by the first caller and
+    /// kept; `None` if a value of another type was derived from it first.
+    pub fn derived<T: Any + Send + Sync>(
+        &self,
+        derive: impl FnOnce(&RoomEvent) -> T,
+    ) -> Option<&T> {
+        self.derived
+            .get_or_init(|| Box::new(derive(&self.event)))
+            .downcast_ref()
+    }
+}
+
+impl Deref for SharedEvent {
+    type Target = RoomEvent;
+
+    fn deref(&self) -> &RoomEvent {
+        &self.event
+    }
+}
+
+impl PartialEq for SharedEvent {
+    fn eq(&self, other: &SharedEvent) -> bool {
+        self.event == other.event
+    }
+}
+
+impl std::fmt::Debug for SharedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.event.fmt(f)
+    }
 }
 
 /// The process's change feed. Cheap to clone.
@@ -97,9 +159,13 @@ struct Inner {
     /// Kept exact by the tailer, which applies every event to it.
     hot: HotRooms,
     settings: FeedSettings,
-    ring: RwLock<VecDeque<Arc<RoomEvent>>>,
+    ring: RwLock<VecDeque<Arc<SharedEvent>>>,
     /// The newest revision in the ring (every event up to it has been read).
     tailed: watch::Sender<u64>,
+    /// The same, one channel per wake group ([`WatchRequest::wake_group`]),
+    /// published group by group after `tailed`; watchers wait on their
+    /// group's.
+    groups: Mutex<HashMap<u64, watch::Sender<u64>>>,
     stop: CancellationToken,
     tasks: TaskTracker,
     /// Watch streams alive in this process.
@@ -123,6 +189,7 @@ impl Feed {
                 settings,
                 ring: RwLock::new(VecDeque::with_capacity(settings.ring_capacity.min(1024))),
                 tailed: watch::Sender::new(revision),
+                groups: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 watchers: AtomicUsize::new(0),
@@ -141,6 +208,11 @@ impl Feed {
     /// and stops the background tasks.
     pub async fn stop(&self) {
         self.inner.stop.cancel();
+        // Watchers wait on their group's channel alone: wake them all to see
+        // the stop.
+        for group in self.inner.groups.lock().expect("groups").values() {
+            group.send_modify(|_| {});
+        }
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
@@ -198,10 +270,15 @@ impl Feed {
                     if ring.len() == inner.settings.ring_capacity {
                         ring.pop_front();
                     }
-                    ring.push_back(Arc::new(event));
+                    ring.push_back(Arc::new(SharedEvent::new(event)));
                 }
             }
             inner.tailed.send_replace(last);
+            let mut groups = inner.groups.lock().expect("groups");
+            groups.retain(|_, group| group.receiver_count() > 0);
+            for group in groups.values() {
+                group.send_replace(last);
+            }
         }
     }
 
@@ -276,14 +353,26 @@ impl Feed {
             arns: request.arns.iter().map(|a| a.as_str().to_owned()).collect(),
             next,
             pending,
-            tailed: self.inner.tailed.subscribe(),
-            bookmark_at: Instant::now() + self.inner.settings.bookmark_interval,
+            tailed: self.subscribe(request.wake_group),
+            bookmark: Box::pin(tokio::time::sleep(self.inner.settings.bookmark_interval)),
             done: false,
         };
         Ok(futures::stream::unfold(watcher, |mut w| async move {
             let item = w.next_item().await?;
             Some((item, w))
         }))
+    }
+
+    /// A receiver of `tailed` through the channel of `group`.
+    fn subscribe(&self, group: u64) -> watch::Receiver<u64> {
+        let mut groups = self.inner.groups.lock().expect("groups");
+        // Read under the lock: the tailer publishes to the groups (under it)
+        // after `tailed`, so a new group starts no older than its next send.
+        let tailed = *self.inner.tailed.borrow();
+        groups
+            .entry(group)
+            .or_insert_with(|| watch::Sender::new(tailed))
+            .subscribe()
     }
 
     /// Whether every event after `after` is still in the log.
@@ -329,7 +418,11 @@ struct Watcher {
     /// Items read but not yet sent.
     pending: VecDeque<WatchItem>,
     tailed: watch::Receiver<u64>,
-    bookmark_at: Instant,
+    /// When the next bookmark is due, unless an item goes out first. One
+    /// timer for the stream's life, moved on after each item (moving a timer
+    /// later is an atomic store, registering a new one takes the timer
+    /// wheel's lock).
+    bookmark: Pin<Box<tokio::time::Sleep>>,
     done: bool,
 }
 
@@ -348,37 +441,40 @@ impl Watcher {
         if item.is_err() {
             self.done = true;
         }
-        self.bookmark_at = Instant::now() + self.feed.inner.settings.bookmark_interval;
+        let interval = self.feed.inner.settings.bookmark_interval;
+        self.bookmark.as_mut().reset(Instant::now() + interval);
         Some(item)
     }
 
     async fn next_result(&mut self) -> Result<WatchItem> {
-        let stop = self.feed.inner.stop.clone();
         loop {
             if let Some(item) = self.pending.pop_front() {
                 return Ok(item);
             }
-            if stop.is_cancelled() {
-                return Err(self.shutting_down());
-            }
             // Busy with events this watcher filters out: still bookmark.
-            if Instant::now() >= self.bookmark_at {
+            if Instant::now() >= self.bookmark.deadline() {
                 return Ok(WatchItem::Progress {
                     revision: self.next - 1,
                     snapshot_complete: false,
                 });
             }
+            // Marked seen before the stop is checked: `Feed::stop` cancels,
+            // then bumps `tailed`, so a stop that comes after this check
+            // still ends the wait below.
             let tailed = *self.tailed.borrow_and_update();
+            if self.feed.inner.stop.is_cancelled() {
+                return Err(self.shutting_down());
+            }
             if self.next <= tailed {
                 self.read().await?;
                 continue;
             }
             tokio::select! {
-                () = stop.cancelled() => return Err(self.shutting_down()),
+                biased;
                 changed = self.tailed.changed() => if changed.is_err() {
                     return Err(self.shutting_down());
                 },
-                () = tokio::time::sleep_until(self.bookmark_at) => {
+                () = self.bookmark.as_mut() => {
                     return Ok(WatchItem::Progress {
                         revision: self.next - 1,
                         snapshot_complete: false,
@@ -398,7 +494,7 @@ impl Watcher {
     /// Takes the next batch of events, from the ring when it still holds
     /// `next`, else from the log.
     async fn read(&mut self) -> Result<()> {
-        let from_ring: Option<Vec<Arc<RoomEvent>>> = {
+        let from_ring: Option<Vec<Arc<SharedEvent>>> = {
             let ring = self.feed.inner.ring.read().expect("ring");
             match ring.front() {
                 Some(first) if first.revision <= self.next => {
@@ -417,7 +513,7 @@ impl Watcher {
                 .events_after(self.next - 1, BATCH)
                 .await?
                 .into_iter()
-                .map(Arc::new)
+                .map(|event| Arc::new(SharedEvent::new(event)))
                 .collect(),
         };
         if events.is_empty() {

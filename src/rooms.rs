@@ -128,6 +128,16 @@ pub struct Read {
     pub cache: Option<CacheInfo>,
 }
 
+impl Read {
+    /// Failed before the cache could say anything.
+    fn failed(e: Error) -> Read {
+        Read {
+            answer: Err(e),
+            cache: None,
+        }
+    }
+}
+
 /// One cached page of rooms.
 #[derive(Debug)]
 pub struct Listing {
@@ -250,12 +260,7 @@ impl Rooms {
     pub async fn get(&self, identifier: &str, consistency: Consistency, caller: Caller) -> Read {
         let arn = match RoomArn::parse("identifier", identifier) {
             Ok(arn) => arn,
-            Err(e) => {
-                return Read {
-                    answer: Err(e),
-                    cache: None,
-                };
-            }
+            Err(e) => return Read::failed(e),
         };
         if consistency == Consistency::Cached {
             match self.cached(&arn).await {
@@ -266,12 +271,7 @@ impl Rooms {
                     };
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    return Read {
-                        answer: Err(e),
-                        cache: None,
-                    };
-                }
+                Err(e) => return Read::failed(e),
             }
         }
         let fetched = self.fetch(&arn, consistency, caller).await;

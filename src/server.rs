@@ -15,7 +15,7 @@ use crate::budget::BudgetSettings;
 use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
-use crate::grpc::{RoomService, proto};
+use crate::grpc::{RoomService, Unvectored, proto};
 use crate::hot::HotRooms;
 use crate::reconciler::{self, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
@@ -133,17 +133,19 @@ pub async fn run(
 
 /// Accepted connections, with Nagle's algorithm off: small gRPC frames (a
 /// unary reply, one watch event) go out at once instead of waiting for the
-/// peer's delayed ACK.
+/// peer's delayed ACK. They are `Unvectored`, so that h2 gathers the small
+/// frames that many streams send at once (one event, many watchers) into one
+/// write.
 fn incoming(
     listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+) -> impl futures::Stream<Item = std::io::Result<Unvectored<tokio::net::TcpStream>>> {
     use futures::StreamExt as _;
     TcpListenerStream::new(listener).map(|conn| {
         let conn = conn?;
         if let Err(e) = conn.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        Ok(conn)
+        Ok(Unvectored(conn))
     })
 }
 

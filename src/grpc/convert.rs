@@ -2,7 +2,7 @@
 
 use crate::domain::{
     Error, EventKind, EventSource, FallbackResult, ListQuery, MessageReviewHandler, NewRoom,
-    Result, Room, RoomArn, RoomPatch, Timestamp,
+    Result, Room, RoomArn, RoomEvent, RoomPatch, Timestamp,
 };
 use crate::feed::{WatchItem, WatchRequest};
 use crate::rooms::Consistency;
@@ -48,7 +48,10 @@ pub(super) fn list_query(req: proto::ListRoomsRequest) -> ListQuery {
     }
 }
 
-pub(super) fn watch_request(req: proto::WatchRoomsRequest) -> Result<WatchRequest> {
+pub(super) fn watch_request(
+    req: proto::WatchRoomsRequest,
+    wake_group: u64,
+) -> Result<WatchRequest> {
     let mut arns = Vec::with_capacity(req.identifiers.len());
     let mut violations = Vec::new();
     for (i, identifier) in req.identifiers.iter().enumerate() {
@@ -65,6 +68,7 @@ pub(super) fn watch_request(req: proto::WatchRoomsRequest) -> Result<WatchReques
         arns,
         after_revision: req.after_revision,
         include_snapshot: req.include_snapshot,
+        wake_group,
     })
 }
 
@@ -76,22 +80,7 @@ pub(super) fn watch_item(item: WatchItem) -> proto::WatchRoomsResponse {
             room: Some(room(r)),
             ..proto::RoomEvent::default()
         }),
-        WatchItem::Event(event) => Kind::Event(proto::RoomEvent {
-            revision: event.revision,
-            r#type: match event.kind {
-                EventKind::Created => proto::EventType::Created,
-                EventKind::Updated => proto::EventType::Updated,
-                EventKind::Deleted => proto::EventType::Deleted,
-            } as i32,
-            room: Some(room(event.room.clone())),
-            previous: event.previous.clone().map(room),
-            changed_fields: event.changed_fields.clone(),
-            source: match event.source {
-                EventSource::Api => proto::EventSource::Api,
-                EventSource::Reconciler => proto::EventSource::Reconciler,
-            } as i32,
-            observed_at: Some(timestamp(event.observed_at)),
-        }),
+        WatchItem::Event(event) => Kind::Event(room_event(&event)),
         WatchItem::Progress {
             revision,
             snapshot_complete,
@@ -101,6 +90,32 @@ pub(super) fn watch_item(item: WatchItem) -> proto::WatchRoomsResponse {
         }),
     };
     proto::WatchRoomsResponse { kind: Some(kind) }
+}
+
+/// A change event (not a snapshot: see [`watch_item`]) as a whole message.
+pub(super) fn event_response(event: &RoomEvent) -> proto::WatchRoomsResponse {
+    proto::WatchRoomsResponse {
+        kind: Some(proto::watch_rooms_response::Kind::Event(room_event(event))),
+    }
+}
+
+fn room_event(event: &RoomEvent) -> proto::RoomEvent {
+    proto::RoomEvent {
+        revision: event.revision,
+        r#type: match event.kind {
+            EventKind::Created => proto::EventType::Created,
+            EventKind::Updated => proto::EventType::Updated,
+            EventKind::Deleted => proto::EventType::Deleted,
+        } as i32,
+        room: Some(room(event.room.clone())),
+        previous: event.previous.clone().map(room),
+        changed_fields: event.changed_fields.clone(),
+        source: match event.source {
+            EventSource::Api => proto::EventSource::Api,
+            EventSource::Reconciler => proto::EventSource::Reconciler,
+        } as i32,
+        observed_at: Some(timestamp(event.observed_at)),
+    }
 }
 
 pub(super) fn consistency(value: i32) -> Result<Consistency> {

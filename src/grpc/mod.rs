@@ -5,8 +5,10 @@
 //! turns every error into a `Status` in one function (`status::to_status`).
 
 mod convert;
+mod io;
 mod service;
 mod status;
+mod watch;
 mod watch_client;
 
 /// The generated protobuf and tonic code for `ivschat.rooms.v1`.
@@ -19,6 +21,8 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/ivschat_rooms_descriptor.bin"));
 }
 
+pub use io::Unvectored;
 pub use service::RoomService;
 pub use status::to_status;
+pub use watch::RoomServiceRoutes;
 pub use watch_client::watch;

@@ -10,10 +10,11 @@ use tonic::{Request, Response, Status};
 
 use crate::budget::Caller;
 use crate::domain::{Error, Result};
-use crate::feed::Feed;
+use crate::feed::{Feed, WatchItem};
 use crate::rooms::{CacheInfo, Rooms};
 
 use super::proto::room_service_server as server;
+use super::watch::RoomServiceRoutes;
 use super::{convert, proto, to_status};
 
 /// The tonic service. Each method converts, calls [`Rooms`], converts back.
@@ -28,9 +29,11 @@ impl RoomService {
         RoomService { rooms, feed }
     }
 
-    /// The tonic server for this service.
-    pub fn into_server(self) -> server::RoomServiceServer<RoomService> {
-        server::RoomServiceServer::new(self)
+    /// The tonic server for this service (WatchRooms served from encoded
+    /// messages: see `grpc::watch`).
+    pub fn into_server(self) -> RoomServiceRoutes {
+        let feed = self.feed.clone();
+        RoomServiceRoutes::new(self, feed)
     }
 }
 
@@ -98,22 +101,41 @@ fn cache_headers(metadata: &mut MetadataMap, cache: CacheInfo) {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchRoomsResponse, Status>> + Send>>;
 
+/// The feed's wake group of a watch stream: its connection's (see
+/// `WatchRequest::wake_group`).
+fn wake_group<T>(request: &Request<T>) -> u64 {
+    use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+    request.remote_addr().map_or(0, |addr| {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(addr)
+    })
+}
+
+/// The items of a WatchRooms stream, or why it cannot start.
+pub(super) async fn watch_items(
+    feed: &Feed,
+    request: Request<proto::WatchRoomsRequest>,
+) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static, Status> {
+    let wake_group = wake_group(&request);
+    let result = async {
+        let request = convert::watch_request(request.into_inner(), wake_group)?;
+        feed.watch(request).await
+    };
+    result.await.map_err(to_status)
+}
+
 #[tonic::async_trait]
 impl server::RoomService for RoomService {
     type WatchRoomsStream = WatchStream;
 
+    /// As the generated server would serve it; `into_server` serves
+    /// WatchRooms from encoded messages instead (`grpc::watch`).
     async fn watch_rooms(
         &self,
         request: Request<proto::WatchRoomsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let result = async {
-            let request = convert::watch_request(request.into_inner())?;
-            self.feed.watch(request).await
-        };
-        reply(result.await, |items| {
-            Box::pin(items.map(|item| item.map(convert::watch_item).map_err(to_status)))
-                as WatchStream
-        })
+        let items = watch_items(&self.feed, request).await?;
+        let messages = items.map(|item| item.map(convert::watch_item).map_err(to_status));
+        Ok(Response::new(Box::pin(messages)))
     }
 
     async fn create_room(
