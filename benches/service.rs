@@ -644,15 +644,22 @@ async fn p6_update_overhead(scale: &Scale) {
         .expect("CreateRoom through the service")
         .into_inner()
         .arn;
-    // One call every 250 ms: the service's UpdateRooms, one upstream call
-    // each, come 500 ms apart, well within the budget (5/s).
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // Where the service's time goes, measured alongside: a cached GetRoom
+    // (the gRPC hop and the memory layer, no upstream call) and the cache
+    // write an UpdateRoom makes, on a store of its own with the same settings.
+    let side_db = TempDb::new();
+    let side_store = Store::open(&side_db.url).await.expect("open a side store");
+    let mut side_room = rooms(1).remove(0);
+    // One call every 125 ms, four kinds in turn: the service's UpdateRooms,
+    // one upstream call each, come 500 ms apart, well within the budget (5/s).
+    let mut tick = tokio::time::interval(Duration::from_millis(125));
     let warmup = 2;
     let calls_before: Vec<u64> = Operation::ALL
         .iter()
         .map(|op| emulator.calls(*op))
         .collect();
     let (mut through_service, mut through_sdk) = (Vec::new(), Vec::new());
+    let (mut hops, mut cache_writes) = (Vec::new(), Vec::new());
     for i in 0..warmup + scale.update_pairs {
         tick.tick().await;
         let started = Instant::now();
@@ -675,11 +682,30 @@ async fn p6_update_overhead(scale: &Scale) {
             .await
             .expect("UpdateRoom through the SDK");
         let sdk_time = started.elapsed();
+        tick.tick().await;
+        let started = Instant::now();
+        client
+            .get_room(cached_get(&arn))
+            .await
+            .expect("cached GetRoom through the service");
+        let hop_time = started.elapsed();
+        tick.tick().await;
+        side_room.name = format!("p6-store-{i}");
+        side_room.update_time = Timestamp::now().truncate_to_micros();
+        let started = Instant::now();
+        side_store
+            .put(&side_room, Timestamp::now(), EventSource::Api)
+            .await
+            .expect("cache write on the side store");
+        let cache_write_time = started.elapsed();
         if i >= warmup {
             through_service.push(service_time);
             through_sdk.push(sdk_time);
+            hops.push(hop_time);
+            cache_writes.push(cache_write_time);
         }
     }
+    side_store.close().await;
     // The SDK's own UpdateRooms counted out: what one service UpdateRoom costs upstream.
     let pairs = warmup + scale.update_pairs;
     let per_update: Vec<String> = Operation::ALL
@@ -704,6 +730,12 @@ async fn p6_update_overhead(scale: &Scale) {
         scale.update_pairs,
         ms(service_median),
         ms(sdk_median)
+    );
+    println!(
+        "# P6 where the difference ({:.2} ms) goes, medians: a cached GetRoom through the service {:.2} ms (the gRPC hop), a cache write (Store::put: one transaction, SQLite synchronous=FULL) {:.2} ms",
+        ms(service_median.saturating_sub(sdk_median)),
+        ms(median(&hops)),
+        ms(median(&cache_writes))
     );
     println!(
         "P6 update_latency_ratio {:.3}",
