@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestDb, TestServer, emulator, proto, serve_config};
-use ivschat_rooms::domain::{EventSource, Room, RoomArn, Timestamp};
+use common::{TestDb, TestServer, emulator, proto, room, serve_config};
+use ivschat_rooms::domain::{EventSource, RoomArn, Timestamp};
 use ivschat_rooms::feed::{Feed, FeedSettings};
 use ivschat_rooms::hot::HotRooms;
 use ivschat_rooms::store::Store;
@@ -16,27 +16,14 @@ use tonic::Code;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn room(name: &str, update_nanos: i64) -> Room {
-    Room {
-        arn: "arn:aws:ivschat:us-east-1:123456789012:room/hotRoom00001".into(),
-        id: "hotRoom00001".into(),
-        name: name.into(),
-        create_time: Timestamp::from_nanos(1),
-        update_time: Timestamp::from_nanos(update_nanos),
-        maximum_message_rate_per_second: Room::DEFAULT_MAXIMUM_MESSAGE_RATE_PER_SECOND,
-        maximum_message_length: Room::DEFAULT_MAXIMUM_MESSAGE_LENGTH,
-        message_review_handler: None,
-        tags: Default::default(),
-        logging_configuration_identifiers: Vec::new(),
-    }
-}
+const ROOM: &str = "hotRoom00001";
 
 /// The layer's rules, driven directly: a commit not yet applied hides every
 /// entry, an applied event drops the room's, and a row read before the last
 /// applied event is not taken in.
 async fn memory_never_serves_past_a_known_commit(db: TestDb) {
     let store = Store::open(&db.url).await.unwrap();
-    let v1 = room("v1", 10);
+    let v1 = room(ROOM, 10, "v1");
     let arn = RoomArn::parse("arn", &v1.arn).unwrap();
     store
         .put(&v1, Timestamp::now(), EventSource::Api)
@@ -47,7 +34,7 @@ async fn memory_never_serves_past_a_known_commit(db: TestDb) {
 
     // A commit of this process the layer has not applied yet.
     store
-        .put(&room("v2", 20), Timestamp::now(), EventSource::Api)
+        .put(&room(ROOM, 20, "v2"), Timestamp::now(), EventSource::Api)
         .await
         .unwrap();
     assert!(hot.get(&arn).is_none(), "a known commit not yet applied");
@@ -67,7 +54,7 @@ async fn memory_never_serves_past_a_known_commit(db: TestDb) {
     // A slow reader's row, read before the next change was applied.
     let (old_row, old_as_of) = store.get_at_revision(&arn).await.unwrap();
     store
-        .put(&room("v3", 30), Timestamp::now(), EventSource::Api)
+        .put(&room(ROOM, 30, "v3"), Timestamp::now(), EventSource::Api)
         .await
         .unwrap();
     let newest = store.revision().await.unwrap();

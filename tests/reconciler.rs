@@ -6,10 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestDb, emulator, sdk};
+use common::{TestDb, emulator, room, room_arn, sdk};
 use futures::StreamExt as _;
 use ivschat_rooms::budget::BudgetSettings;
-use ivschat_rooms::domain::{EventKind, EventSource, Room, RoomArn, RoomPatch, Timestamp};
+use ivschat_rooms::domain::{EventKind, EventSource, RoomArn, RoomPatch, Timestamp};
 use ivschat_rooms::emulator::{Emulator, Operation};
 use ivschat_rooms::feed::{Feed, FeedSettings, WatchItem, WatchRequest};
 use ivschat_rooms::hot::HotRooms;
@@ -53,26 +53,6 @@ fn rename(name: &str) -> RoomPatch {
     RoomPatch {
         name: Some(name.into()),
         ..RoomPatch::default()
-    }
-}
-
-fn room_arn(id: &str) -> String {
-    format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}")
-}
-
-/// A plain room with IVS Chat's default limits, for driving the store.
-fn room(id: &str, update_nanos: i64, name: &str) -> Room {
-    Room {
-        arn: room_arn(id),
-        id: id.into(),
-        name: name.into(),
-        create_time: Timestamp::from_nanos(1),
-        update_time: Timestamp::from_nanos(update_nanos),
-        maximum_message_rate_per_second: Room::DEFAULT_MAXIMUM_MESSAGE_RATE_PER_SECOND,
-        maximum_message_length: Room::DEFAULT_MAXIMUM_MESSAGE_LENGTH,
-        message_review_handler: None,
-        tags: Default::default(),
-        logging_configuration_identifiers: Vec::new(),
     }
 }
 

@@ -24,6 +24,17 @@ fn get(arn: &str, consistency: proto::ReadConsistency) -> proto::GetRoomRequest 
     }
 }
 
+/// A GetRoom running on its own, to be awaited later.
+fn spawn_get(
+    server: &TestServer,
+    arn: &str,
+    consistency: proto::ReadConsistency,
+) -> tokio::task::JoinHandle<Result<tonic::Response<proto::Room>, tonic::Status>> {
+    let mut client = server.client.clone();
+    let request = get(arn, consistency);
+    tokio::spawn(async move { client.get_room(request).await })
+}
+
 fn header<'a>(metadata: &'a tonic::metadata::MetadataMap, name: &str) -> Option<&'a str> {
     metadata.get(name).and_then(|v| v.to_str().ok())
 }
@@ -361,15 +372,7 @@ async fn strong_reads_join_only_calls_not_yet_sent(db: TestDb) {
     let room = server.create_room("before").await;
     let before = emulator.calls(Operation::GetRoom);
     let held = emulator.hold_responses(Operation::GetRoom);
-    let first = tokio::spawn({
-        let mut client = server.client.clone();
-        let arn = room.arn.clone();
-        async move {
-            client
-                .get_room(get(&arn, proto::ReadConsistency::Strong))
-                .await
-        }
-    });
+    let first = spawn_get(&server, &room.arn, proto::ReadConsistency::Strong);
     emulator
         .wait_for_calls(Operation::GetRoom, before + 1)
         .await;
@@ -382,15 +385,7 @@ async fn strong_reads_join_only_calls_not_yet_sent(db: TestDb) {
             },
         )
         .unwrap();
-    let second = tokio::spawn({
-        let mut client = server.client.clone();
-        let arn = room.arn.clone();
-        async move {
-            client
-                .get_room(get(&arn, proto::ReadConsistency::Strong))
-                .await
-        }
-    });
+    let second = spawn_get(&server, &room.arn, proto::ReadConsistency::Strong);
     held.release();
     assert_eq!(first.await.unwrap().unwrap().into_inner().name, "before");
     assert_eq!(second.await.unwrap().unwrap().into_inner().name, "after");

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 
 use clap::Parser as _;
 use ivschat_rooms::config::{Cli, Command, ServeConfig};
+use ivschat_rooms::domain::{Room, Timestamp};
 use ivschat_rooms::emulator::{Emulator, EmulatorConfig};
 use ivschat_rooms::grpc::proto::room_service_client::RoomServiceClient;
 use sqlx::Connection as _;
@@ -278,5 +279,26 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The ARN of room `id` in the emulator's default account and region.
+pub fn room_arn(id: &str) -> String {
+    format!("arn:aws:ivschat:us-east-1:123456789012:room/{id}")
+}
+
+/// A plain room with IVS Chat's default limits, for driving the store.
+pub fn room(id: &str, update_nanos: i64, name: &str) -> Room {
+    Room {
+        arn: room_arn(id),
+        id: id.into(),
+        name: name.into(),
+        create_time: Timestamp::from_nanos(1),
+        update_time: Timestamp::from_nanos(update_nanos),
+        maximum_message_rate_per_second: Room::DEFAULT_MAXIMUM_MESSAGE_RATE_PER_SECOND,
+        maximum_message_length: Room::DEFAULT_MAXIMUM_MESSAGE_LENGTH,
+        message_review_handler: None,
+        tags: Default::default(),
+        logging_configuration_identifiers: Vec::new(),
     }
 }
