@@ -638,28 +638,31 @@ async fn p6_update_overhead(scale: &Scale) {
     let service = Service::start(serve_config(&db.url, &emulator_url, &[])).await;
     let mut client = service.client().await;
     let direct = sdk(&emulator_url);
-    let arn = client
+    let created = client
         .create_room(create("p6"))
         .await
         .expect("CreateRoom through the service")
-        .into_inner()
-        .arn;
+        .into_inner();
+    let arn = created.arn.clone();
     // Where the service's time goes, measured alongside: a cached GetRoom
     // (the gRPC hop and the memory layer, no upstream call) and the cache
     // write an UpdateRoom makes, on a store of its own with the same settings.
+    // A bare tonic server's GetRoom is the least a gRPC hop costs here.
+    let bare = BareServer::start(created).await;
+    let mut bare_client = RoomServiceClient::new(connect(&bare.uri()).await);
     let side_db = TempDb::new();
     let side_store = Store::open(&side_db.url).await.expect("open a side store");
     let mut side_room = rooms(1).remove(0);
-    // One call every 125 ms, four kinds in turn: the service's UpdateRooms,
+    // One call every 100 ms, five kinds in turn: the service's UpdateRooms,
     // one upstream call each, come 500 ms apart, well within the budget (5/s).
-    let mut tick = tokio::time::interval(Duration::from_millis(125));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     let warmup = 2;
     let calls_before: Vec<u64> = Operation::ALL
         .iter()
         .map(|op| emulator.calls(*op))
         .collect();
     let (mut through_service, mut through_sdk) = (Vec::new(), Vec::new());
-    let (mut hops, mut cache_writes) = (Vec::new(), Vec::new());
+    let (mut hops, mut bare_hops, mut cache_writes) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + scale.update_pairs {
         tick.tick().await;
         let started = Instant::now();
@@ -690,6 +693,13 @@ async fn p6_update_overhead(scale: &Scale) {
             .expect("cached GetRoom through the service");
         let hop_time = started.elapsed();
         tick.tick().await;
+        let started = Instant::now();
+        bare_client
+            .get_room(cached_get(&arn))
+            .await
+            .expect("GetRoom from the bare server");
+        let bare_hop_time = started.elapsed();
+        tick.tick().await;
         side_room.name = format!("p6-store-{i}");
         side_room.update_time = Timestamp::now().truncate_to_micros();
         let started = Instant::now();
@@ -702,10 +712,12 @@ async fn p6_update_overhead(scale: &Scale) {
             through_service.push(service_time);
             through_sdk.push(sdk_time);
             hops.push(hop_time);
+            bare_hops.push(bare_hop_time);
             cache_writes.push(cache_write_time);
         }
     }
     side_store.close().await;
+    bare.stop().await;
     // The SDK's own UpdateRooms counted out: what one service UpdateRoom costs upstream.
     let pairs = warmup + scale.update_pairs;
     let per_update: Vec<String> = Operation::ALL
@@ -732,9 +744,10 @@ async fn p6_update_overhead(scale: &Scale) {
         ms(sdk_median)
     );
     println!(
-        "# P6 where the difference ({:.2} ms) goes, medians: a cached GetRoom through the service {:.2} ms (the gRPC hop), a cache write (Store::put: one transaction, SQLite synchronous=FULL) {:.2} ms",
+        "# P6 where the difference ({:.2} ms) goes, medians: a cached GetRoom through the service {:.2} ms (the gRPC hop; from a bare tonic server {:.2} ms), a cache write (Store::put: one transaction, SQLite synchronous=FULL) {:.2} ms",
         ms(service_median.saturating_sub(sdk_median)),
         ms(median(&hops)),
+        ms(median(&bare_hops)),
         ms(median(&cache_writes))
     );
     println!(
