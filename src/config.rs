@@ -65,6 +65,16 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Bearer tokens clients must send (`authorization: Bearer TOKEN`): one
+    /// per line, `TOKEN readonly` for reads and watches only. Without it there
+    /// is no authentication: anyone who reaches the port may call everything.
+    #[arg(long, env = "IVSCHAT_ROOMS_AUTH_TOKENS", value_name = "FILE")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Turn gRPC server reflection off (grpcurl then needs the proto files).
+    #[arg(long, env = "IVSCHAT_ROOMS_NO_REFLECTION", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub no_reflection: bool,
+
     /// The cache database: `sqlite://PATH` (created if missing) or
     /// `postgres://USER@HOST/DB`. Default: a SQLite file in --data-dir.
     #[arg(long, env = "IVSCHAT_ROOMS_DATABASE_URL")]
@@ -281,6 +291,10 @@ pub struct WatchArgs {
     #[arg(long, conflicts_with = "snapshot")]
     pub after_revision: Option<u64>,
 
+    /// The bearer token to send, when the server wants one (--auth-tokens).
+    #[arg(long, env = "IVSCHAT_ROOMS_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+
     /// Print every matching room first (as SNAPSHOT lines), then changes.
     #[arg(long)]
     pub snapshot: bool,
@@ -292,6 +306,30 @@ pub struct WatchArgs {
     /// Only these rooms (ARNs); all rooms when none are given.
     #[arg(value_name = "ROOM_ARN")]
     pub rooms: Vec<String>,
+}
+
+/// A value that must not reach logs: its `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 fn operation_rate(s: &str) -> Result<(Operation, NonZeroU32), String> {
@@ -333,6 +371,24 @@ mod tests {
             c.embedded_state_file(),
             PathBuf::from(".ivschat-rooms/rooms.db.emulator.json")
         );
+    }
+
+    #[test]
+    fn security_flags_and_redacted_token() {
+        let Command::Serve(c) = parse(&[]) else {
+            panic!("expected serve")
+        };
+        assert_eq!((c.auth_tokens, c.no_reflection), (None, false));
+        let Command::Serve(c) = parse(&["--auth-tokens", "/etc/tokens", "--no-reflection"]) else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.auth_tokens, Some(PathBuf::from("/etc/tokens")));
+        assert!(c.no_reflection);
+        let Command::Watch(w) = parse(&["watch", "--token", "s3cr3t"]) else {
+            panic!("expected watch")
+        };
+        assert_eq!(w.token.as_ref().map(Secret::expose), Some("s3cr3t"));
+        assert!(!format!("{w:?}").contains("s3cr3t"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::budget::BudgetSettings;
 use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
-use crate::grpc::{RoomService, Unvectored, proto};
+use crate::grpc::{Authenticated, RoomService, Tokens, Unvectored, proto};
 use crate::hot::HotRooms;
 use crate::reconciler::{self, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
@@ -30,6 +30,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tokens = config
+        .auth_tokens
+        .as_deref()
+        .map(Tokens::load)
+        .transpose()?;
     let store = Store::open(&config.database_url()).await?;
     let (upstream, embedded) = upstream(&config).await?;
     let hot = HotRooms::load(&store, config.memory_cache_rooms)
@@ -90,13 +95,34 @@ pub async fn run(
         .context("could not build reflection v1alpha")?;
 
     let address = listener.local_addr()?;
-    tracing::info!(%address, "serving ivschat.rooms.v1.RoomService");
+    tracing::info!(
+        %address,
+        auth = tokens.is_some(),
+        reflection = !config.no_reflection,
+        "serving ivschat.rooms.v1.RoomService"
+    );
+    if tokens.is_none() && !address.ip().is_loopback() {
+        tracing::warn!(
+            %address,
+            "no --auth-tokens: anyone who can reach this address may create, change and delete rooms"
+        );
+    }
+    let reflection = (!config.no_reflection).then(|| {
+        (
+            Authenticated::new(reflection_v1, tokens.clone()),
+            Authenticated::new(reflection_v1alpha, tokens.clone()),
+        )
+    });
+    let (reflection_v1, reflection_v1alpha) = reflection.unzip();
     let shutdown = shutdown.shared();
     let serve = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(RoomService::new(rooms.clone(), feed.clone()).into_server())
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
+        .add_service(Authenticated::new(
+            RoomService::new(rooms.clone(), feed.clone()).into_server(),
+            tokens,
+        ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown.clone());
     // Watch streams never end by themselves: end them (UNAVAILABLE, with the
     // revision to resume after) as soon as shutdown begins, so that the

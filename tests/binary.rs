@@ -105,3 +105,25 @@ async fn bad_database_url_fails_fast() {
         "{stderr}"
     );
 }
+
+/// Without --auth-tokens on an address other hosts can reach, the server
+/// says in one WARN line that anyone may call it; on loopback it does not.
+#[tokio::test]
+async fn open_address_without_auth_warns() {
+    const NO_AUTH: &str = "no --auth-tokens";
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    for (listen, warnings) in [("0.0.0.0:0", 1), ("127.0.0.1:0", 0)] {
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--listen", listen, "--data-dir", data_dir]);
+        let binary = Server::spawn(command).await;
+        let (status, log) = binary.terminate().await;
+        assert!(status.success(), "exit {status:?}: {log:#?}");
+        let warned = log
+            .iter()
+            .filter(|l| l.contains("WARN") && l.contains(NO_AUTH))
+            .count();
+        assert_eq!(warned, warnings, "{listen}: {log:#?}");
+    }
+}

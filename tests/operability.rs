@@ -7,20 +7,11 @@ use clap::Parser as _;
 use common::{TestDb, TestServer, emulator, proto, serve_config};
 use ivschat_rooms::config::{Cli, Command};
 use tokio_stream::StreamExt as _;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 const ROOM_SERVICE: &str = "ivschat.rooms.v1.RoomService";
-
-async fn channel(server: &TestServer) -> Channel {
-    Channel::from_shared(server.channel_uri())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
 
 /// grpc.health.v1 reports the server and RoomService as SERVING.
 #[tokio::test]
@@ -28,7 +19,7 @@ async fn health_reports_serving() {
     let db = TestDb::sqlite();
     let (_emulator, url) = emulator().await;
     let server = TestServer::start(serve_config(&db.url, &url, &[])).await;
-    let mut health = HealthClient::new(channel(&server).await);
+    let mut health = HealthClient::new(server.channel().await);
     for service in ["", ROOM_SERVICE] {
         let status = health
             .check(HealthCheckRequest {
@@ -60,7 +51,7 @@ async fn reflection_v1_describes_the_service() {
     let db = TestDb::sqlite();
     let (_emulator, url) = emulator().await;
     let server = TestServer::start(serve_config(&db.url, &url, &[])).await;
-    let mut client = ServerReflectionClient::new(channel(&server).await);
+    let mut client = ServerReflectionClient::new(server.channel().await);
     let requests = [
         MessageRequest::ListServices(String::new()),
         MessageRequest::FileContainingSymbol(ROOM_SERVICE.into()),
@@ -105,7 +96,7 @@ async fn reflection_v1alpha_lists_the_service() {
     let db = TestDb::sqlite();
     let (_emulator, url) = emulator().await;
     let server = TestServer::start(serve_config(&db.url, &url, &[])).await;
-    let mut client = ServerReflectionClient::new(channel(&server).await);
+    let mut client = ServerReflectionClient::new(server.channel().await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

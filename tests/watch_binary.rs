@@ -571,6 +571,83 @@ async fn watch_cli_refuses_after_revision_with_snapshot() {
     assert!(out.stdout.is_empty(), "{out:?}");
 }
 
+/// With --auth-tokens, `watch --token` watches with a read-only token and
+/// `watch` without one is refused for good; no token, good or bad, reaches
+/// the server's or the CLI's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cli_sends_its_token_and_no_log_holds_one() {
+    const WRITER: &str = "writer-secret-5f1c";
+    const READER: &str = "reader-secret-9a2e";
+    const WRONG: &str = "wrong-secret-77d0";
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{WRITER}\n{READER} readonly\n")).unwrap();
+    let flags = [
+        "--auth-tokens",
+        tokens.to_str().unwrap(),
+        "--reconcile-interval",
+        "1h",
+    ];
+    let server = Server::start("127.0.0.1:0", dir.path(), &flags).await;
+    let url = server.url();
+
+    let refused = within(
+        "watch without a token to give up",
+        Command::new(BIN)
+            .args(["watch", "--server", &url])
+            .env_remove("IVSCHAT_ROOMS_TOKEN")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert!(refusal.contains("missing credentials"), "{refusal}");
+
+    let mut cli = WatchCli::start(&[
+        "--server",
+        &url,
+        "--json",
+        "--after-revision",
+        "0",
+        "--token",
+        READER,
+    ]);
+    let mut client = server.client().await;
+    let bearer = |token: &str| {
+        let mut request = tonic::Request::new(proto::CreateRoomRequest {
+            name: "authorized".into(),
+            ..Default::default()
+        });
+        let value = format!("Bearer {token}").parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+        request
+    };
+    let wrong = within("CreateRoom", client.create_room(bearer(WRONG)))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
+    let room = within("CreateRoom", client.create_room(bearer(WRITER)))
+        .await
+        .expect("a full token creates")
+        .into_inner();
+    let created = cli.json().await;
+    assert_eq!(created["type"], "CREATED", "{created}");
+    assert_eq!(created["arn"], room.arn.as_str(), "{created}");
+
+    let (_, cli_log) = cli.kill().await;
+    let (status, server_log) = server.terminate().await;
+    assert!(status.success(), "exit {status:?}: {server_log:#?}");
+    let logs = cli_log.iter().chain(&server_log).map(String::as_str);
+    for line in logs.chain(refusal.lines()) {
+        for secret in [WRITER, READER, WRONG] {
+            assert!(!line.contains(secret), "a token in a log: {line}");
+        }
+    }
+}
+
 /// What a replica logs when it takes the reconciler's turn.
 const LEADS: &str = "this replica reconciles the cache with IVS Chat";
 

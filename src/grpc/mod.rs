@@ -4,6 +4,7 @@
 //! service converts requests into domain values (`convert`), calls `rooms`, and
 //! turns every error into a `Status` in one function (`status::to_status`).
 
+mod auth;
 mod convert;
 mod io;
 mod service;
@@ -21,6 +22,7 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/ivschat_rooms_descriptor.bin"));
 }
 
+pub use auth::{Access, Authenticated, Tokens};
 pub use io::Unvectored;
 pub use service::RoomService;
 pub use status::to_status;

@@ -22,15 +22,27 @@ pub async fn watch(args: WatchArgs, mut out: impl Write) -> anyhow::Result<()> {
         .with_context(|| format!("invalid server URL {}", args.server))?
         .connect_lazy();
     let mut client = RoomServiceClient::new(channel);
+    let authorization = match &args.token {
+        Some(token) => Some(
+            tonic::metadata::MetadataValue::try_from(format!("Bearer {}", token.expose()))
+                .context("the token is not a valid header value")?,
+        ),
+        None => None,
+    };
     let mut last = args.after_revision;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let request = proto::WatchRoomsRequest {
+        let mut request = tonic::Request::new(proto::WatchRoomsRequest {
             identifiers: args.rooms.clone(),
             after_revision: last,
             // Once anything was seen, a resume continues the stream instead.
             include_snapshot: args.snapshot && last.is_none(),
-        };
+        });
+        if let Some(authorization) = &authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
         let status = match client.watch_rooms(request).await {
             Ok(response) => {
                 let mut stream = response.into_inner();

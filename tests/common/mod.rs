@@ -274,6 +274,15 @@ impl TestServer {
     pub fn channel_uri(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// A new connection to the server, for clients of its other services.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.channel_uri())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
 }
 
 impl Drop for TestServer {
