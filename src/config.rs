@@ -71,6 +71,34 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_AUTH_TOKENS", value_name = "FILE")]
     pub auth_tokens: Option<PathBuf>,
 
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require clients to present a certificate signed by this CA (PEM):
+    /// mutual TLS. Needs --tls-cert.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Turn gRPC server reflection off (grpcurl then needs the proto files).
     #[arg(long, env = "IVSCHAT_ROOMS_NO_REFLECTION", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub no_reflection: bool,
@@ -291,6 +319,20 @@ pub struct WatchArgs {
     #[arg(long, conflicts_with = "snapshot")]
     pub after_revision: Option<u64>,
 
+    /// Trust this CA (PEM) for an `https://` server, instead of none.
+    #[arg(long, env = "IVSCHAT_ROOMS_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// A client certificate and key (PEM, concatenated) for a server that
+    /// wants one (--tls-client-ca).
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_TLS_IDENTITY",
+        value_name = "FILE",
+        requires = "tls_ca"
+    )]
+    pub tls_identity: Option<PathBuf>,
+
     /// The bearer token to send, when the server wants one (--auth-tokens).
     #[arg(long, env = "IVSCHAT_ROOMS_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
@@ -389,6 +431,23 @@ mod tests {
         };
         assert_eq!(w.token.as_ref().map(Secret::expose), Some("s3cr3t"));
         assert!(!format!("{w:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn tls_files_come_together() {
+        let Command::Serve(c) = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]) else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(c.tls_key, Some(PathBuf::from("k.pem")));
+        for alone in [
+            &["--tls-cert", "c.pem"][..],
+            &["--tls-key", "k.pem"],
+            &["--tls-client-ca", "ca.pem"],
+        ] {
+            let args = std::iter::once("ivschat-rooms").chain(alone.iter().copied());
+            assert!(Cli::try_parse_from(args).is_err(), "{alone:?} alone");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use futures::FutureExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,7 @@ pub async fn run(
         .as_deref()
         .map(Tokens::load)
         .transpose()?;
+    let tls = tls(&config)?;
     let store = Store::open(&config.database_url()).await?;
     let (upstream, embedded) = upstream(&config).await?;
     let hot = HotRooms::load(&store, config.memory_cache_rooms)
@@ -97,11 +99,13 @@ pub async fn run(
     let address = listener.local_addr()?;
     tracing::info!(
         %address,
+        tls = tls.is_some(),
+        client_certificates = config.tls_client_ca.is_some(),
         auth = tokens.is_some(),
         reflection = !config.no_reflection,
         "serving ivschat.rooms.v1.RoomService"
     );
-    if tokens.is_none() && !address.ip().is_loopback() {
+    if tokens.is_none() && config.tls_client_ca.is_none() && !address.ip().is_loopback() {
         tracing::warn!(
             %address,
             "no --auth-tokens: anyone who can reach this address may create, change and delete rooms"
@@ -115,7 +119,11 @@ pub async fn run(
     });
     let (reflection_v1, reflection_v1alpha) = reflection.unzip();
     let shutdown = shutdown.shared();
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("could not set up TLS")?;
+    }
+    let serve = builder
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
@@ -162,6 +170,26 @@ pub async fn run(
 /// peer's delayed ACK. They are `Unvectored`, so that h2 gathers the small
 /// frames that many streams send at once (one event, many watchers) into one
 /// write.
+/// The TLS configuration of `--tls-cert`, `--tls-key` and
+/// `--tls-client-ca`, if any.
+fn tls(config: &ServeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("could not read the TLS {what} {}", path.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read(cert, "certificate")?,
+        read(key, "key")?,
+    ));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+    }
+    Ok(Some(tls))
+}
+
 fn incoming(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<Unvectored<tokio::net::TcpStream>>> {

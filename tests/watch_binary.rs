@@ -20,10 +20,11 @@ use tokio::io::{AsyncBufReadExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 use tokio::task::JoinHandle;
 use tonic::Streaming;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use common::TestDb;
 use common::binary::{BIN, Server, within};
+use common::pki::Pki;
 
 /// A `ivschat-rooms watch` process: its stdout line by line, its stderr
 /// collected until it exits.
@@ -646,6 +647,57 @@ async fn watch_cli_sends_its_token_and_no_log_holds_one() {
             assert!(!line.contains(secret), "a token in a log: {line}");
         }
     }
+}
+
+/// Over mutual TLS, `watch --tls-ca --tls-identity` is served (tls.rs shows
+/// that clients without a certificate from the CA are not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cli_speaks_mutual_tls() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = pki.server_flags();
+    flags.extend(["--tls-client-ca".into(), pki.path("ca.pem")]);
+    flags.extend(["--reconcile-interval".into(), "1h".into()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Server::start("127.0.0.1:0", dir.path(), &flags).await;
+    let url = format!("https://{}", server.address);
+
+    let (ca, identity) = (pki.path("ca.pem"), pki.path("client.pem"));
+    let mut cli = WatchCli::start(&[
+        "--server",
+        &url,
+        "--tls-ca",
+        &ca,
+        "--tls-identity",
+        &identity,
+        "--json",
+        "--after-revision",
+        "0",
+    ]);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .identity(Identity::from_pem(&pki.client.0, &pki.client.1));
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy();
+    let room = within(
+        "CreateRoom over mutual TLS",
+        RoomServiceClient::new(channel).create_room(proto::CreateRoomRequest {
+            name: "mtls".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("create")
+    .into_inner();
+    let created = cli.json().await;
+    assert_eq!(created["type"], "CREATED", "{created}");
+    assert_eq!(created["arn"], room.arn.as_str(), "{created}");
+    cli.kill().await;
+    let (status, log) = server.terminate().await;
+    assert!(status.success(), "exit {status:?}: {log:#?}");
 }
 
 /// What a replica logs when it takes the reconciler's turn.

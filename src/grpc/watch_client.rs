@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{Value, json};
 use tonic::Code;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::proto;
 use super::proto::room_service_client::RoomServiceClient;
@@ -18,9 +18,20 @@ use crate::config::WatchArgs;
 /// to `out`. Disconnects and UNAVAILABLE are retried with backoff, resuming
 /// after the last revision printed (or bookmarked).
 pub async fn watch(args: WatchArgs, mut out: impl Write) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(args.server.clone())
-        .with_context(|| format!("invalid server URL {}", args.server))?
-        .connect_lazy();
+    let mut endpoint = Channel::from_shared(args.server.clone())
+        .with_context(|| format!("invalid server URL {}", args.server))?;
+    if let Some(ca) = &args.tls_ca {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("could not read {}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let Some(identity) = &args.tls_identity {
+            let pem = read(identity)?;
+            tls = tls.identity(Identity::from_pem(&pem, &pem));
+        }
+        endpoint = endpoint.tls_config(tls).context("could not set up TLS")?;
+    }
+    let channel = endpoint.connect_lazy();
     let mut client = RoomServiceClient::new(channel);
     let authorization = match &args.token {
         Some(token) => Some(
