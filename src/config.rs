@@ -185,6 +185,11 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_LISTING_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub listing_wait: Duration,
 
+    /// On SIGINT/SIGTERM, how long health reports NOT_SERVING before the
+    /// server stops accepting (for load balancers to take it out first).
+    #[arg(long, env = "IVSCHAT_ROOMS_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// On SIGINT/SIGTERM, how long in-flight requests may take before the
     /// server stops anyway.
     #[arg(long, env = "IVSCHAT_ROOMS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
 
 use tokio_util::sync::CancellationToken;
 
@@ -118,7 +119,25 @@ pub async fn run(
         )
     });
     let (reflection_v1, reflection_v1alpha) = reflection.unzip();
-    let shutdown = shutdown.shared();
+    // Shutdown, step 1: health says NOT_SERVING (the server as a whole and
+    // RoomService), then, after --shutdown-delay for load balancers to see
+    // it, the server stops accepting and watch streams end.
+    let shutdown = {
+        let health = health.clone();
+        let delay = config.shutdown_delay;
+        async move {
+            shutdown.await;
+            tracing::info!(?delay, "shutting down: health is NOT_SERVING");
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_not_serving::<proto::room_service_server::RoomServiceServer<RoomService>>()
+                .await;
+            tokio::time::sleep(delay).await;
+        }
+    }
+    .shared();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("could not set up TLS")?;
@@ -165,11 +184,6 @@ pub async fn run(
     result
 }
 
-/// Accepted connections, with Nagle's algorithm off: small gRPC frames (a
-/// unary reply, one watch event) go out at once instead of waiting for the
-/// peer's delayed ACK. They are `Unvectored`, so that h2 gathers the small
-/// frames that many streams send at once (one event, many watchers) into one
-/// write.
 /// The TLS configuration of `--tls-cert`, `--tls-key` and
 /// `--tls-client-ca`, if any.
 fn tls(config: &ServeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
@@ -190,6 +204,11 @@ fn tls(config: &ServeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
     Ok(Some(tls))
 }
 
+/// Accepted connections, with Nagle's algorithm off: small gRPC frames (a
+/// unary reply, one watch event) go out at once instead of waiting for the
+/// peer's delayed ACK. They are `Unvectored`, so that h2 gathers the small
+/// frames that many streams send at once (one event, many watchers) into one
+/// write.
 fn incoming(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<Unvectored<tokio::net::TcpStream>>> {

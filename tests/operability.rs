@@ -163,3 +163,46 @@ async fn embedded_upstream_survives_restart() {
         .into_inner();
     assert_eq!(listed.rooms, [room]);
 }
+
+/// Shutdown turns health NOT_SERVING first: a health watcher sees it, and
+/// while --shutdown-delay runs the server still serves.
+#[tokio::test]
+async fn shutdown_turns_health_not_serving_first() {
+    let db = TestDb::sqlite();
+    let (_emulator, url) = emulator().await;
+    let mut server =
+        TestServer::start(serve_config(&db.url, &url, &["--shutdown-delay", "1h"])).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let status = |message: Option<tonic_health::pb::HealthCheckResponse>| {
+        ServingStatus::try_from(message.expect("a status").status).unwrap()
+    };
+    assert_eq!(
+        status(watch.message().await.unwrap()),
+        ServingStatus::Serving
+    );
+
+    server.begin_shutdown();
+    assert_eq!(
+        status(watch.message().await.unwrap()),
+        ServingStatus::NotServing
+    );
+    let room_service = health
+        .check(HealthCheckRequest {
+            service: ROOM_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(room_service.status, ServingStatus::NotServing as i32);
+    // Not yet stopped accepting: a new connection is still served.
+    let mut client = proto::room_service_client::RoomServiceClient::new(server.channel().await);
+    client
+        .create_room(common::create("during-the-delay"))
+        .await
+        .expect("served during --shutdown-delay");
+}

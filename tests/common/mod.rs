@@ -260,6 +260,13 @@ impl TestServer {
             .into_inner()
     }
 
+    /// Starts a graceful shutdown, as SIGTERM would, without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Stops the server gracefully (in-flight exchanges with IVS Chat included)
     /// and waits until it has.
     pub async fn stop(mut self) {
