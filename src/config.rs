@@ -99,6 +99,34 @@ pub struct ServeConfig {
     )]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Largest request message accepted, in bytes (the largest valid
+    /// CreateRoom is under 100 KiB); larger ones are refused before decoding.
+    #[arg(long, env = "IVSCHAT_ROOMS_MAX_REQUEST_SIZE", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_request_size: u32,
+
+    /// Concurrent calls (streams) per HTTP/2 connection; a client queues
+    /// calls past it.
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// Watch streams this process serves at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IVSCHAT_ROOMS_MAX_WATCHERS", default_value_t = 100_000)]
+    pub max_watchers: usize,
+
+    /// HTTP/2 keepalive: a ping to an idle connection this often; a peer that
+    /// does not answer within --keepalive-timeout is disconnected.
+    #[arg(long, env = "IVSCHAT_ROOMS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered.
+    #[arg(long, env = "IVSCHAT_ROOMS_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
     /// Turn gRPC server reflection off (grpcurl then needs the proto files).
     #[arg(long, env = "IVSCHAT_ROOMS_NO_REFLECTION", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub no_reflection: bool,

@@ -54,6 +54,9 @@ pub struct FeedSettings {
     pub retention_age: Option<Duration>,
     /// How often compaction runs.
     pub compaction_interval: Duration,
+    /// Watch streams this process serves at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
 }
 
 impl Default for FeedSettings {
@@ -65,6 +68,7 @@ impl Default for FeedSettings {
             retention_count: 100_000,
             retention_age: Some(Duration::from_secs(24 * 3600)),
             compaction_interval: Duration::from_secs(60),
+            max_watchers: 100_000,
         }
     }
 }
@@ -315,6 +319,7 @@ impl Feed {
         &self,
         request: WatchRequest,
     ) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static> {
+        let slot = self.take_slot()?;
         let store = &self.inner.store;
         let mut pending = VecDeque::new();
         let next = if request.include_snapshot && request.after_revision.is_none() {
@@ -347,8 +352,8 @@ impl Feed {
             });
             after + 1
         };
-        self.inner.watchers.fetch_add(1, Ordering::SeqCst);
         let watcher = Watcher {
+            _slot: slot,
             feed: self.clone(),
             arns: request.arns.iter().map(|a| a.as_str().to_owned()).collect(),
             next,
@@ -398,6 +403,35 @@ impl Feed {
     }
 }
 
+impl Feed {
+    /// A place for one more watch stream, if the process has one.
+    fn take_slot(&self) -> Result<Slot> {
+        let max = self.inner.settings.max_watchers;
+        self.inner
+            .watchers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| {
+                Error::ResourceExhausted(format!(
+                    "this process already serves {max} watch streams (--max-watchers): \
+                     retry later, or on another replica"
+                ))
+            })?;
+        Ok(Slot(self.clone()))
+    }
+}
+
+/// A watch stream's place among the process's watchers, given back when the
+/// stream (or its setup) ends.
+struct Slot(Feed);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.inner.watchers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn compacted(after: u64, oldest: u64) -> Error {
     Error::RevisionOutOfRange {
         message: format!(
@@ -410,6 +444,7 @@ fn compacted(after: u64, oldest: u64) -> Error {
 
 /// One watch stream's state: everything it holds is bounded by [`BATCH`].
 struct Watcher {
+    _slot: Slot,
     feed: Feed,
     /// Room ARNs to pass; all when empty.
     arns: HashSet<String>,
@@ -424,12 +459,6 @@ struct Watcher {
     /// wheel's lock).
     bookmark: Pin<Box<tokio::time::Sleep>>,
     done: bool,
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.feed.inner.watchers.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 impl Watcher {

@@ -63,6 +63,7 @@ pub async fn run(
             retention_count: config.event_retention_count,
             retention_age: Some(config.event_retention_age).filter(|age| !age.is_zero()),
             compaction_interval: config.compaction_interval,
+            max_watchers: config.max_watchers,
             ring_capacity: usize::try_from(config.event_ring_capacity).unwrap_or(usize::MAX),
             safety_interval: config.event_poll_interval,
         },
@@ -138,7 +139,10 @@ pub async fn run(
         }
     }
     .shared();
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("could not set up TLS")?;
     }
@@ -147,7 +151,8 @@ pub async fn run(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(Authenticated::new(
-            RoomService::new(rooms.clone(), feed.clone()).into_server(),
+            RoomService::new(rooms.clone(), feed.clone())
+                .into_server(config.max_request_size as usize),
             tokens,
         ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown.clone());

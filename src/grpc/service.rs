@@ -30,10 +30,11 @@ impl RoomService {
     }
 
     /// The tonic server for this service (WatchRooms served from encoded
-    /// messages: see `grpc::watch`).
-    pub fn into_server(self) -> RoomServiceRoutes {
+    /// messages: see `grpc::watch`), refusing request messages larger than
+    /// `max_request_size` bytes.
+    pub fn into_server(self, max_request_size: usize) -> RoomServiceRoutes {
         let feed = self.feed.clone();
-        RoomServiceRoutes::new(self, feed)
+        RoomServiceRoutes::new(self, feed, max_request_size)
     }
 }
 

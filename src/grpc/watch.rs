@@ -35,13 +35,19 @@ const WATCH_ROOMS: &str = "/ivschat.rooms.v1.RoomService/WatchRooms";
 pub struct RoomServiceRoutes {
     generated: RoomServiceServer<RoomService>,
     feed: Feed,
+    max_request_size: usize,
 }
 
 impl RoomServiceRoutes {
-    pub(super) fn new(service: RoomService, feed: Feed) -> RoomServiceRoutes {
+    pub(super) fn new(
+        service: RoomService,
+        feed: Feed,
+        max_request_size: usize,
+    ) -> RoomServiceRoutes {
         RoomServiceRoutes {
-            generated: RoomServiceServer::new(service),
+            generated: RoomServiceServer::new(service).max_decoding_message_size(max_request_size),
             feed,
+            max_request_size,
         }
     }
 }
@@ -68,8 +74,9 @@ where
             return self.generated.call(request);
         }
         let feed = self.feed.clone();
+        let max_request_size = self.max_request_size;
         Box::pin(async move {
-            let mut grpc = Grpc::new(WatchCodec);
+            let mut grpc = Grpc::new(WatchCodec).max_decoding_message_size(max_request_size);
             Ok(grpc.server_streaming(WatchRooms { feed }, request).await)
         })
     }

@@ -1,0 +1,119 @@
+//! Limits: the number of watch streams a process serves, and the size of a
+//! request message. Past them a request is refused and changes nothing.
+
+mod common;
+
+use common::{TestDb, create, proto, setup};
+use ivschat_rooms::domain::Error;
+use ivschat_rooms::emulator::Operation;
+use ivschat_rooms::feed::{Feed, FeedSettings, WatchRequest};
+use ivschat_rooms::hot::HotRooms;
+use ivschat_rooms::store::Store;
+use tonic::Code;
+
+/// Past --max-watchers, WatchRooms is RESOURCE_EXHAUSTED and says which
+/// limit; the streams already open go on.
+#[tokio::test]
+async fn watch_streams_past_the_limit_are_refused() {
+    let db = TestDb::sqlite();
+    let (mut server, _emulator, _url) = setup(&db, &["--max-watchers", "2"]).await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = server
+            .client
+            .watch_rooms(proto::WatchRoomsRequest::default())
+            .await
+            .expect("within the limit")
+            .into_inner();
+        stream
+            .message()
+            .await
+            .unwrap()
+            .expect("the starting bookmark");
+        open.push(stream);
+    }
+    let refused = server
+        .client
+        .watch_rooms(proto::WatchRoomsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("--max-watchers"), "{refused:?}");
+
+    let room = server.create_room("seen").await;
+    for stream in &mut open {
+        let event = stream.message().await.unwrap().expect("an event");
+        let Some(proto::watch_rooms_response::Kind::Event(event)) = event.kind else {
+            panic!("expected the creation, got {event:?}")
+        };
+        assert_eq!(event.room.unwrap().arn, room.arn);
+    }
+}
+
+/// A watch stream gives its place back when it ends, and so does one that
+/// fails to start.
+#[tokio::test]
+async fn a_watch_stream_gives_its_place_back() {
+    let db = TestDb::sqlite();
+    let store = Store::open(&db.url).await.unwrap();
+    let hot = HotRooms::load(&store, 0).await.unwrap();
+    let settings = FeedSettings {
+        max_watchers: 1,
+        ..FeedSettings::default()
+    };
+    let feed = Feed::start(store, settings, hot).await.unwrap();
+
+    let first = feed
+        .watch(WatchRequest::default())
+        .await
+        .expect("room for one");
+    assert_eq!(feed.watchers(), 1);
+    let Err(Error::ResourceExhausted(_)) = feed.watch(WatchRequest::default()).await else {
+        panic!("a second watcher was let in")
+    };
+    drop(first);
+    assert_eq!(feed.watchers(), 0);
+
+    let future = WatchRequest {
+        after_revision: Some(1_000),
+        ..WatchRequest::default()
+    };
+    let Err(Error::RevisionOutOfRange { .. }) = feed.watch(future).await else {
+        panic!("a revision the log does not hold yet was accepted")
+    };
+    assert_eq!(feed.watchers(), 0);
+    let _again = feed
+        .watch(WatchRequest::default())
+        .await
+        .expect("room again");
+    feed.stop().await;
+}
+
+/// A request larger than --max-request-size is refused before it is decoded:
+/// nothing reaches IVS Chat.
+#[tokio::test]
+async fn requests_past_the_size_limit_are_refused() {
+    let db = TestDb::sqlite();
+    let (mut server, emulator, _url) = setup(&db, &["--max-request-size", "4096"]).await;
+    let huge = proto::CreateRoomRequest {
+        name: "x".repeat(8192),
+        ..Default::default()
+    };
+    let refused = server.client.create_room(huge).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().contains("too large"), "{refused:?}");
+    assert_eq!(emulator.calls(Operation::CreateRoom), 0);
+
+    let watch = proto::WatchRoomsRequest {
+        identifiers: vec!["y".repeat(8192)],
+        ..Default::default()
+    };
+    let refused = server.client.watch_rooms(watch).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+
+    server
+        .client
+        .create_room(create("small"))
+        .await
+        .expect("a request under the limit is served");
+}
