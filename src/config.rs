@@ -127,6 +127,18 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// Close connections this old (HTTP/2 GOAWAY), so clients spread over
+    /// replicas again; watch streams on them end with UNAVAILABLE and resume
+    /// on a new connection. Off by default.
+    #[arg(long, env = "IVSCHAT_ROOMS_MAX_CONNECTION_AGE", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Option<Duration>,
+
+    /// After --max-connection-age (and its GOAWAY), the watch streams of the
+    /// connection end half way through this, for clients to resume them on
+    /// a new connection; other calls in flight finish.
+    #[arg(long, env = "IVSCHAT_ROOMS_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub max_connection_age_grace: Duration,
+
     /// Turn gRPC server reflection off (grpcurl then needs the proto files).
     #[arg(long, env = "IVSCHAT_ROOMS_NO_REFLECTION", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub no_reflection: bool,

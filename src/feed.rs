@@ -87,6 +87,10 @@ pub struct WatchRequest {
     /// one connection, so that their messages are all ready when the
     /// connection next writes, and leave in one write.
     pub wake_group: u64,
+    /// The stream ends at this instant (UNAVAILABLE, saying where to resume):
+    /// the edge sets it to when the stream's connection reaches its maximum
+    /// age, so the stream ends cleanly before the connection is cut.
+    pub end_at: Option<Instant>,
 }
 
 /// One item of a watch stream.
@@ -360,6 +364,9 @@ impl Feed {
             pending,
             tailed: self.subscribe(request.wake_group),
             bookmark: Box::pin(tokio::time::sleep(self.inner.settings.bookmark_interval)),
+            end: request
+                .end_at
+                .map(|at| Box::pin(tokio::time::sleep_until(at))),
             done: false,
         };
         Ok(futures::stream::unfold(watcher, |mut w| async move {
@@ -458,6 +465,8 @@ struct Watcher {
     /// later is an atomic store, registering a new one takes the timer
     /// wheel's lock).
     bookmark: Pin<Box<tokio::time::Sleep>>,
+    /// When the stream ends by itself (`WatchRequest::end_at`).
+    end: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
 }
 
@@ -494,15 +503,25 @@ impl Watcher {
             if self.feed.inner.stop.is_cancelled() {
                 return Err(self.shutting_down());
             }
+            if self.end.as_ref().is_some_and(|end| end.is_elapsed()) {
+                return Err(self.moving_on());
+            }
             if self.next <= tailed {
                 self.read().await?;
                 continue;
             }
+            let end = self.end.as_mut();
             tokio::select! {
                 biased;
                 changed = self.tailed.changed() => if changed.is_err() {
                     return Err(self.shutting_down());
                 },
+                () = async {
+                    match end {
+                        Some(end) => end.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => return Err(self.moving_on()),
                 () = self.bookmark.as_mut() => {
                     return Ok(WatchItem::Progress {
                         revision: self.next - 1,
@@ -511,6 +530,14 @@ impl Watcher {
                 }
             }
         }
+    }
+
+    fn moving_on(&self) -> Error {
+        Error::Unavailable(format!(
+            "this connection has reached its maximum age; resume with after_revision {} \
+             (on a new connection)",
+            self.next - 1
+        ))
     }
 
     fn shutting_down(&self) -> Error {

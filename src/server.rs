@@ -17,7 +17,7 @@ use crate::budget::BudgetSettings;
 use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
-use crate::grpc::{Authenticated, RoomService, Tokens, Unvectored, proto};
+use crate::grpc::{Authenticated, EdgeLimits, RoomService, Tokens, Unvectored, proto};
 use crate::hot::HotRooms;
 use crate::reconciler::{self, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
@@ -143,6 +143,13 @@ pub async fn run(
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout));
+    if let Some(age) = config.max_connection_age {
+        // No tonic grace: with one, tonic 0.14 cuts the connection at age +
+        // grace without a GOAWAY first. Without, it sends the GOAWAY at the
+        // age and lets calls finish; watch streams end themselves during our
+        // grace period (`EdgeLimits`).
+        builder = builder.max_connection_age(age);
+    }
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("could not set up TLS")?;
     }
@@ -151,8 +158,16 @@ pub async fn run(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(Authenticated::new(
-            RoomService::new(rooms.clone(), feed.clone())
-                .into_server(config.max_request_size as usize),
+            RoomService::new(
+                rooms.clone(),
+                feed.clone(),
+                EdgeLimits {
+                    max_request_size: config.max_request_size as usize,
+                    max_connection_age: config.max_connection_age,
+                    max_connection_age_grace: config.max_connection_age_grace,
+                },
+            )
+            .into_server(),
             tokens,
         ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown.clone());

@@ -117,3 +117,68 @@ async fn requests_past_the_size_limit_are_refused() {
         .await
         .expect("a request under the limit is served");
 }
+
+/// With --max-connection-age, a watch stream ends with UNAVAILABLE half way
+/// through its connection's grace period (after the GOAWAY, before the cut),
+/// saying where to resume; resuming there on a new connection loses nothing.
+#[tokio::test]
+async fn watch_streams_end_cleanly_at_the_connection_age_and_resume() {
+    let db = TestDb::sqlite();
+    let flags = [
+        "--max-connection-age",
+        "1s",
+        "--max-connection-age-grace",
+        "2s",
+    ];
+    let (mut server, _emulator, _url) = setup(&db, &flags).await;
+    let mut client = proto::room_service_client::RoomServiceClient::new(server.channel().await);
+    let mut stream = client
+        .watch_rooms(proto::WatchRoomsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    let room = server.create_room("before-the-age").await;
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(message)) => match message.kind {
+                Some(proto::watch_rooms_response::Kind::Event(event)) => {
+                    assert_eq!(event.room.unwrap().arn, room.arn);
+                    last = Some(event.revision);
+                }
+                Some(proto::watch_rooms_response::Kind::Progress(p)) => {
+                    last = Some(p.revision);
+                }
+                other => panic!("unexpected {other:?}"),
+            },
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("maximum age"), "{ended:?}");
+    let last = last.expect("the creation was seen");
+    assert!(
+        ended.message().contains(&format!("after_revision {last}")),
+        "{ended:?} after revision {last}"
+    );
+
+    // The same channel connects anew; resume where the stream said.
+    let mut resumed = client
+        .watch_rooms(proto::WatchRoomsRequest {
+            after_revision: Some(last),
+            ..Default::default()
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    let after = server.create_room("after-the-age").await;
+    let event = loop {
+        let message = resumed.message().await.unwrap().expect("a message");
+        if let Some(proto::watch_rooms_response::Kind::Event(event)) = message.kind {
+            break event;
+        }
+    };
+    assert_eq!(event.revision, last + 1);
+    assert_eq!(event.room.unwrap().arn, after.arn);
+}

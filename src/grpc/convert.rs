@@ -48,10 +48,9 @@ pub(super) fn list_query(req: proto::ListRoomsRequest) -> ListQuery {
     }
 }
 
-pub(super) fn watch_request(
-    req: proto::WatchRoomsRequest,
-    wake_group: u64,
-) -> Result<WatchRequest> {
+/// The feed's request for a WatchRoomsRequest; the caller fills in what the
+/// connection decides (`wake_group`, `end_at`).
+pub(super) fn watch_request(req: proto::WatchRoomsRequest) -> Result<WatchRequest> {
     let mut arns = Vec::with_capacity(req.identifiers.len());
     let mut violations = Vec::new();
     for (i, identifier) in req.identifiers.iter().enumerate() {
@@ -68,7 +67,7 @@ pub(super) fn watch_request(
         arns,
         after_revision: req.after_revision,
         include_snapshot: req.include_snapshot,
-        wake_group,
+        ..WatchRequest::default()
     })
 }
 

@@ -4,8 +4,12 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::net::SocketAddr;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tonic::transport::server::{Connected, TlsConnectInfo};
 
 /// A connection that tells h2 it does not write vectored.
 ///
@@ -49,10 +53,34 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Unvectored<T> {
     }
 }
 
-impl<T: Connected> Connected for Unvectored<T> {
-    type ConnectInfo = T::ConnectInfo;
+impl Connected for Unvectored<TcpStream> {
+    type ConnectInfo = Connection;
 
-    fn connect_info(&self) -> T::ConnectInfo {
-        self.0.connect_info()
+    fn connect_info(&self) -> Connection {
+        Connection {
+            remote: self.0.peer_addr().ok(),
+            accepted_at: Instant::now(),
+        }
+    }
+}
+
+/// What the server knows of the connection a request came on (tonic puts it
+/// in the request's extensions, inside `TlsConnectInfo` on TLS).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub remote: Option<SocketAddr>,
+    /// When it was accepted (tonic asks for the connect info once, then).
+    pub accepted_at: Instant,
+}
+
+impl Connection {
+    /// The connection `request` came on, plain or TLS.
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&Connection> {
+        let extensions = request.extensions();
+        extensions.get::<Connection>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<Connection>>()
+                .map(TlsConnectInfo::get_ref)
+        })
     }
 }

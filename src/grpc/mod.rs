@@ -24,7 +24,7 @@ pub mod proto {
 
 pub use auth::{Access, Authenticated, Tokens};
 pub use io::Unvectored;
-pub use service::RoomService;
+pub use service::{EdgeLimits, RoomService};
 pub use status::to_status;
 pub use watch::RoomServiceRoutes;
 pub use watch_client::watch;

@@ -13,6 +13,7 @@ use crate::domain::{Error, Result};
 use crate::feed::{Feed, WatchItem};
 use crate::rooms::{CacheInfo, Rooms};
 
+use super::io::Connection;
 use super::proto::room_service_server as server;
 use super::watch::RoomServiceRoutes;
 use super::{convert, proto, to_status};
@@ -22,19 +23,36 @@ use super::{convert, proto, to_status};
 pub struct RoomService {
     rooms: Rooms,
     feed: Feed,
+    limits: EdgeLimits,
+}
+
+/// Limits the gRPC edge applies.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    /// Request messages larger than this are refused before decoding.
+    pub max_request_size: usize,
+    /// The server's maximum connection age, if any, and its grace period.
+    /// Watch streams end (UNAVAILABLE, saying where to resume) half way
+    /// through the grace period: after the GOAWAY, so that the client resumes
+    /// on a new connection, and before the connection is cut.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
 }
 
 impl RoomService {
-    pub fn new(rooms: Rooms, feed: Feed) -> RoomService {
-        RoomService { rooms, feed }
+    pub fn new(rooms: Rooms, feed: Feed, limits: EdgeLimits) -> RoomService {
+        RoomService {
+            rooms,
+            feed,
+            limits,
+        }
     }
 
     /// The tonic server for this service (WatchRooms served from encoded
-    /// messages: see `grpc::watch`), refusing request messages larger than
-    /// `max_request_size` bytes.
-    pub fn into_server(self, max_request_size: usize) -> RoomServiceRoutes {
-        let feed = self.feed.clone();
-        RoomServiceRoutes::new(self, feed, max_request_size)
+    /// messages: see `grpc::watch`).
+    pub fn into_server(self) -> RoomServiceRoutes {
+        let (feed, limits) = (self.feed.clone(), self.limits);
+        RoomServiceRoutes::new(self, feed, limits)
     }
 }
 
@@ -102,24 +120,27 @@ fn cache_headers(metadata: &mut MetadataMap, cache: CacheInfo) {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchRoomsResponse, Status>> + Send>>;
 
-/// The feed's wake group of a watch stream: its connection's (see
-/// `WatchRequest::wake_group`).
-fn wake_group<T>(request: &Request<T>) -> u64 {
-    use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
-    request.remote_addr().map_or(0, |addr| {
-        BuildHasherDefault::<DefaultHasher>::default().hash_one(addr)
-    })
-}
-
-/// The items of a WatchRooms stream, or why it cannot start.
+/// The items of a WatchRooms stream, or why it cannot start. The streams of
+/// one connection share a wake group (see `WatchRequest::wake_group`) and,
+/// with a maximum connection age, end when their connection reaches it.
 pub(super) async fn watch_items(
     feed: &Feed,
+    limits: EdgeLimits,
     request: Request<proto::WatchRoomsRequest>,
 ) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static, Status> {
-    let wake_group = wake_group(&request);
+    use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+    let connection = Connection::of(&request).cloned();
     let result = async {
-        let request = convert::watch_request(request.into_inner(), wake_group)?;
-        feed.watch(request).await
+        let mut watch = convert::watch_request(request.into_inner())?;
+        if let Some(connection) = connection {
+            watch.wake_group = connection.remote.map_or(0, |addr| {
+                BuildHasherDefault::<DefaultHasher>::default().hash_one(addr)
+            });
+            watch.end_at = limits
+                .max_connection_age
+                .map(|age| connection.accepted_at + age + limits.max_connection_age_grace / 2);
+        }
+        feed.watch(watch).await
     };
     result.await.map_err(to_status)
 }
@@ -134,7 +155,7 @@ impl server::RoomService for RoomService {
         &self,
         request: Request<proto::WatchRoomsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let items = watch_items(&self.feed, request).await?;
+        let items = watch_items(&self.feed, self.limits, request).await?;
         let messages = items.map(|item| item.map(convert::watch_item).map_err(to_status));
         Ok(Response::new(Box::pin(messages)))
     }

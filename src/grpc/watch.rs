@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::feed::{Feed, WatchItem};
 
 use super::proto::room_service_server::{self as server, RoomServiceServer};
-use super::service::{RoomService, watch_items};
+use super::service::{EdgeLimits, RoomService, watch_items};
 use super::{convert, proto, to_status};
 
 const WATCH_ROOMS: &str = "/ivschat.rooms.v1.RoomService/WatchRooms";
@@ -35,19 +35,16 @@ const WATCH_ROOMS: &str = "/ivschat.rooms.v1.RoomService/WatchRooms";
 pub struct RoomServiceRoutes {
     generated: RoomServiceServer<RoomService>,
     feed: Feed,
-    max_request_size: usize,
+    limits: EdgeLimits,
 }
 
 impl RoomServiceRoutes {
-    pub(super) fn new(
-        service: RoomService,
-        feed: Feed,
-        max_request_size: usize,
-    ) -> RoomServiceRoutes {
+    pub(super) fn new(service: RoomService, feed: Feed, limits: EdgeLimits) -> RoomServiceRoutes {
         RoomServiceRoutes {
-            generated: RoomServiceServer::new(service).max_decoding_message_size(max_request_size),
+            generated: RoomServiceServer::new(service)
+                .max_decoding_message_size(limits.max_request_size),
             feed,
-            max_request_size,
+            limits,
         }
     }
 }
@@ -73,11 +70,12 @@ where
         if request.uri().path() != WATCH_ROOMS {
             return self.generated.call(request);
         }
-        let feed = self.feed.clone();
-        let max_request_size = self.max_request_size;
+        let (feed, limits) = (self.feed.clone(), self.limits);
         Box::pin(async move {
-            let mut grpc = Grpc::new(WatchCodec).max_decoding_message_size(max_request_size);
-            Ok(grpc.server_streaming(WatchRooms { feed }, request).await)
+            let mut grpc = Grpc::new(WatchCodec).max_decoding_message_size(limits.max_request_size);
+            Ok(grpc
+                .server_streaming(WatchRooms { feed, limits }, request)
+                .await)
         })
     }
 }
@@ -85,6 +83,7 @@ where
 /// The WatchRooms method, answering with encoded messages.
 struct WatchRooms {
     feed: Feed,
+    limits: EdgeLimits,
 }
 
 type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
@@ -95,9 +94,9 @@ impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
     type Future = BoxFuture<Response<EncodedStream>, Status>;
 
     fn call(&mut self, request: Request<proto::WatchRoomsRequest>) -> Self::Future {
-        let feed = self.feed.clone();
+        let (feed, limits) = (self.feed.clone(), self.limits);
         Box::pin(async move {
-            let items = watch_items(&feed, request).await?;
+            let items = watch_items(&feed, limits, request).await?;
             let messages = items.map(|item| item.map(encode).map_err(to_status));
             let stream: EncodedStream = Box::pin(QueueConnection::new(Box::pin(messages)));
             Ok(Response::new(stream))
