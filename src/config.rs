@@ -47,6 +47,13 @@ pub enum Command {
     Watch(WatchArgs),
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Where the service sends IVS Chat calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UpstreamKind {
@@ -138,6 +145,10 @@ pub struct ServeConfig {
     /// a new connection; other calls in flight finish.
     #[arg(long, env = "IVSCHAT_ROOMS_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub max_connection_age_grace: Duration,
+
+    /// Log lines for people (`text`) or one JSON object per line (`json`).
+    #[arg(long, env = "IVSCHAT_ROOMS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// Turn gRPC server reflection off (grpcurl then needs the proto files).
     #[arg(long, env = "IVSCHAT_ROOMS_NO_REFLECTION", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]

@@ -4,20 +4,19 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use ivschat_rooms::config::{Cli, Command};
+use ivschat_rooms::config::{Cli, Command, LogFormat};
 use ivschat_rooms::server;
+use tracing_subscriber::fmt::format::FmtSpan;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let result = match cli.into_command() {
+    let command = Cli::parse().into_command();
+    let format = match &command {
+        Command::Serve(config) => config.log_format,
+        Command::Emulator(_) | Command::Watch(_) => LogFormat::Text,
+    };
+    init_logging(format);
+    let result = match command {
         Command::Serve(config) => server::serve(config).await,
         Command::Emulator(args) => server::run_emulator(args).await,
         Command::Watch(args) => ivschat_rooms::grpc::watch(args, std::io::stdout().lock()).await,
@@ -28,5 +27,20 @@ async fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). Spans are logged
+/// when they close: that is the access log (`grpc::AccessLogLayer`).
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_span_events(FmtSpan::CLOSE);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
     }
 }

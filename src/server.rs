@@ -17,7 +17,9 @@ use crate::budget::BudgetSettings;
 use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
-use crate::grpc::{Authenticated, EdgeLimits, RoomService, Tokens, Unvectored, proto};
+use crate::grpc::{
+    AccessLogLayer, Authenticated, EdgeLimits, RoomService, Tokens, Unvectored, proto,
+};
 use crate::hot::HotRooms;
 use crate::reconciler::{self, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
@@ -140,6 +142,7 @@ pub async fn run(
     }
     .shared();
     let mut builder = tonic::transport::Server::builder()
+        .layer(AccessLogLayer)
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout));

@@ -127,3 +127,55 @@ async fn open_address_without_auth_warns() {
         assert_eq!(warned, warnings, "{listen}: {log:#?}");
     }
 }
+
+/// Every request is logged when it ends, with its method, room and code;
+/// with --log-format json every log line is a JSON object.
+#[tokio::test]
+async fn requests_are_logged_with_method_room_and_code() {
+    const GET_ROOM: &str = "/ivschat.rooms.v1.RoomService/GetRoom";
+    let arn = "arn:aws:ivschat:us-east-1:123456789012:room/missing00001";
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let binary = start(
+            &[
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--log-format",
+                format,
+            ],
+            &[],
+        )
+        .await;
+        let missing = binary
+            .client()
+            .await
+            .get_room(proto::GetRoomRequest {
+                identifier: arn.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+        let (status, log) = binary.terminate().await;
+        assert!(status.success(), "exit {status:?}: {log:#?}");
+        let line = log
+            .iter()
+            .find(|l| l.contains(GET_ROOM))
+            .unwrap_or_else(|| panic!("no access line for GetRoom ({format}): {log:#?}"));
+        if format == "json" {
+            for line in &log {
+                let parsed = serde_json::from_str::<serde_json::Value>(line);
+                assert!(parsed.is_ok(), "not JSON: {line}");
+            }
+            let json: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(json["target"], "ivschat_rooms::access", "{line}");
+            assert_eq!(json["span"]["method"], GET_ROOM, "{line}");
+            assert_eq!(json["span"]["room"], arn, "{line}");
+            assert_eq!(json["span"]["code"], "NotFound", "{line}");
+        } else {
+            assert!(line.contains(&format!("room={arn}")), "{line}");
+            assert!(line.contains("code=NotFound"), "{line}");
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! service converts requests into domain values (`convert`), calls `rooms`, and
 //! turns every error into a `Status` in one function (`status::to_status`).
 
+mod access;
 mod auth;
 mod convert;
 mod io;
@@ -22,6 +23,7 @@ pub mod proto {
         include_bytes!(concat!(env!("OUT_DIR"), "/ivschat_rooms_descriptor.bin"));
 }
 
+pub use access::AccessLogLayer;
 pub use auth::{Access, Authenticated, Tokens};
 pub use io::Unvectored;
 pub use service::{EdgeLimits, RoomService};

@@ -13,6 +13,7 @@ use crate::domain::{Error, Result};
 use crate::feed::{Feed, WatchItem};
 use crate::rooms::{CacheInfo, Rooms};
 
+use super::access::record_room;
 use super::io::Connection;
 use super::proto::room_service_server as server;
 use super::watch::RoomServiceRoutes;
@@ -170,7 +171,11 @@ impl server::RoomService for RoomService {
             reserved("request_id", !req.request_id.is_empty())?;
             self.rooms.create(convert::new_room(req)?, caller).await
         };
-        reply(result.await, convert::room)
+        let result = result.await;
+        if let Ok(room) = &result {
+            record_room(&room.arn);
+        }
+        reply(result, convert::room)
     }
 
     async fn get_room(
@@ -179,6 +184,7 @@ impl server::RoomService for RoomService {
     ) -> Result<Response<proto::Room>, Status> {
         let caller = caller(&request);
         let req = request.into_inner();
+        record_room(&req.identifier);
         let consistency = convert::consistency(req.consistency).map_err(to_status)?;
         let read = self.rooms.get(&req.identifier, consistency, caller).await;
         let mut reply = reply(read.answer, convert::room);
@@ -197,6 +203,7 @@ impl server::RoomService for RoomService {
     ) -> Result<Response<proto::Room>, Status> {
         let caller = caller(&request);
         let req = request.into_inner();
+        record_room(&req.identifier);
         let result = async {
             reserved("expected_update_time", req.expected_update_time.is_some())?;
             let identifier = req.identifier.clone();
@@ -213,6 +220,7 @@ impl server::RoomService for RoomService {
     ) -> Result<Response<proto::DeleteRoomResponse>, Status> {
         let caller = caller(&request);
         let req = request.into_inner();
+        record_room(&req.identifier);
         reply(self.rooms.delete(&req.identifier, caller).await, |()| {
             proto::DeleteRoomResponse {}
         })
@@ -242,6 +250,7 @@ impl server::RoomService for RoomService {
     ) -> Result<Response<proto::Room>, Status> {
         let caller = caller(&request);
         let req = request.into_inner();
+        record_room(&req.identifier);
         let tags = req.tags.into_iter().collect();
         reply(
             self.rooms.tag(&req.identifier, tags, caller).await,
@@ -255,6 +264,7 @@ impl server::RoomService for RoomService {
     ) -> Result<Response<proto::Room>, Status> {
         let caller = caller(&request);
         let req = request.into_inner();
+        record_room(&req.identifier);
         reply(
             self.rooms
                 .untag(&req.identifier, req.tag_keys, caller)

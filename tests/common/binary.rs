@@ -77,11 +77,16 @@ impl Server {
                     .await
                     .unwrap_or_else(|| panic!("the binary exited before serving: {backlog:#?}"));
                 if line.contains("serving ivschat.rooms.v1.RoomService") {
-                    break line
-                        .split_whitespace()
-                        .find_map(|word| word.strip_prefix("address="))
-                        .expect("the serving line names its address")
-                        .to_owned();
+                    // Text (`address=...`) or JSON (`"fields":{"address":...}`).
+                    let json = serde_json::from_str::<serde_json::Value>(&line).ok();
+                    let address = match &json {
+                        Some(json) => json["fields"]["address"].as_str().map(str::to_owned),
+                        None => line
+                            .split_whitespace()
+                            .find_map(|word| word.strip_prefix("address="))
+                            .map(str::to_owned),
+                    };
+                    break address.expect("the serving line names its address");
                 }
                 backlog.push_back(line);
             }
