@@ -17,6 +17,6 @@ COPY --from=build /src/target/release/ivschat-rooms /usr/local/bin/ivschat-rooms
 USER ivschat
 WORKDIR /data
 ENV IVSCHAT_ROOMS_DATA_DIR=/data
-EXPOSE 50051
+EXPOSE 50051 9464
 ENTRYPOINT ["ivschat-rooms"]
 CMD ["serve", "--listen", "0.0.0.0:50051"]

@@ -1185,6 +1185,8 @@ fn serve_config(db_url: &str, emulator_url: &str, extra: &[&str]) -> ServeConfig
         "serve",
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
         "--database-url",
         db_url,
         "--upstream",

@@ -31,6 +31,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
+use crate::telemetry;
+
 pub use crate::domain::Operation;
 use crate::domain::{Error, Result};
 
@@ -121,11 +123,21 @@ struct Pause {
 }
 
 /// Counts a waiting user while it lives.
-struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting<'a>(&'a AtomicUsize, metrics::Gauge);
+
+impl Waiting<'_> {
+    fn new(count: &AtomicUsize, op: Operation) -> Waiting<'_> {
+        count.fetch_add(1, Ordering::SeqCst);
+        let gauge = metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => op.to_string());
+        gauge.increment(1);
+        Waiting(count, gauge)
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+        self.1.decrement(1);
     }
 }
 
@@ -190,8 +202,7 @@ impl Budget {
 
 impl Bucket {
     async fn acquire_for_user(&self, deadline: Instant) -> Result<()> {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let waiting = Waiting(&self.waiting);
+        let waiting = Waiting::new(&self.waiting, self.op);
         // Those ahead each take one interval; refuse now what cannot be
         // served in time.
         let ahead = u32::try_from(waiting.0.load(Ordering::SeqCst) - 1).unwrap_or(u32::MAX);
@@ -246,6 +257,8 @@ impl Bucket {
     }
 
     fn taken(&self) {
+        metrics::counter!(telemetry::BUDGET_TOKENS, "operation" => self.op.to_string())
+            .increment(1);
         *self.last_taken.lock().expect("last taken") = Some(Instant::now());
     }
 
@@ -267,6 +280,8 @@ impl Bucket {
     }
 
     fn exhausted(&self, ahead: u32) -> Error {
+        metrics::counter!(telemetry::BUDGET_REFUSED, "operation" => self.op.to_string())
+            .increment(1);
         Error::ResourceExhausted(format!(
             "the budget for IVS Chat {} ({:.1} calls per second) cannot serve this request \
              before its deadline: {ahead} requests are ahead of it; retry later",

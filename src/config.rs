@@ -146,6 +146,14 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub max_connection_age_grace: Duration,
 
+    /// Address to serve Prometheus metrics on (`GET /metrics`).
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: SocketAddr,
+
     /// Log lines for people (`text`) or one JSON object per line (`json`).
     #[arg(long, env = "IVSCHAT_ROOMS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use crate::domain::{Error, Result, Room, RoomArn, RoomEvent, Timestamp};
 use crate::hot::HotRooms;
 use crate::store::Store;
+use crate::telemetry;
 
 /// How many events a watcher takes at a time from the ring or the log.
 const BATCH: usize = 256;
@@ -245,6 +246,10 @@ impl Feed {
             if let Err(e) = self.read_new().await {
                 tracing::warn!(error = %e, "could not read the change log");
             }
+            let tailed = *inner.tailed.borrow();
+            metrics::gauge!(telemetry::EVENT_REVISION).set(tailed as f64);
+            let lag = committed.borrow().saturating_sub(tailed);
+            metrics::gauge!(telemetry::EVENT_LAG).set(lag as f64);
             tokio::select! {
                 () = inner.stop.cancelled() => return,
                 changed = committed.changed() => if changed.is_err() { return },
@@ -425,6 +430,7 @@ impl Feed {
                      retry later, or on another replica"
                 ))
             })?;
+        metrics::gauge!(telemetry::WATCHERS).increment(1);
         Ok(Slot(self.clone()))
     }
 }
@@ -436,6 +442,7 @@ struct Slot(Feed);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.inner.watchers.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!(telemetry::WATCHERS).decrement(1);
     }
 }
 

@@ -33,4 +33,5 @@ pub mod reconciler;
 pub mod rooms;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;

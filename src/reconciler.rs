@@ -95,6 +95,17 @@ pub async fn run(rooms: Rooms, store: Store, settings: ReconcileSettings, stop: 
 
 /// One full listing or one incremental pass, logged.
 async fn one_pass(rooms: &Rooms, full: bool) -> crate::domain::Result<()> {
+    let result = pass(rooms, full).await;
+    metrics::counter!(
+        crate::telemetry::RECONCILE_RUNS,
+        "kind" => if full { "full" } else { "recent" },
+        "result" => if result.is_ok() { "ok" } else { "error" },
+    )
+    .increment(1);
+    result
+}
+
+async fn pass(rooms: &Rooms, full: bool) -> crate::domain::Result<()> {
     if full {
         let report = rooms.full_listing().await?;
         tracing::info!(

@@ -41,6 +41,14 @@ pub async fn run(
         .transpose()?;
     let tls = tls(&config)?;
     let store = Store::open(&config.database_url()).await?;
+    crate::telemetry::recorder();
+    let metrics_listener = crate::telemetry::bind(config.metrics_listen).await?;
+    let metrics_address = metrics_listener.local_addr()?;
+    let stop_metrics = CancellationToken::new();
+    let metrics = tokio::spawn(crate::telemetry::serve(
+        metrics_listener,
+        stop_metrics.clone().cancelled_owned(),
+    ));
     let (upstream, embedded) = upstream(&config).await?;
     let hot = HotRooms::load(&store, config.memory_cache_rooms)
         .await
@@ -103,6 +111,7 @@ pub async fn run(
     let address = listener.local_addr()?;
     tracing::info!(
         %address,
+        metrics = %metrics_address,
         tls = tls.is_some(),
         client_certificates = config.tls_client_ca.is_some(),
         auth = tokens.is_some(),
@@ -204,6 +213,8 @@ pub async fn run(
         embedded.stop().await;
     }
     store.close().await;
+    stop_metrics.cancel();
+    let _ = metrics.await;
     result
 }
 

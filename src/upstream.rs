@@ -7,6 +7,7 @@
 //! the SDK's own retries are off, because they would bypass it. Retries here
 //! back off exponentially; a ThrottlingException also pauses the budget.
 
+use crate::telemetry;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +106,8 @@ impl Upstream {
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1.. {
             self.budget.acquire(op, caller).await?;
+            metrics::counter!(telemetry::UPSTREAM_CALLS, "operation" => op.to_string())
+                .increment(1);
             let err = match send().await {
                 Ok(out) => {
                     self.budget.succeeded(op);
@@ -114,6 +117,8 @@ impl Upstream {
             };
             let throttled = throttling(&err);
             if throttled {
+                metrics::counter!(telemetry::UPSTREAM_THROTTLES, "operation" => op.to_string())
+                    .increment(1);
                 self.budget.throttled(op);
             }
             let wait = backoff.mul_f64(rand::random_range(0.5..1.0));

@@ -179,3 +179,95 @@ async fn requests_are_logged_with_method_room_and_code() {
         }
     }
 }
+
+/// `/metrics` on its own port: requests by method and code, cache reads,
+/// upstream calls and budget tokens by operation, watchers, the event-log
+/// revision, reconciler passes, and a latency histogram.
+#[tokio::test]
+async fn metrics_count_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let binary = start(&["--data-dir", data_dir.to_str().unwrap()], &[]).await;
+    let mut client = binary.client().await;
+    // Answered once the startup listing (a full reconciler pass) is done.
+    client
+        .list_rooms(proto::ListRoomsRequest::default())
+        .await
+        .unwrap();
+    let room = client
+        .create_room(proto::CreateRoomRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |identifier: &str| proto::GetRoomRequest {
+        identifier: identifier.into(),
+        ..Default::default()
+    };
+    client.get_room(get(&room.arn)).await.expect("a cache hit");
+    let missing = "arn:aws:ivschat:us-east-1:123456789012:room/missing00001";
+    client.get_room(get(missing)).await.unwrap_err();
+    let mut watch = client
+        .watch_rooms(proto::WatchRoomsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    watch
+        .message()
+        .await
+        .unwrap()
+        .expect("the starting bookmark");
+
+    let url = format!("http://{}/metrics", binary.metrics_address);
+    let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+    };
+    let method = |name: &str| format!("method=\"/ivschat.rooms.v1.RoomService/{name}\"");
+    assert_eq!(
+        value(&format!(
+            "ivschat_rooms_requests_total{{{},code=\"Ok\"}}",
+            method("CreateRoom")
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            "ivschat_rooms_requests_total{{{},code=\"NotFound\"}}",
+            method("GetRoom")
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            "ivschat_rooms_request_duration_seconds_count{{{}}}",
+            method("GetRoom")
+        )),
+        2.0
+    );
+    assert!(body.contains("ivschat_rooms_request_duration_seconds_bucket{"));
+    // The ListRooms (from the cache) and the first GetRoom.
+    assert_eq!(
+        value("ivschat_rooms_cache_reads_total{result=\"hit\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("ivschat_rooms_cache_reads_total{result=\"miss\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("ivschat_rooms_upstream_calls_total{operation=\"CreateRoom\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("ivschat_rooms_budget_tokens_taken_total{operation=\"CreateRoom\"}"),
+        1.0
+    );
+    assert_eq!(value("ivschat_rooms_watchers"), 1.0);
+    assert_eq!(value("ivschat_rooms_event_revision"), 1.0);
+    assert!(value("ivschat_rooms_reconcile_runs_total{kind=\"full\",result=\"ok\"}") >= 1.0);
+    drop(watch);
+    let (status, log) = binary.terminate().await;
+    assert!(status.success(), "exit {status:?}: {log:#?}");
+}

@@ -3,15 +3,21 @@
 //! result code. The binary logs each such span when it closes: an access
 //! log, which `RUST_LOG=info,ivschat_rooms::access=off` turns off.
 //!
+//! The layer also counts requests by method and code, and times them
+//! (`telemetry::REQUESTS`, `telemetry::REQUEST_DURATION`).
+//!
 //! The code is the one the response starts with: a streaming call (WatchRooms)
 //! that starts and later fails is logged as OK when it starts.
 
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tonic::codegen::{BoxFuture, Service, http};
 use tower::Layer;
 use tracing::Instrument as _;
 use tracing::field::Empty;
+
+use crate::telemetry;
 
 /// Wraps every service of the server in [`AccessLog`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,6 +57,8 @@ where
             room = Empty,
             code = Empty,
         );
+        let method = request.uri().path().to_owned();
+        let started = Instant::now();
         let response = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             let response = response.await?;
@@ -63,6 +71,10 @@ where
                 .and_then(|value| value.parse::<i32>().ok())
                 .map_or(tonic::Code::Ok, tonic::Code::from);
             span.record("code", tracing::field::debug(code));
+            metrics::histogram!(telemetry::REQUEST_DURATION, "method" => method.clone())
+                .record(started.elapsed());
+            metrics::counter!(telemetry::REQUESTS, "method" => method, "code" => format!("{code:?}"))
+                .increment(1);
             Ok(response)
         })
     }

@@ -29,6 +29,8 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 pub struct Server {
     child: Child,
     pub address: String,
+    /// Where `/metrics` is served.
+    pub metrics_address: String,
     /// Log lines logged before the "serving" line, not yet looked at.
     backlog: VecDeque<String>,
     /// Log lines after those; read continuously so the server never blocks
@@ -56,6 +58,8 @@ impl Server {
     pub async fn spawn(mut command: Command) -> Server {
         let mut child = command
             .env_remove("RUST_LOG")
+            // Tests run side by side: no fixed metrics port (a flag wins).
+            .env("IVSCHAT_ROOMS_METRICS_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -77,16 +81,7 @@ impl Server {
                     .await
                     .unwrap_or_else(|| panic!("the binary exited before serving: {backlog:#?}"));
                 if line.contains("serving ivschat.rooms.v1.RoomService") {
-                    // Text (`address=...`) or JSON (`"fields":{"address":...}`).
-                    let json = serde_json::from_str::<serde_json::Value>(&line).ok();
-                    let address = match &json {
-                        Some(json) => json["fields"]["address"].as_str().map(str::to_owned),
-                        None => line
-                            .split_whitespace()
-                            .find_map(|word| word.strip_prefix("address="))
-                            .map(str::to_owned),
-                    };
-                    break address.expect("the serving line names its address");
+                    break line;
                 }
                 backlog.push_back(line);
             }
@@ -94,7 +89,9 @@ impl Server {
         .await;
         Server {
             child,
-            address,
+            address: field(&address, "address").expect("the serving line names its address"),
+            metrics_address: field(&address, "metrics")
+                .expect("the serving line names the metrics address"),
             backlog,
             log,
         }
@@ -176,4 +173,15 @@ impl Server {
             .unwrap();
         assert_eq!(status.signal(), Some(9), "{status:?}");
     }
+}
+
+/// A field of a log line: text (`name=value`) or JSON (`"fields":{...}`).
+fn field(line: &str, name: &str) -> Option<String> {
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(line) {
+        return json["fields"][name].as_str().map(str::to_owned);
+    }
+    let prefix = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(prefix.as_str()))
+        .map(str::to_owned)
 }

@@ -162,6 +162,8 @@ pub fn serve_config(db_url: &str, emulator_url: &str, extra: &[&str]) -> ServeCo
         "serve",
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
         "--database-url",
         db_url,
         "--upstream",

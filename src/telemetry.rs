@@ -1,0 +1,114 @@
+//! Prometheus metrics: the recorder, what each metric means, and the
+//! `/metrics` endpoint (`--metrics-listen`, a port of its own).
+//!
+//! Metrics are recorded with the `metrics` macros where things happen (the
+//! names are the constants below); this module installs the process-wide
+//! recorder once and serves what it holds.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use anyhow::Context as _;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+/// gRPC requests by `method` (path) and `code`.
+pub const REQUESTS: &str = "ivschat_rooms_requests_total";
+/// Time to a request's response (for streams: to their start), by `method`.
+pub const REQUEST_DURATION: &str = "ivschat_rooms_request_duration_seconds";
+/// Cached reads by `result`: `hit`, `miss` or `stale`.
+pub const CACHE: &str = "ivschat_rooms_cache_reads_total";
+/// Calls sent to IVS Chat (each attempt) by `operation`.
+pub const UPSTREAM_CALLS: &str = "ivschat_rooms_upstream_calls_total";
+/// ThrottlingExceptions from IVS Chat by `operation`.
+pub const UPSTREAM_THROTTLES: &str = "ivschat_rooms_upstream_throttles_total";
+/// Budget tokens taken (calls allowed) by `operation`.
+pub const BUDGET_TOKENS: &str = "ivschat_rooms_budget_tokens_taken_total";
+/// Requests refused for want of a budget token in time, by `operation`.
+pub const BUDGET_REFUSED: &str = "ivschat_rooms_budget_refused_total";
+/// Requests waiting for a budget token, by `operation`.
+pub const BUDGET_WAITING: &str = "ivschat_rooms_budget_waiting";
+/// Watch streams open in this process.
+pub const WATCHERS: &str = "ivschat_rooms_watchers";
+/// The newest event-log revision this process has taken in.
+pub const EVENT_REVISION: &str = "ivschat_rooms_event_revision";
+/// Revisions known committed but not yet taken in by this process's feed.
+pub const EVENT_LAG: &str = "ivschat_rooms_event_lag";
+/// Reconciler passes by `kind` (`recent`, `full`) and `result` (`ok`, `error`).
+pub const RECONCILE_RUNS: &str = "ivschat_rooms_reconcile_runs_total";
+
+/// The process's recorder, installed on first use (a process serves once;
+/// tests run several servers in one process, which then share it).
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(REQUEST_DURATION.into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ],
+            )
+            .expect("buckets are given")
+            .install_recorder()
+            .expect("no other metrics recorder in this process");
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(REQUESTS, "gRPC requests by method and code");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "time to a gRPC response (streams: to their start)"
+    );
+    describe_counter!(CACHE, "cached reads by result: hit, miss, stale");
+    describe_counter!(UPSTREAM_CALLS, "calls sent to IVS Chat, by operation");
+    describe_counter!(
+        UPSTREAM_THROTTLES,
+        "ThrottlingExceptions from IVS Chat, by operation"
+    );
+    describe_counter!(BUDGET_TOKENS, "budget tokens taken, by operation");
+    describe_counter!(
+        BUDGET_REFUSED,
+        "requests refused for want of a budget token in time"
+    );
+    describe_gauge!(BUDGET_WAITING, "requests waiting for a budget token");
+    describe_gauge!(WATCHERS, "watch streams open");
+    describe_gauge!(EVENT_REVISION, "newest event-log revision taken in");
+    describe_gauge!(
+        EVENT_LAG,
+        "revisions known committed, not yet taken in by the feed"
+    );
+    describe_counter!(RECONCILE_RUNS, "reconciler passes by kind and result");
+}
+
+/// Binds `addr` for `/metrics`; the bound address is logged by the caller.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("could not listen for metrics on {addr}"))
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on `listener` until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = recorder();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move {
+            handle.run_upkeep();
+            handle.render()
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
