@@ -59,6 +59,18 @@ pub fn recorder() -> &'static PrometheusHandle {
     })
 }
 
+/// Counts a cached read (`hit`, `miss` or `stale`), with handles registered
+/// once (a lookup by labels per read would cost more than the read).
+pub fn cache_read(result: &'static str) {
+    static COUNTERS: OnceLock<[(&str, metrics::Counter); 3]> = OnceLock::new();
+    let counters = COUNTERS.get_or_init(|| {
+        ["hit", "miss", "stale"].map(|r| (r, metrics::counter!(CACHE, "result" => r)))
+    });
+    if let Some((_, counter)) = counters.iter().find(|(r, _)| *r == result) {
+        counter.increment(1);
+    }
+}
+
 fn describe() {
     describe_counter!(REQUESTS, "gRPC requests by method and code");
     describe_histogram!(

@@ -9,6 +9,7 @@
 //! The code is the one the response starts with: a streaming call (WatchRooms)
 //! that starts and later fails is logged as OK when it starts.
 
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -57,7 +58,7 @@ where
             room = Empty,
             code = Empty,
         );
-        let method = request.uri().path().to_owned();
+        let method = method_index(request.uri().path());
         let started = Instant::now();
         let response = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
@@ -71,12 +72,92 @@ where
                 .and_then(|value| value.parse::<i32>().ok())
                 .map_or(tonic::Code::Ok, tonic::Code::from);
             span.record("code", tracing::field::debug(code));
-            metrics::histogram!(telemetry::REQUEST_DURATION, "method" => method.clone())
-                .record(started.elapsed());
-            metrics::counter!(telemetry::REQUESTS, "method" => method, "code" => format!("{code:?}"))
+            let metrics = &request_metrics()[method];
+            metrics.duration.record(started.elapsed());
+            metrics.by_code[code as usize]
+                .get_or_init(|| {
+                    metrics::counter!(
+                        telemetry::REQUESTS,
+                        "method" => METHODS.get(method).copied().unwrap_or("other"),
+                        "code" => code_label(code),
+                    )
+                })
                 .increment(1);
             Ok(response)
         })
+    }
+}
+
+/// The methods metrics name (others are `other`, so that no client can grow
+/// the number of series): a static label costs no allocation per request.
+const METHODS: &[&str] = &[
+    "/ivschat.rooms.v1.RoomService/CreateRoom",
+    "/ivschat.rooms.v1.RoomService/GetRoom",
+    "/ivschat.rooms.v1.RoomService/UpdateRoom",
+    "/ivschat.rooms.v1.RoomService/DeleteRoom",
+    "/ivschat.rooms.v1.RoomService/ListRooms",
+    "/ivschat.rooms.v1.RoomService/TagRoom",
+    "/ivschat.rooms.v1.RoomService/UntagRoom",
+    "/ivschat.rooms.v1.RoomService/WatchRooms",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The index of `path` in [`METHODS`], `METHODS.len()` for `other`.
+fn method_index(path: &str) -> usize {
+    METHODS
+        .iter()
+        .position(|method| *method == path)
+        .unwrap_or(METHODS.len())
+}
+
+/// One method's metric handles, registered once: looking a series up by
+/// its labels on every request costs more than the request's own work.
+struct MethodMetrics {
+    duration: metrics::Histogram,
+    /// By code, registered on first use (so only codes seen are exported).
+    by_code: [OnceLock<metrics::Counter>; 17],
+}
+
+/// Per method of [`METHODS`], then `other`. Made on the first request,
+/// after the server installed the recorder.
+fn request_metrics() -> &'static [MethodMetrics] {
+    static METRICS: OnceLock<Vec<MethodMetrics>> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        METHODS
+            .iter()
+            .copied()
+            .chain(["other"])
+            .map(|method| MethodMetrics {
+                duration: metrics::histogram!(telemetry::REQUEST_DURATION, "method" => method),
+                by_code: Default::default(),
+            })
+            .collect()
+    })
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 

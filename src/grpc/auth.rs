@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use anyhow::Context as _;
+use futures::future::{Either, Ready};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tonic::Status;
-use tonic::codegen::{BoxFuture, Service, http};
+use tonic::codegen::{Service, http};
 use tonic::server::NamedService;
 
 /// What a token allows.
@@ -150,11 +151,10 @@ impl<S: NamedService> NamedService for Authenticated<S> {
 impl<S, B> Service<http::Request<B>> for Authenticated<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
+    type Future = Either<Ready<Result<Self::Response, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -164,9 +164,9 @@ where
         if let Some(tokens) = &self.tokens
             && let Err(status) = tokens.admit(request.uri().path(), request.headers())
         {
-            return Box::pin(async move { Ok(status.into_http()) });
+            return Either::Left(futures::future::ready(Ok(status.into_http())));
         }
-        Box::pin(self.inner.call(request))
+        Either::Right(self.inner.call(request))
     }
 }
 

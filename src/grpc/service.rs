@@ -112,7 +112,7 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
 /// The cache headers: `x-cache` (hit, miss or stale) and `x-cache-age` (seconds
 /// since IVS Chat confirmed what the answer says, to the millisecond).
 fn cache_headers(metadata: &mut MetadataMap, cache: CacheInfo) {
-    metrics::counter!(crate::telemetry::CACHE, "result" => cache.status.as_str()).increment(1);
+    crate::telemetry::cache_read(cache.status.as_str());
     metadata.insert("x-cache", MetadataValue::from_static(cache.status.as_str()));
     let age = format!("{:.3}", cache.age.as_secs_f64());
     if let Ok(age) = MetadataValue::try_from(age) {
