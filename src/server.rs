@@ -49,6 +49,8 @@ pub async fn run(
         metrics_listener,
         stop_metrics.clone().cancelled_owned(),
     ));
+    // Also when startup fails below.
+    let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
     let (upstream, embedded) = upstream(&config).await?;
     let hot = HotRooms::load(&store, config.memory_cache_rooms)
         .await
