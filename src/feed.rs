@@ -89,8 +89,8 @@ pub struct WatchRequest {
     /// connection next writes, and leave in one write.
     pub wake_group: u64,
     /// The stream ends at this instant (UNAVAILABLE, saying where to resume):
-    /// the edge sets it to when the stream's connection reaches its maximum
-    /// age, so the stream ends cleanly before the connection is cut.
+    /// the edge sets it half way through the grace period after its
+    /// connection's maximum age, so the client resumes on a new connection.
     pub end_at: Option<Instant>,
 }
 

@@ -124,7 +124,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchRoomsResponse, S
 
 /// The items of a WatchRooms stream, or why it cannot start. The streams of
 /// one connection share a wake group (see `WatchRequest::wake_group`) and,
-/// with a maximum connection age, end when their connection reaches it.
+/// with a maximum connection age, end half way through its grace period.
 pub(super) async fn watch_items(
     feed: &Feed,
     limits: EdgeLimits,
