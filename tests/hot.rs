@@ -168,6 +168,7 @@ async fn writes_on_another_replica_reach_the_memory_layer() {
     b.client
         .delete_room(proto::DeleteRoomRequest {
             identifier: room.arn.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

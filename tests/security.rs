@@ -133,6 +133,7 @@ async fn read_only_tokens_read_and_watch_but_do_not_write() {
         .delete_room(with_token(
             proto::DeleteRoomRequest {
                 identifier: room.arn.clone(),
+                ..Default::default()
             },
             READER,
         ))

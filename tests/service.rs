@@ -242,6 +242,7 @@ async fn delete_forgets_the_room(db: TestDb) {
         .client
         .delete_room(proto::DeleteRoomRequest {
             identifier: room.arn.clone(),
+            ..Default::default()
         })
         .await
         .expect("delete");
@@ -262,6 +263,7 @@ async fn delete_forgets_the_room(db: TestDb) {
         .client
         .delete_room(proto::DeleteRoomRequest {
             identifier: room.arn.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -512,6 +514,7 @@ async fn invalid_requests_never_reach_upstream(db: TestDb) {
         (
             c.delete_room(proto::DeleteRoomRequest {
                 identifier: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err(),
@@ -877,6 +880,7 @@ async fn late_answer_does_not_resurrect_a_deleted_room(db: TestDb) {
     b.client
         .delete_room(proto::DeleteRoomRequest {
             identifier: room.arn.clone(),
+            ..Default::default()
         })
         .await
         .expect("delete");

@@ -196,6 +196,7 @@ async fn events_say_what_changed(db: TestDb) {
         .client
         .delete_room(proto::DeleteRoomRequest {
             identifier: room.arn.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -338,6 +338,7 @@ async fn kill_9_mid_stream_then_resume_from_the_same_revision() {
         "DeleteRoom",
         client.delete_room(proto::DeleteRoomRequest {
             identifier: arns[1].clone(),
+            ..Default::default()
         }),
     )
     .await

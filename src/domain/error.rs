@@ -1,5 +1,7 @@
 use std::fmt;
 
+use super::Timestamp;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One field that broke one of the model's constraints.
@@ -67,9 +69,13 @@ pub enum Error {
         /// `after_revision` at least one less than this.
         oldest_available_revision: u64,
     },
-    /// A request field this version names but does not implement yet.
-    #[error("not implemented: {0}")]
-    Unimplemented(String),
+    /// A conditional write's `expected_update_time` is not the room's
+    /// update_time in IVS Chat.
+    #[error("the room's update_time is {actual}, not the expected {expected}")]
+    UpdateTimeMismatch {
+        expected: Timestamp,
+        actual: Timestamp,
+    },
     /// Anything else. Its text is logged, never sent to clients.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -104,7 +110,10 @@ impl Error {
                 message: message.clone(),
                 oldest_available_revision: *oldest_available_revision,
             },
-            Error::Unimplemented(m) => Error::Unimplemented(m.clone()),
+            Error::UpdateTimeMismatch { expected, actual } => Error::UpdateTimeMismatch {
+                expected: *expected,
+                actual: *actual,
+            },
             Error::Internal(e) => Error::Internal(anyhow::anyhow!("{e:#}")),
         }
     }

@@ -229,6 +229,63 @@ pub fn new_room(room: &NewRoom) -> Result<()> {
     v.finish()
 }
 
+/// The tag a CreateRoom with a request_id puts on the room it creates (value:
+/// the request_id), so that a creation cut short by a crash can be found in
+/// IVS Chat.
+pub const REQUEST_ID_TAG: &str = "ivschat-rooms:request-id";
+
+/// A request_id: 1-128 characters from `[a-zA-Z0-9._:-]` (a UUID fits).
+pub const REQUEST_ID: StringRule = StringRule {
+    min: 1,
+    max: 128,
+    pattern: Some("[a-zA-Z0-9._:-]+"),
+};
+
+/// A CreateRoom with an idempotency key: the key's own rule, and room for the
+/// tag that carries it (`REQUEST_ID_TAG`, which the caller may not set).
+/// Call after [`new_room`].
+pub fn request_id(field: &str, request_id: &str, room: &NewRoom) -> Result<()> {
+    static PATTERN: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(&format!("^(?:{})$", REQUEST_ID.pattern.unwrap_or_default()))
+            .expect("the request_id pattern compiles")
+    });
+    let mut v = Violations::default();
+    let len = request_id.chars().count();
+    if len < REQUEST_ID.min || len > REQUEST_ID.max {
+        v.0.push(FieldViolation::new(
+            field,
+            format!(
+                "length must be between {} and {} characters, got {len}",
+                REQUEST_ID.min, REQUEST_ID.max
+            ),
+        ));
+    } else if !PATTERN.is_match(request_id) {
+        v.0.push(FieldViolation::new(
+            field,
+            format!(
+                "must match the pattern {}",
+                REQUEST_ID.pattern.unwrap_or_default()
+            ),
+        ));
+    }
+    if room.tags.contains_key(REQUEST_ID_TAG) {
+        v.0.push(FieldViolation::new(
+            format!("tags.{REQUEST_ID_TAG}"),
+            "is set by the service when request_id is",
+        ));
+    } else if room.tags.len() >= MAX_TAGS {
+        v.0.push(FieldViolation::new(
+            "tags",
+            format!(
+                "must have at most {} entries with a request_id (which takes a tag), got {}",
+                MAX_TAGS - 1,
+                room.tags.len()
+            ),
+        ));
+    }
+    v.finish()
+}
+
 pub fn room_patch(patch: &RoomPatch) -> Result<()> {
     let mut v = Violations::default();
     if let Some(name) = &patch.name {
@@ -366,6 +423,39 @@ mod tests {
                 "loggingConfigurationIdentifiers[2]",
                 "loggingConfigurationIdentifiers[3]",
             ]
+        );
+    }
+
+    #[test]
+    fn request_ids_leave_room_for_their_tag() {
+        let room = NewRoom::default();
+        assert!(request_id("request_id", &"a".repeat(128), &room).is_ok());
+        assert!(request_id("request_id", "4b0f-9c.x:y_z", &room).is_ok());
+        for bad in ["", &"a".repeat(129), "has space", "é", "a/b"] {
+            assert_eq!(
+                fields(request_id("request_id", bad, &room)),
+                ["request_id"],
+                "{bad}"
+            );
+        }
+        let tags_of = |n: usize| (0..n).map(|i| (format!("k{i}"), String::new())).collect();
+        let room = NewRoom {
+            tags: tags_of(49),
+            ..NewRoom::default()
+        };
+        assert!(request_id("request_id", "r", &room).is_ok());
+        let room = NewRoom {
+            tags: tags_of(50),
+            ..NewRoom::default()
+        };
+        assert_eq!(fields(request_id("request_id", "r", &room)), ["tags"]);
+        let room = NewRoom {
+            tags: BTreeMap::from([(REQUEST_ID_TAG.to_owned(), "r".to_owned())]),
+            ..NewRoom::default()
+        };
+        assert_eq!(
+            fields(request_id("request_id", "r", &room)),
+            [format!("tags.{REQUEST_ID_TAG}")]
         );
     }
 

@@ -260,7 +260,7 @@ fn error_response(e: Error) -> Response {
             json!({ "message": message, "resourceId": "", "resourceType": "ROOM", "limit": 0 }),
         ),
         e @ (Error::Unavailable(_)
-        | Error::Unimplemented(_)
+        | Error::UpdateTimeMismatch { .. }
         | Error::RevisionOutOfRange { .. }
         | Error::Internal(_)) => {
             tracing::debug!(error = %e, "emulator internal error");

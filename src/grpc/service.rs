@@ -60,7 +60,7 @@ impl RoomService {
 /// Fields the contract names for later versions: refused, never ignored.
 fn reserved(field: &str, set: bool) -> Result<()> {
     if set {
-        Err(Error::Unimplemented(format!(
+        Err(Error::Unavailable(format!(
             "{field} is reserved for a later version of this service and must not be set yet"
         )))
     } else {
@@ -169,8 +169,14 @@ impl server::RoomService for RoomService {
         let caller = caller(&request);
         let req = request.into_inner();
         let result = async {
-            reserved("request_id", !req.request_id.is_empty())?;
-            self.rooms.create(convert::new_room(req)?, caller).await
+            let request_id = req.request_id.clone();
+            let new = convert::new_room(req)?;
+            if !request_id.is_empty() {
+                crate::domain::validate::new_room(&new)?;
+                crate::domain::validate::request_id("request_id", &request_id, &new)?;
+            }
+            reserved("request_id", !request_id.is_empty())?;
+            self.rooms.create(new, caller).await
         };
         let result = result.await;
         if let Ok(room) = &result {
@@ -222,6 +228,9 @@ impl server::RoomService for RoomService {
         let caller = caller(&request);
         let req = request.into_inner();
         record_room(&req.identifier);
+        if let Err(e) = reserved("expected_update_time", req.expected_update_time.is_some()) {
+            return Err(to_status(e));
+        }
         reply(self.rooms.delete(&req.identifier, caller).await, |()| {
             proto::DeleteRoomResponse {}
         })

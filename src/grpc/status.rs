@@ -54,7 +54,14 @@ pub fn to_status(error: Error) -> Status {
             );
             Status::with_error_details(Code::OutOfRange, message, details)
         }
-        Error::Unimplemented(message) => Status::unimplemented(message),
+        e @ Error::UpdateTimeMismatch { actual, .. } => {
+            let details = ErrorDetails::with_error_info(
+                "UPDATE_TIME_MISMATCH",
+                "ivschat-rooms",
+                [("update_time".to_owned(), actual.to_string())],
+            );
+            Status::with_error_details(Code::Aborted, e.to_string(), details)
+        }
         Error::Internal(e) => {
             tracing::error!(error = format!("{e:#}"), "internal error");
             Status::internal("internal error; the server log has the details")
