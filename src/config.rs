@@ -230,6 +230,17 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_STALE_IF_ERROR", default_value = "1h", value_parser = humantime::parse_duration)]
     pub stale_if_error: Duration,
 
+    /// How long a CreateRoom request_id is remembered: a retry within this
+    /// returns the room the first call created.
+    #[arg(long, env = "IVSCHAT_ROOMS_REQUEST_ID_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub request_id_retention: Duration,
+
+    /// How long a CreateRoom's claim on its request_id holds unless renewed;
+    /// must exceed --upstream-timeout. After a crash mid-creation, a retry
+    /// waits up to twice this, then finds the room by its tag.
+    #[arg(long, env = "IVSCHAT_ROOMS_REQUEST_ID_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_id_lease: Duration,
+
     /// How many cached rooms each process also keeps in memory, for cached
     /// reads without SQL (`0` turns the memory layer off).
     #[arg(

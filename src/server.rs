@@ -34,6 +34,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.request_id_lease > config.upstream_timeout,
+        "--request-id-lease ({}) must be longer than --upstream-timeout ({}): a claim must outlast the call it covers",
+        humantime::format_duration(config.request_id_lease),
+        humantime::format_duration(config.upstream_timeout),
+    );
     let tokens = config
         .auth_tokens
         .as_deref()
@@ -64,6 +70,8 @@ pub async fn run(
             listing_wait: config.listing_wait,
             listing_lag: RoomsSettings::LISTING_LAG,
             stale_if_error: config.stale_if_error,
+            request_id_retention: config.request_id_retention,
+            request_id_lease: config.request_id_lease,
         },
     )
     .await

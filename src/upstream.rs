@@ -28,6 +28,14 @@ use crate::domain::{
     Result, Room, RoomArn, RoomPatch, RoomSummary, Timestamp,
 };
 
+/// A call that failed, and whether IVS Chat may have carried it out all the
+/// same (a 5xx, no answer in time, a lost connection).
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: Error,
+    pub maybe_carried_out: bool,
+}
+
 /// Retries, timeouts and the budget for every call upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
@@ -103,9 +111,36 @@ impl Upstream {
         Fut: Future<Output = std::result::Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
     {
+        self.attempts(op, caller, true, || std::future::ready(Ok(())), send)
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// [`Upstream::call`]'s loop. Before each send, once the budget has given
+    /// a token, `ready` may still stop the call. Transient failures are
+    /// retried only with `retry_transient`: a call that failed so may have
+    /// been carried out.
+    async fn attempts<T, E, Fut, Ready>(
+        &self,
+        op: Operation,
+        caller: Caller,
+        retry_transient: bool,
+        ready: impl Fn() -> Ready,
+        send: impl Fn() -> Fut,
+    ) -> Result<T, SendFailure>
+    where
+        Ready: Future<Output = Result<()>>,
+        Fut: Future<Output = std::result::Result<T, SdkError<E, HttpResponse>>>,
+        E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
+    {
+        let unsent = |error| SendFailure {
+            error,
+            maybe_carried_out: false,
+        };
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1.. {
-            self.budget.acquire(op, caller).await?;
+            self.budget.acquire(op, caller).await.map_err(unsent)?;
+            ready().await.map_err(unsent)?;
             metrics::counter!(telemetry::UPSTREAM_CALLS, "operation" => op.to_string())
                 .increment(1);
             let err = match send().await {
@@ -128,8 +163,13 @@ impl Upstream {
                 } => tokio::time::Instant::now() + wait < deadline,
                 _ => true,
             };
-            if attempt >= self.max_attempts || !(throttled || transient(&err)) || !in_time {
-                return Err(err.into());
+            let transient = transient(&err);
+            let retry = throttled || (transient && retry_transient);
+            if attempt >= self.max_attempts || !retry || !in_time {
+                return Err(SendFailure {
+                    error: err.into(),
+                    maybe_carried_out: transient,
+                });
             }
             tracing::debug!(operation = %op, attempt, ?wait, "retrying an IVS Chat call");
             tokio::time::sleep(wait).await;
@@ -141,22 +181,52 @@ impl Upstream {
     pub async fn create_room(&self, new: &NewRoom, caller: Caller) -> Result<Room> {
         let out = self
             .call(Operation::CreateRoom, caller, || {
-                self.client
-                    .create_room()
-                    .name(&new.name)
-                    .set_maximum_message_rate_per_second(new.maximum_message_rate_per_second)
-                    .set_maximum_message_length(new.maximum_message_length)
-                    .set_message_review_handler(
-                        new.message_review_handler.as_ref().map(to_sdk_handler),
-                    )
-                    .set_tags(Some(new.tags.clone().into_iter().collect()))
-                    .set_logging_configuration_identifiers(Some(
-                        new.logging_configuration_identifiers.clone(),
-                    ))
-                    .send()
+                self.create_room_request(new).send()
             })
             .await?;
         room_from_output!(out)
+    }
+
+    /// CreateRoom for a creation that must not happen twice: `ready` is
+    /// asked, once the budget has given a token, just before each send; a
+    /// throttled call is retried, one that may have been carried out (a 5xx,
+    /// no answer in time, a lost connection) is not, and its failure says so.
+    pub async fn create_room_once<Ready>(
+        &self,
+        new: &NewRoom,
+        caller: Caller,
+        ready: impl Fn() -> Ready,
+    ) -> Result<Room, SendFailure>
+    where
+        Ready: Future<Output = Result<()>>,
+    {
+        let out = self
+            .attempts(Operation::CreateRoom, caller, false, ready, || {
+                self.create_room_request(new).send()
+            })
+            .await?;
+        // An answer without a room: created, but unreadable.
+        let room = || room_from_output!(out);
+        room().map_err(|error| SendFailure {
+            error,
+            maybe_carried_out: true,
+        })
+    }
+
+    fn create_room_request(
+        &self,
+        new: &NewRoom,
+    ) -> aws_sdk_ivschat::operation::create_room::builders::CreateRoomFluentBuilder {
+        self.client
+            .create_room()
+            .name(&new.name)
+            .set_maximum_message_rate_per_second(new.maximum_message_rate_per_second)
+            .set_maximum_message_length(new.maximum_message_length)
+            .set_message_review_handler(new.message_review_handler.as_ref().map(to_sdk_handler))
+            .set_tags(Some(new.tags.clone().into_iter().collect()))
+            .set_logging_configuration_identifiers(Some(
+                new.logging_configuration_identifiers.clone(),
+            ))
     }
 
     pub async fn get_room(&self, arn: &RoomArn, caller: Caller) -> Result<Room> {

@@ -42,6 +42,8 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
             // watermark's effect on paging shows.
             listing_lag: Duration::ZERO,
             stale_if_error: Duration::ZERO,
+            request_id_retention: Duration::from_secs(3600),
+            request_id_lease: Duration::from_secs(10),
         },
     )
     .await

@@ -570,38 +570,6 @@ async fn invalid_requests_never_reach_upstream(db: TestDb) {
     assert_eq!(emulator.rooms().len(), 1);
 }
 
-/// Fields reserved for later versions are refused with UNIMPLEMENTED and
-/// change nothing.
-async fn reserved_fields_are_refused(db: TestDb) {
-    let (mut server, emulator, _) = setup(&db, &[]).await;
-    let room = server.create_room("r").await;
-    let err = server
-        .client
-        .create_room(proto::CreateRoomRequest {
-            request_id: "abc".into(),
-            ..create("x")
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("request_id"));
-    let err = server
-        .client
-        .update_room(proto::UpdateRoomRequest {
-            identifier: room.arn.clone(),
-            name: Some("changed".into()),
-            expected_update_time: room.update_time,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("expected_update_time"));
-    let rooms = emulator.rooms();
-    assert_eq!(rooms.len(), 1);
-    assert_eq!(rooms[0].name, "r");
-}
-
 /// Each IVS Chat error reaches the client as its documented gRPC code, and an
 /// unknown one as INTERNAL without its details.
 async fn upstream_errors_map_to_codes(db: TestDb) {
@@ -920,7 +888,6 @@ on_both_backends!(
     startup_listing_fills_the_cache,
     tags_round_trip,
     invalid_requests_never_reach_upstream,
-    reserved_fields_are_refused,
     upstream_errors_map_to_codes,
     unreachable_or_slow_upstream_is_unavailable,
     older_answer_never_overwrites_newer,

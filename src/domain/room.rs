@@ -54,6 +54,13 @@ impl Timestamp {
         )
     }
 
+    pub fn saturating_sub(self, d: Duration) -> Timestamp {
+        Timestamp(
+            self.0
+                .saturating_sub(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)),
+        )
+    }
+
     /// How long ago this was, or zero if it is in the future.
     pub fn elapsed(self) -> Duration {
         Duration::from_nanos(Timestamp::now().0.saturating_sub(self.0).max(0) as u64)

@@ -251,7 +251,7 @@ pub fn request_id(field: &str, request_id: &str, room: &NewRoom) -> Result<()> {
     });
     let mut v = Violations::default();
     let len = request_id.chars().count();
-    if len < REQUEST_ID.min || len > REQUEST_ID.max {
+    if !(REQUEST_ID.min..=REQUEST_ID.max).contains(&len) {
         v.0.push(FieldViolation::new(
             field,
             format!(

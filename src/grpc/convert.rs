@@ -37,6 +37,39 @@ pub(super) fn room_patch(req: proto::UpdateRoomRequest) -> Result<RoomPatch> {
     })
 }
 
+/// A conditional write's `expected_update_time`: any valid Timestamp
+/// (0001-01-01 to 9999-12-31). One outside the years a room's update_time can
+/// hold (1678-2262, nanoseconds in an i64) is kept at the nearest end, and so
+/// matches no room.
+pub(super) fn expected_update_time(
+    value: Option<prost_types::Timestamp>,
+) -> Result<Option<Timestamp>> {
+    /// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, in Unix seconds.
+    const SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+    const FIELD: &str = "expected_update_time";
+    let Some(t) = value else {
+        return Ok(None);
+    };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Error::invalid(
+            FIELD,
+            format!("nanos must be between 0 and 999999999, got {}", t.nanos),
+        ));
+    }
+    if !SECONDS.contains(&t.seconds) {
+        return Err(Error::invalid(
+            FIELD,
+            format!(
+                "must be between 0001-01-01 and 9999-12-31, got {} seconds",
+                t.seconds
+            ),
+        ));
+    }
+    let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    let nanos = nanos.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    Ok(Some(Timestamp::from_nanos(nanos)))
+}
+
 pub(super) fn list_query(req: proto::ListRoomsRequest) -> ListQuery {
     let non_empty = |s: String| (!s.is_empty()).then_some(s);
     ListQuery {
@@ -172,7 +205,7 @@ pub(super) fn room(room: Room) -> proto::Room {
     }
 }
 
-fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+pub(super) fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     let nanos = t.as_nanos();
     prost_types::Timestamp {
         seconds: nanos.div_euclid(1_000_000_000),

@@ -9,7 +9,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::budget::Caller;
-use crate::domain::{Error, Result};
+use crate::domain::Result;
 use crate::feed::{Feed, WatchItem};
 use crate::rooms::{CacheInfo, Rooms};
 
@@ -54,17 +54,6 @@ impl RoomService {
     pub fn into_server(self) -> RoomServiceRoutes {
         let (feed, limits) = (self.feed.clone(), self.limits);
         RoomServiceRoutes::new(self, feed, limits)
-    }
-}
-
-/// Fields the contract names for later versions: refused, never ignored.
-fn reserved(field: &str, set: bool) -> Result<()> {
-    if set {
-        Err(Error::Unavailable(format!(
-            "{field} is reserved for a later version of this service and must not be set yet"
-        )))
-    } else {
-        Ok(())
     }
 }
 
@@ -169,14 +158,10 @@ impl server::RoomService for RoomService {
         let caller = caller(&request);
         let req = request.into_inner();
         let result = async {
-            let request_id = req.request_id.clone();
-            let new = convert::new_room(req)?;
-            if !request_id.is_empty() {
-                crate::domain::validate::new_room(&new)?;
-                crate::domain::validate::request_id("request_id", &request_id, &new)?;
-            }
-            reserved("request_id", !request_id.is_empty())?;
-            self.rooms.create(new, caller).await
+            let request_id = (!req.request_id.is_empty()).then(|| req.request_id.clone());
+            self.rooms
+                .create(convert::new_room(req)?, request_id, caller)
+                .await
         };
         let result = result.await;
         if let Ok(room) = &result {
@@ -212,10 +197,10 @@ impl server::RoomService for RoomService {
         let req = request.into_inner();
         record_room(&req.identifier);
         let result = async {
-            reserved("expected_update_time", req.expected_update_time.is_some())?;
+            let expected = convert::expected_update_time(req.expected_update_time)?;
             let identifier = req.identifier.clone();
             self.rooms
-                .update(&identifier, convert::room_patch(req)?, caller)
+                .update(&identifier, convert::room_patch(req)?, expected, caller)
                 .await
         };
         reply(result.await, convert::room)
@@ -228,12 +213,11 @@ impl server::RoomService for RoomService {
         let caller = caller(&request);
         let req = request.into_inner();
         record_room(&req.identifier);
-        if let Err(e) = reserved("expected_update_time", req.expected_update_time.is_some()) {
-            return Err(to_status(e));
-        }
-        reply(self.rooms.delete(&req.identifier, caller).await, |()| {
-            proto::DeleteRoomResponse {}
-        })
+        let result = async {
+            let expected = convert::expected_update_time(req.expected_update_time)?;
+            self.rooms.delete(&req.identifier, expected, caller).await
+        };
+        reply(result.await, |()| proto::DeleteRoomResponse {})
     }
 
     async fn list_rooms(

@@ -12,6 +12,10 @@
 //! the `WHERE` of one SQL statement, so it holds whatever the interleaving of
 //! writers, in one process or many.
 
+mod requests;
+
+pub use requests::Claim;
+
 use std::path::Path;
 use std::str::FromStr as _;
 use std::sync::Arc;
@@ -90,6 +94,24 @@ impl Leadership {
         if let Some(conn) = self.conn.take() {
             // A dead connection frees the lock as surely as a closed one.
             let _ = tokio::time::timeout(LEADERSHIP_TIMEOUT, conn.close()).await;
+        }
+    }
+}
+
+/// One room's turn to be written, among replicas: see [`Store::lock_room`].
+/// End it with [`RoomLock::release`]; dropped, it ends when its connection
+/// next rolls back.
+pub struct RoomLock {
+    tx: Option<Transaction<'static, Any>>,
+}
+
+impl RoomLock {
+    pub async fn release(mut self) {
+        if let Some(tx) = self.tx.take()
+            && let Err(e) = tx.commit().await
+        {
+            // The lock ends with the transaction or its connection either way.
+            tracing::warn!(error = %e, "could not end a room's write turn cleanly");
         }
     }
 }
@@ -485,6 +507,23 @@ impl Store {
         }
     }
 
+    /// Waits for `arn`'s turn to be written among replicas sharing the
+    /// database: on Postgres a transaction-scoped advisory lock, held by a
+    /// transaction (and connection) of its own until released, and freed by
+    /// Postgres if this process dies. SQLite serves one process, whose own
+    /// per-room turns suffice.
+    pub async fn lock_room(&self, arn: &RoomArn) -> Result<RoomLock> {
+        if self.backend == Backend::Sqlite {
+            return Ok(RoomLock { tx: None });
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(room_lock_key(arn))
+            .execute(&mut *tx)
+            .await?;
+        Ok(RoomLock { tx: Some(tx) })
+    }
+
     /// The newest revision handed out (0 before the first change).
     pub async fn revision(&self) -> Result<u64> {
         let revision: i64 =
@@ -784,6 +823,15 @@ async fn revision_in(conn: &mut AnyConnection) -> Result<u64> {
         .fetch_one(&mut *conn)
         .await?;
     revision_from(revision)
+}
+
+/// The advisory-lock key of a room's write turn: 63 bits of its ARN's
+/// SHA-256, kept apart from [`LEADER_LOCK`].
+fn room_lock_key(arn: &RoomArn) -> i64 {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(arn.as_str().as_bytes());
+    let key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) & i64::MAX;
+    if key == LEADER_LOCK { key + 1 } else { key }
 }
 
 fn revision_from(revision: i64) -> Result<u64> {

@@ -25,6 +25,8 @@
 //!   completion in a task of their own, even if the client gives up: a write
 //!   IVS Chat has made always reaches the cache. Shutdown waits for them.
 
+mod create;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,7 +44,7 @@ use crate::domain::{
     RoomSummary, Timestamp, validate,
 };
 use crate::hot::HotRooms;
-use crate::store::{CachedRoom, Store};
+use crate::store::{CachedRoom, RoomLock, Store};
 use crate::upstream::Upstream;
 
 /// How often ListRooms, waiting for the first full listing, checks whether
@@ -75,6 +77,12 @@ pub struct RoomsSettings {
     /// How long after IVS Chat last confirmed it a row may still be served,
     /// marked stale, while IVS Chat cannot be asked (zero: never).
     pub stale_if_error: Duration,
+    /// How long a CreateRoom request_id is remembered.
+    pub request_id_retention: Duration,
+    /// How long a CreateRoom's claim on its request_id holds unless renewed
+    /// (longer than one upstream call): after a crash, a retry waits this
+    /// long, then as long again for IVS Chat's listing to show the room.
+    pub request_id_lease: Duration,
 }
 
 /// Where an answer came from.
@@ -242,11 +250,20 @@ impl Rooms {
         })
     }
 
-    pub async fn create(&self, new: NewRoom, caller: Caller) -> Result<Room> {
+    /// Creates a room; with a `request_id`, at most once per request_id
+    /// within the retention window (see `create`).
+    pub async fn create(
+        &self,
+        new: NewRoom,
+        request_id: Option<String>,
+        caller: Caller,
+    ) -> Result<Room> {
         validate::new_room(&new)?;
+        if let Some(request_id) = request_id {
+            validate::request_id("request_id", &request_id, &new)?;
+            return self.create_once(request_id, new, caller).await;
+        }
         self.exchange(|rooms| async move {
-            // Until the cache has the room, the reconciler leaves rooms it has
-            // never seen alone, so that this creation is logged as ours.
             let _creating = Creating::start(&rooms.inner.creating);
             let asked_at = Timestamp::now();
             let room = rooms.inner.upstream.create_room(&new, caller).await?;
@@ -382,34 +399,86 @@ impl Rooms {
         .shared()
     }
 
-    pub async fn update(&self, identifier: &str, patch: RoomPatch, caller: Caller) -> Result<Room> {
+    /// Updates a room; with `expected`, only if its update_time in IVS Chat
+    /// is that (else UpdateTimeMismatch, and nothing changes).
+    pub async fn update(
+        &self,
+        identifier: &str,
+        patch: RoomPatch,
+        expected: Option<Timestamp>,
+        caller: Caller,
+    ) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::room_patch(&patch)?;
         self.exchange(|rooms| async move {
-            let _turn = rooms.inner.locks.lock(&arn).await;
-            let asked_at = Timestamp::now();
-            let room = rooms
-                .gone_if_not_found(
-                    &arn,
-                    rooms.inner.upstream.update_room(&arn, &patch, caller).await,
-                )
-                .await?;
-            Ok(rooms.keep(room, asked_at, EventSource::Api).await)
+            let write = async {
+                let asked_at = Timestamp::now();
+                let room = rooms
+                    .gone_if_not_found(
+                        &arn,
+                        rooms.inner.upstream.update_room(&arn, &patch, caller).await,
+                    )
+                    .await?;
+                Ok(rooms.keep(room, asked_at, EventSource::Api).await)
+            };
+            rooms.in_write_turn(&arn, expected, caller, write).await
         })
         .await
     }
 
-    pub async fn delete(&self, identifier: &str, caller: Caller) -> Result<()> {
+    /// Deletes a room; with `expected`, only if its update_time in IVS Chat
+    /// is that.
+    pub async fn delete(
+        &self,
+        identifier: &str,
+        expected: Option<Timestamp>,
+        caller: Caller,
+    ) -> Result<()> {
         let arn = RoomArn::parse("identifier", identifier)?;
         self.exchange(|rooms| async move {
-            let _turn = rooms.inner.locks.lock(&arn).await;
-            rooms
-                .gone_if_not_found(&arn, rooms.inner.upstream.delete_room(&arn, caller).await)
-                .await?;
-            rooms.forget(&arn, EventSource::Api).await;
-            Ok(())
+            let write = async {
+                rooms
+                    .gone_if_not_found(&arn, rooms.inner.upstream.delete_room(&arn, caller).await)
+                    .await?;
+                rooms.forget(&arn, EventSource::Api).await;
+                Ok(())
+            };
+            rooms.in_write_turn(&arn, expected, caller, write).await
         })
         .await
+    }
+
+    /// Runs `write` in the room's write turn: this process's turn for the
+    /// room, then, on Postgres, the turn among replicas. With `expected`, the
+    /// room is first read from IVS Chat (not the cache), and `write` runs only
+    /// if its update_time is `expected`. The turn keeps writes through this
+    /// service from coming between that read and `write`; a writer that
+    /// bypasses the service can (IVS Chat has no conditional write).
+    async fn in_write_turn<T>(
+        &self,
+        arn: &RoomArn,
+        expected: Option<Timestamp>,
+        caller: Caller,
+        write: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let _turn = self.inner.locks.lock(arn).await;
+        let replicas: RoomLock = self.inner.store.lock_room(arn).await?;
+        let result = async {
+            if let Some(expected) = expected {
+                // A change found here was made behind this service's back.
+                let actual = self
+                    .refresh(arn, EventSource::Reconciler, caller)
+                    .await?
+                    .update_time;
+                if actual != expected {
+                    return Err(Error::UpdateTimeMismatch { expected, actual });
+                }
+            }
+            write.await
+        }
+        .await;
+        replicas.release().await;
+        result
     }
 
     pub async fn tag(
@@ -421,15 +490,17 @@ impl Rooms {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::tags("tags", &tags)?;
         self.exchange(|rooms| async move {
-            let _turn = rooms.inner.locks.lock(&arn).await;
-            rooms
-                .gone_if_not_found(
-                    &arn,
-                    rooms.inner.upstream.tag_room(&arn, &tags, caller).await,
-                )
-                .await?;
-            // Tagging need not move updateTime, so read the room back whole.
-            rooms.refresh(&arn, EventSource::Api, caller).await
+            let write = async {
+                rooms
+                    .gone_if_not_found(
+                        &arn,
+                        rooms.inner.upstream.tag_room(&arn, &tags, caller).await,
+                    )
+                    .await?;
+                // Tagging need not move updateTime, so read the room back whole.
+                rooms.refresh(&arn, EventSource::Api, caller).await
+            };
+            rooms.in_write_turn(&arn, None, caller, write).await
         })
         .await
     }
@@ -438,14 +509,16 @@ impl Rooms {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::tag_keys("tagKeys", &keys)?;
         self.exchange(|rooms| async move {
-            let _turn = rooms.inner.locks.lock(&arn).await;
-            rooms
-                .gone_if_not_found(
-                    &arn,
-                    rooms.inner.upstream.untag_room(&arn, &keys, caller).await,
-                )
-                .await?;
-            rooms.refresh(&arn, EventSource::Api, caller).await
+            let write = async {
+                rooms
+                    .gone_if_not_found(
+                        &arn,
+                        rooms.inner.upstream.untag_room(&arn, &keys, caller).await,
+                    )
+                    .await?;
+                rooms.refresh(&arn, EventSource::Api, caller).await
+            };
+            rooms.in_write_turn(&arn, None, caller, write).await
         })
         .await
     }
