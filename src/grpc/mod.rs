@@ -6,6 +6,7 @@
 
 mod access;
 mod auth;
+mod codec;
 mod convert;
 mod io;
 mod service;

@@ -12,20 +12,33 @@ use crate::domain::Error;
 pub fn to_status(error: Error) -> Status {
     match error {
         Error::InvalidArgument(violations) => {
-            let message = format!(
+            // The message and details travel in HTTP/2 trailers, which
+            // clients bound (hyper 16 KiB, gRPC core 8 KiB), and one request
+            // can break thousands of constraints (every key of a huge tag
+            // map): name them while they fit, then count the rest.
+            let mut reported = Vec::new();
+            let mut size = 0;
+            for v in &violations {
+                let field = proto_field(&v.field);
+                size += field.len() + v.description.len();
+                if !reported.is_empty() && size > MAX_VIOLATION_BYTES {
+                    break;
+                }
+                reported.push(FieldViolation::new(field, &v.description));
+            }
+            let mut message = format!(
                 "invalid request: {}",
-                violations
+                reported
                     .iter()
-                    .map(|v| format!("{}: {}", proto_field(&v.field), v.description))
+                    .map(|v| format!("{}: {}", v.field, v.description))
                     .collect::<Vec<_>>()
                     .join("; ")
             );
-            let details = ErrorDetails::with_bad_request(
-                violations
-                    .iter()
-                    .map(|v| FieldViolation::new(proto_field(&v.field), &v.description))
-                    .collect::<Vec<_>>(),
-            );
+            let omitted = violations.len() - reported.len();
+            if omitted > 0 {
+                message.push_str(&format!("; and {omitted} more violations"));
+            }
+            let details = ErrorDetails::with_bad_request(reported);
             Status::with_error_details(Code::InvalidArgument, message, details)
         }
         Error::NotFound { message, .. } => Status::not_found(message),
@@ -69,8 +82,45 @@ pub fn to_status(error: Error) -> Status {
     }
 }
 
+/// Field names and descriptions one refusal carries, at most (the first
+/// violation always goes, whatever its size).
+const MAX_VIOLATION_BYTES: usize = 1024;
+
+/// Map keys longer than this (TagKey's maximum) are named by their first this
+/// many characters and `…`: the key is refused for its length anyway.
+const MAX_KEY_CHARS: usize = 128;
+
+/// A request that does not decode (not protobuf, or a string that is not
+/// UTF-8): the client's error, INVALID_ARGUMENT, naming the field where
+/// decoding stopped when prost says (its message reads
+/// `failed to decode Protobuf message: Inner.field: Outer.field: what`).
+pub(super) fn decode_error(error: &prost::DecodeError) -> Status {
+    let text = error.to_string();
+    let mut rest = text
+        .strip_prefix("failed to decode Protobuf message: ")
+        .unwrap_or(&text);
+    let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let mut path = Vec::new();
+    while let Some((segment, tail)) = rest.split_once(": ")
+        && let Some((message, field)) = segment.split_once('.')
+        && ident(message)
+        && ident(field)
+    {
+        path.push(field);
+        rest = tail;
+    }
+    if path.is_empty() {
+        return Status::invalid_argument(format!("invalid request: {rest}"));
+    }
+    path.reverse();
+    to_status(Error::invalid(
+        path.join("."),
+        format!("does not decode: {rest}"),
+    ))
+}
+
 /// `messageReviewHandler.uri` → `message_review_handler.uri`. Map keys (after
-/// `tags.`) are left as they are.
+/// `tags.`) are left as they are (cut at [`MAX_KEY_CHARS`]).
 fn proto_field(field: &str) -> String {
     let (path, key) = match field.split_once("tags.") {
         Some((before, key)) => (format!("{before}tags"), Some(key)),
@@ -86,6 +136,10 @@ fn proto_field(field: &str) -> String {
         }
     }
     match key {
+        Some(key) if key.chars().count() > MAX_KEY_CHARS => {
+            let cut: String = key.chars().take(MAX_KEY_CHARS).chain(['…']).collect();
+            format!("{out}[{cut:?}]")
+        }
         Some(key) => format!("{out}[{key:?}]"),
         None => out,
     }
@@ -93,7 +147,7 @@ fn proto_field(field: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::proto_field;
+    use super::*;
 
     #[test]
     fn fields_read_as_proto_paths() {
@@ -113,5 +167,50 @@ mod tests {
         ] {
             assert_eq!(proto_field(aws), proto, "{aws}");
         }
+    }
+
+    #[test]
+    fn long_keys_are_cut() {
+        let key = "é".repeat(200);
+        let field = proto_field(&format!("tags.{key}"));
+        assert_eq!(field, format!("tags[\"{}…\"]", "é".repeat(128)));
+        assert_eq!(
+            proto_field(&format!("tags.{}", "k".repeat(128))).len(),
+            128 + 8
+        );
+    }
+
+    #[test]
+    fn refusals_stay_small() {
+        let violations = (0..10_000)
+            .map(|i| crate::domain::FieldViolation::new(format!("tagKeys[{i}]"), "is bad"))
+            .collect();
+        let status = to_status(Error::InvalidArgument(violations));
+        assert!(
+            status.message().ends_with("more violations"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().len() < 2 * MAX_VIOLATION_BYTES);
+        let fields = status.get_details_bad_request().unwrap().field_violations;
+        assert!(!fields.is_empty() && fields.len() < 100, "{}", fields.len());
+        assert_eq!(fields[0].field, "tag_keys[0]");
+    }
+
+    #[test]
+    fn decode_errors_name_the_field() {
+        use prost::Message as _;
+        // CreateRoomRequest.message_review_handler (4) { uri (1): 0xff }.
+        let bytes = [0x22, 0x03, 0x0a, 0x01, 0xff];
+        let error = crate::grpc::proto::CreateRoomRequest::decode(&bytes[..]).unwrap_err();
+        let status = decode_error(&error);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let fields = status.get_details_bad_request().unwrap().field_violations;
+        assert_eq!(fields[0].field, "message_review_handler.uri");
+        // Wire type 7: no field to name.
+        let error = crate::grpc::proto::GetRoomRequest::decode(&[0x0f, 0x01][..]).unwrap_err();
+        let status = decode_error(&error);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.get_details_bad_request().is_none());
     }
 }

@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::feed::{Feed, WatchItem};
 
+use super::codec::MessageDecoder;
 use super::proto::room_service_server::{self as server, RoomServiceServer};
 use super::service::{EdgeLimits, RoomService, watch_items};
 use super::{convert, proto, to_status};
@@ -123,7 +124,8 @@ fn encode(item: WatchItem) -> Encoded {
     Encoded::of(&convert::watch_item(item))
 }
 
-/// Encodes [`Encoded`] messages (by copying them) and decodes the request.
+/// Encodes [`Encoded`] messages (by copying them) and decodes the request
+/// (a request that does not decode is INVALID_ARGUMENT: `grpc::codec`).
 #[derive(Debug, Clone, Copy, Default)]
 struct WatchCodec;
 
@@ -133,14 +135,14 @@ impl Codec for WatchCodec {
     type Encode = Encoded;
     type Decode = proto::WatchRoomsRequest;
     type Encoder = EncodedEncoder;
-    type Decoder = tonic_prost::ProstDecoder<proto::WatchRoomsRequest>;
+    type Decoder = MessageDecoder<proto::WatchRoomsRequest>;
 
     fn encoder(&mut self) -> EncodedEncoder {
         EncodedEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
+        MessageDecoder::default()
     }
 }
 
