@@ -245,6 +245,19 @@ impl Emulator {
         self.state().rooms()
     }
 
+    /// From now on, keeps every version each room takes (created, updated,
+    /// tagged, untagged), starting with the rooms as they are: for tests that
+    /// check the service never shows a room as IVS Chat never had it. Off by
+    /// default (the list only grows).
+    pub fn keep_versions(&self) {
+        self.state().keep_versions();
+    }
+
+    /// Every version kept since [`Emulator::keep_versions`], oldest first.
+    pub fn versions(&self) -> Vec<Room> {
+        self.state().versions()
+    }
+
     /// Updates a room directly, as another AWS client would: for tests of
     /// changes made behind the service's back.
     pub fn update_room(&self, arn: &str, patch: &RoomPatch) -> Result<Room> {
