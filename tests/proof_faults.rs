@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ivschat_rooms::emulator::{Faults, InjectedError, InjectedFault, Operation};
+use sqlx::Connection as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -21,7 +22,7 @@ use common::load::{
     Client, Watcher, assert_real_versions, assert_same_rooms, fold, full_passes, list_all,
     log_through, one_full_pass_after, upstream_rooms,
 };
-use common::{TestDb, create, proto};
+use common::{POSTGRES_URL_VAR, TestDb, create, proto};
 
 /// Outcomes of requests by method and code, with the first message of each.
 type Tally = HashMap<(&'static str, Code), (u64, String)>;
@@ -279,9 +280,7 @@ async fn faults_under_load_leave_reads_served_and_the_cache_converging() {
         emulator.calls(Operation::UpdateRoom),
     );
     tokio::time::timeout(WAIT * 2, async {
-        emulator
-            .wait_for_calls(Operation::GetRoom, gets + 60)
-            .await;
+        emulator.wait_for_calls(Operation::GetRoom, gets + 60).await;
         emulator
             .wait_for_calls(Operation::UpdateRoom, updates + 30)
             .await;
@@ -415,5 +414,168 @@ async fn kill_9_under_write_load_then_restart_converges() {
             && m != "ListRooms"
             && c == Code::Ok),
         cached.len(),
+    );
+}
+
+/// Postgres goes away under load and comes back; the service recovers by
+/// itself. The machine's Postgres server is shared (other tests, other
+/// people's databases, CI's service container), so restarting it is not an
+/// option here; instead, for a while, every connection to this test's
+/// database is terminated as soon as it appears (pg_terminate_backend, as
+/// a restart does to each backend: 57P01 admin shutdown), which is what a
+/// restart looks like from the service: the pool's connections, the LISTEN
+/// connection and the reconciler's lock connection all die, and new ones
+/// die too until it ends. Meanwhile requests fail only with UNAVAILABLE;
+/// afterwards reads, writes and watchers work again without a restart of
+/// the service, nothing is lost (a watcher streaming across the outage,
+/// resuming if it must, has every revision, the log replays into the cache) and one reconciling
+/// pass makes the cache equal IVS Chat's rooms (writes IVS Chat accepted
+/// while the cache could not store them included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_cut_under_load_then_the_service_recovers() {
+    const OUTAGE: Duration = Duration::from_secs(3);
+    let Some(db) =
+        TestDb::postgres("postgres_connections_cut_under_load_then_the_service_recovers").await
+    else {
+        return;
+    };
+    let (emulator, url) = common::emulator().await;
+    let flags = [
+        "--upstream-rate",
+        "1000",
+        "--max-staleness",
+        "100ms",
+        "--reconcile-interval",
+        "200ms",
+        "--resync-interval",
+        "1s",
+        "--bookmark-interval",
+        "200ms",
+    ];
+    let server = Server::against(&db.url, &url, &flags).await;
+    let mut client = server.client().await;
+    let known = create_known(&mut client, 10).await;
+    let (_, start) = list_all(&mut client).await;
+    let watcher = Watcher::start(client.clone(), Vec::new(), start, None);
+    let stop = CancellationToken::new();
+    let clients = mixed_load(&client, &known, &stop);
+    // The load is under way: some updates have reached IVS Chat.
+    let updates = emulator.calls(Operation::UpdateRoom);
+    within(
+        "updates under load",
+        emulator.wait_for_calls(Operation::UpdateRoom, updates + 10),
+    )
+    .await;
+
+    let admin_url = std::env::var(POSTGRES_URL_VAR).expect("set, since the database was made");
+    let database = db.url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    let outage = Instant::now();
+    let mut terminated = 0_u64;
+    while outage.elapsed() < OUTAGE {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&database)
+        .fetch_all(&mut admin)
+        .await
+        .expect("terminate the test database's connections");
+        terminated += killed.into_iter().filter(|k| *k).count() as u64;
+        // New connections come and die at this pace, as during a restart.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = stop_load(&stop, clients).await;
+
+    // Right after: each kind of request works at its first try.
+    let after = Instant::now();
+    let room = within(
+        "UpdateRoom after the outage",
+        client.update_room(proto::UpdateRoomRequest {
+            identifier: known[0].clone(),
+            name: Some("after-the-outage".into()),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("a write after the outage")
+    .into_inner();
+    let read = within(
+        "GetRoom after the outage",
+        client.get_room(proto::GetRoomRequest {
+            identifier: known[0].clone(),
+            consistency: proto::ReadConsistency::Cached as i32,
+        }),
+    )
+    .await
+    .expect("a read after the outage")
+    .into_inner();
+    assert_eq!(read, room, "the cache took the write");
+    let (listed, revision_after) = list_all(&mut client).await;
+    assert!(listed.contains(&room));
+    let fresh = Watcher::start(client.clone(), vec![room.arn.clone()], revision_after, None);
+    let created = within(
+        "CreateRoom after the outage",
+        client.create_room(create("after-the-outage")),
+    )
+    .await
+    .expect("a create after the outage")
+    .into_inner();
+    within(
+        "TagRoom after the outage",
+        client.tag_room(proto::TagRoomRequest {
+            identifier: room.arn.clone(),
+            tags: [("after".into(), "outage".into())].into(),
+        }),
+    )
+    .await
+    .expect("a tag after the outage");
+    let (_, revision) = list_all(&mut client).await;
+    let fresh = fresh.finish(revision).await;
+    assert_eq!(
+        fresh.events.len(),
+        1,
+        "a new watcher sees the tag: {:#?}",
+        fresh.events
+    );
+    let recovered_in = after.elapsed();
+
+    let passes = full_passes(&server).await;
+    one_full_pass_after(&server, passes).await;
+    let (cached, revision) = list_all(&mut client).await;
+    assert!(cached.iter().any(|r| r.arn == created.arn));
+    assert_same_rooms(&cached, &upstream_rooms(&emulator));
+    let watched = watcher.finish(revision).await;
+    let log = log_through(&mut client, revision).await;
+    assert_eq!(
+        log[usize::try_from(start).unwrap()..],
+        watched.events[..],
+        "the watcher, streaming across the outage, saw exactly the log"
+    );
+    assert_eq!(fold(&log), cached, "the log replays into exactly the cache");
+
+    eprintln!(
+        "postgres outage: {terminated} connections terminated over {OUTAGE:?}; \
+         {} requests meanwhile, outcomes {:#?}; first requests after it served in {:?}; \
+         the watcher opened {} streams and saw {} events; log ends at {revision}",
+        count(&during, |_, _| true),
+        show(&during),
+        recovered_in,
+        watched.streams,
+        watched.events.len(),
+    );
+    assert!(terminated > 0);
+    let unexpected: Vec<_> = during
+        .iter()
+        .filter(|((_, code), _)| !matches!(code, Code::Ok | Code::Unavailable))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "while the database is away, requests fail only with UNAVAILABLE: {unexpected:#?}"
+    );
+    assert!(
+        count(&during, |_, c| c == Code::Unavailable) > 0,
+        "the outage reached clients: {:#?}",
+        show(&during)
     );
 }
