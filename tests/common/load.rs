@@ -256,7 +256,7 @@ impl Watcher {
                 };
                 let mut stream = match client.watch_rooms(request).await {
                     Ok(stream) => stream.into_inner(),
-                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                    Err(status) if resumable(&status) => {
                         // Back off a little before trying again.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -311,6 +311,21 @@ impl Watcher {
         within("a watcher to catch up", self.task)
             .await
             .expect("the watcher's checks hold")
+    }
+}
+
+/// Whether a watch that failed so may be opened again: UNAVAILABLE, or
+/// CANCELLED by the client's transport because the connection closed before
+/// the call was sent (a call that crosses a server's GOAWAY, with
+/// --max-connection-age; gRPC clients that retry transparently, as
+/// grpc-go's do, never show it, tonic's shows it).
+fn resumable(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Cancelled => {
+            std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>())
+        }
+        _ => false,
     }
 }
 
