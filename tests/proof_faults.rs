@@ -279,7 +279,7 @@ async fn faults_under_load_leave_reads_served_and_the_cache_converging() {
         emulator.calls(Operation::GetRoom),
         emulator.calls(Operation::UpdateRoom),
     );
-    tokio::time::timeout(WAIT * 2, async {
+    tokio::time::timeout(WAIT * 3, async {
         emulator.wait_for_calls(Operation::GetRoom, gets + 60).await;
         emulator
             .wait_for_calls(Operation::UpdateRoom, updates + 30)
