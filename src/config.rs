@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::budget::Operation;
-use crate::emulator::InjectedError;
+use crate::emulator::{InjectedError, InjectedFault};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -374,6 +374,15 @@ pub struct EmulatorArgs {
     #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_ERROR", value_enum, default_value_t = InjectedError::Internal)]
     pub error: InjectedError,
 
+    /// One more fault and the fraction of requests (0 to 1) that draw it:
+    /// `ERROR=RATE` (ERROR as for --error) or `slow:DURATION=RATE` (the
+    /// operation happens, its answer comes DURATION late). Repeat, or
+    /// comma-separate in the variable, for a mix; a request draws at most one
+    /// fault (--error-rate's included).
+    #[arg(long = "fault", env = "IVSCHAT_ROOMS_EMULATOR_FAULTS", value_name = "FAULT=RATE",
+          value_delimiter = ',', value_parser = fault_rate)]
+    pub faults: Vec<(InjectedFault, f64)>,
+
     /// Calls per second allowed per operation (AWS allows 5); over it,
     /// ThrottlingException. Default: no limit.
     #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_TPS_LIMIT")]
@@ -457,6 +466,19 @@ fn operation_rate(s: &str) -> Result<(Operation, NonZeroU32), String> {
         .parse()
         .map_err(|_| format!("the rate must be a whole number above 0, got {rate}"))?;
     Ok((op.parse()?, rate))
+}
+
+fn fault_rate(s: &str) -> Result<(InjectedFault, f64), String> {
+    let (fault, rate) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected FAULT=RATE, got {s}"))?;
+    let fault = match fault.strip_prefix("slow:") {
+        Some(by) => {
+            InjectedFault::Slow(humantime::parse_duration(by).map_err(|e| format!("{by}: {e}"))?)
+        }
+        None => InjectedFault::Error(clap::ValueEnum::from_str(fault, true)?),
+    };
+    Ok((fault, fraction(rate)?))
 }
 
 fn fraction(s: &str) -> Result<f64, String> {
@@ -557,6 +579,33 @@ mod tests {
         for bad in ["GetRoom", "GetRoom=0", "Nope=1", "GetRoom=x"] {
             assert!(
                 Cli::try_parse_from(["ivschat-rooms", "--upstream-operation-rate", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn emulator_faults_parse_into_a_mix() {
+        let Command::Emulator(e) = parse(&[
+            "emulator",
+            "--fault",
+            "internal=0.1",
+            "--fault",
+            "throttling=0.1,slow:6s=0.1",
+        ]) else {
+            panic!("expected emulator")
+        };
+        assert_eq!(
+            e.faults,
+            [
+                (InjectedFault::Error(InjectedError::Internal), 0.1),
+                (InjectedFault::Error(InjectedError::Throttling), 0.1),
+                (InjectedFault::Slow(Duration::from_secs(6)), 0.1),
+            ]
+        );
+        for bad in ["internal", "internal=2", "nope=0.1", "slow:soon=0.1"] {
+            assert!(
+                Cli::try_parse_from(["ivschat-rooms", "emulator", "--fault", bad]).is_err(),
                 "{bad}"
             );
         }

@@ -373,6 +373,7 @@ pub async fn run_emulator(args: crate::config::EmulatorArgs) -> anyhow::Result<(
             latency: args.latency,
             error_rate: args.error_rate,
             error: args.error,
+            mix: args.faults,
             tps_limit: args.tps_limit,
             ..Default::default()
         },

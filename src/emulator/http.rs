@@ -1,6 +1,7 @@
 //! The rest-json wire: routes, request and response bodies, error shapes.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::Emulator;
-use super::faults::InjectedError;
+use super::faults::{InjectedError, InjectedFault};
 use super::state::State as Rooms;
 use crate::domain::Operation;
 use crate::domain::{
@@ -165,21 +166,27 @@ async fn handle(
     run: impl FnOnce(&mut Rooms) -> Result<Response, Reply> + Send + 'static,
 ) -> Response {
     let faults = em.active_faults();
-    let response = if faults.over_limit(op) {
-        throttled(faults.faults.tps_limit.map_or(0, |n| n.get()))
-    } else if let Some(injected) = faults.draw_error() {
-        injected_error(injected)
-    } else {
-        // The state file is written (and synced) under the lock: off the
-        // async workers.
-        let state = em.clone();
-        match tokio::task::spawn_blocking(move || run(&mut state.state())).await {
-            Ok(result) => result.unwrap_or_else(|reply| *reply.0),
-            Err(e) => error_response(Error::Internal(anyhow::anyhow!("handler panicked: {e}"))),
+    let over_limit = faults.over_limit(op);
+    let fault = if over_limit { None } else { faults.draw() };
+    let response = match fault {
+        _ if over_limit => throttled(faults.faults.tps_limit.map_or(0, |n| n.get())),
+        Some(InjectedFault::Error(injected)) => injected_error(injected),
+        None | Some(InjectedFault::Slow(_)) => {
+            // The state file is written (and synced) under the lock: off the
+            // async workers.
+            let state = em.clone();
+            match tokio::task::spawn_blocking(move || run(&mut state.state())).await {
+                Ok(result) => result.unwrap_or_else(|reply| *reply.0),
+                Err(e) => error_response(Error::Internal(anyhow::anyhow!("handler panicked: {e}"))),
+            }
         }
     };
     em.record_call(op);
-    let latency = faults.faults.latency_for(op);
+    let slow = match fault {
+        Some(InjectedFault::Slow(by)) => by,
+        _ => Duration::ZERO,
+    };
+    let latency = faults.faults.latency_for(op) + slow;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 pub use crate::domain::Operation;
-pub use faults::{Faults, InjectedError};
+pub use faults::{Faults, InjectedError, InjectedFault};
 
 use crate::domain::{Result, Room, RoomPatch};
 use faults::ActiveFaults;
@@ -243,6 +243,19 @@ impl Emulator {
     /// Every room, for tests that compare the service's cache with "AWS".
     pub fn rooms(&self) -> Vec<Room> {
         self.state().rooms()
+    }
+
+    /// From now on, keeps every version each room takes (created, updated,
+    /// tagged, untagged), starting with the rooms as they are: for tests that
+    /// check the service never shows a room as IVS Chat never had it. Off by
+    /// default (the list only grows).
+    pub fn keep_versions(&self) {
+        self.state().keep_versions();
+    }
+
+    /// Every version kept since [`Emulator::keep_versions`], oldest first.
+    pub fn versions(&self) -> Vec<Room> {
+        self.state().versions()
     }
 
     /// Updates a room directly, as another AWS client would: for tests of

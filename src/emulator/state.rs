@@ -20,6 +20,8 @@ pub(crate) struct State {
     account_id: String,
     rooms: HashMap<String, Room>,
     file: Option<PathBuf>,
+    /// Every version rooms have taken, once asked to keep them.
+    versions: Option<Vec<Room>>,
 }
 
 /// What the state file holds.
@@ -51,6 +53,7 @@ impl State {
             account_id: account_id.to_owned(),
             rooms: rooms.into_iter().map(|r| (r.id.clone(), r)).collect(),
             file: file.map(Path::to_path_buf),
+            versions: None,
         })
     }
 
@@ -83,8 +86,9 @@ impl State {
             tags: new.tags,
             logging_configuration_identifiers: new.logging_configuration_identifiers,
         };
-        self.rooms.insert(id, room.clone());
+        self.rooms.insert(id.clone(), room.clone());
         self.save()?;
+        self.record(&id);
         Ok(room)
     }
 
@@ -105,6 +109,7 @@ impl State {
         room.update_time = Timestamp::now().truncate_to_micros().max(next);
         let room = room.clone();
         self.save()?;
+        self.record(&room.id);
         Ok(room)
     }
 
@@ -166,7 +171,9 @@ impl State {
         }
         // Tagging does not move updateTime, as in IVS Chat.
         room.tags = merged;
-        self.save()
+        self.save()?;
+        self.record(arn.id());
+        Ok(())
     }
 
     pub(crate) fn untag(&mut self, resource_arn: &str, keys: &[String]) -> Result<()> {
@@ -176,7 +183,9 @@ impl State {
         for key in keys {
             room.tags.remove(key);
         }
-        self.save()
+        self.save()?;
+        self.record(arn.id());
+        Ok(())
     }
 
     pub(crate) fn tags(&self, resource_arn: &str) -> Result<BTreeMap<String, String>> {
@@ -187,6 +196,26 @@ impl State {
     /// Every room, in no order.
     pub(crate) fn rooms(&self) -> Vec<Room> {
         self.rooms.values().cloned().collect()
+    }
+
+    /// From now on, keeps every version a room takes, starting with the
+    /// rooms as they are.
+    pub(crate) fn keep_versions(&mut self) {
+        if self.versions.is_none() {
+            self.versions = Some(self.rooms());
+        }
+    }
+
+    /// The versions kept since [`State::keep_versions`], oldest first.
+    pub(crate) fn versions(&self) -> Vec<Room> {
+        self.versions.clone().unwrap_or_default()
+    }
+
+    /// Keeps room `id` as it is now, if versions are kept.
+    fn record(&mut self, id: &str) {
+        if let (Some(versions), Some(room)) = (&mut self.versions, self.rooms.get(id)) {
+            versions.push(room.clone());
+        }
     }
 
     fn resource(&self, resource_arn: &str) -> Result<RoomArn> {
@@ -258,4 +287,38 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
 /// Newest first; ties broken by id so pages never overlap.
 fn order_key(room: &Room) -> (std::cmp::Reverse<Timestamp>, &str) {
     (std::cmp::Reverse(room.update_time), room.id.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_versions_are_every_state_a_room_took() {
+        let mut state = State::open("us-east-1", "123456789012", None).unwrap();
+        let before = state
+            .create(NewRoom {
+                name: "before".into(),
+                ..NewRoom::default()
+            })
+            .unwrap();
+        assert!(state.versions().is_empty(), "not kept until asked");
+        state.keep_versions();
+        let renamed = state
+            .update(
+                &before.arn,
+                &RoomPatch {
+                    name: Some("renamed".into()),
+                    ..RoomPatch::default()
+                },
+            )
+            .unwrap();
+        state
+            .tag(&before.arn, [("k".into(), "v".into())].into())
+            .unwrap();
+        let tagged = state.get(&before.arn).unwrap();
+        state.untag(&before.arn, &["k".into()]).unwrap();
+        state.delete(&before.arn).unwrap();
+        assert_eq!(state.versions(), [before, renamed.clone(), tagged, renamed]);
+    }
 }

@@ -56,8 +56,11 @@ impl Server {
     /// lines are kept for [`Server::logged`]: the reconciler starts before
     /// the server serves, so its lines may come first.
     pub async fn spawn(mut command: Command) -> Server {
+        // The caller's RUST_LOG only, not the one the tests run with.
+        if !command.as_std().get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env_remove("RUST_LOG");
+        }
         let mut child = command
-            .env_remove("RUST_LOG")
             // Tests run side by side: no fixed metrics port (a flag wins).
             .env("IVSCHAT_ROOMS_METRICS_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -95,6 +98,61 @@ impl Server {
             backlog,
             log,
         }
+    }
+
+    /// `ivschat-rooms serve` on port 0, caching in `database_url`, in front
+    /// of the emulator at `emulator_url` (which outlives the server: kill it,
+    /// start another, and the upstream is as it was). No access log: these
+    /// servers are for load.
+    pub async fn against(database_url: &str, emulator_url: &str, flags: &[&str]) -> Server {
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "emulator"])
+            .args([
+                "--emulator-url",
+                emulator_url,
+                "--database-url",
+                database_url,
+            ])
+            .args(flags)
+            .env("RUST_LOG", "info,ivschat_rooms::access=off");
+        Server::spawn(command).await
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// The server's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line")
+    }
+
+    /// The sum of the samples of metric `name` whose labels include every
+    /// one of `labels`, from `/metrics` now (0 when there is none yet).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let url = format!("http://{}/metrics", self.metrics_address);
+        let text = within("/metrics", async {
+            reqwest::get(&url).await?.error_for_status()?.text().await
+        })
+        .await
+        .expect("GET /metrics");
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
     }
 
     pub fn url(&self) -> String {

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 pub mod binary;
+pub mod load;
 pub mod pki;
 
 use std::io::Write as _;
