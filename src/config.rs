@@ -238,7 +238,7 @@ pub struct ServeConfig {
     /// How long a CreateRoom's claim on its request_id holds unless renewed;
     /// must exceed --upstream-timeout. After a crash mid-creation, a retry
     /// waits up to twice this, then finds the room by its tag.
-    #[arg(long, env = "IVSCHAT_ROOMS_REQUEST_ID_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IVSCHAT_ROOMS_REQUEST_ID_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_id_lease: Duration,
 
     /// How many cached rooms each process also keeps in memory, for cached

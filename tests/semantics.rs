@@ -98,7 +98,11 @@ async fn concurrent_duplicates_create_one_room(db: TestDb, replicas: usize) {
         })
         .collect();
     // The first has created the room in IVS Chat; the answer is held.
-    within("the first CreateRoom", emulator.wait_for_calls(Operation::CreateRoom, 1)).await;
+    within(
+        "the first CreateRoom",
+        emulator.wait_for_calls(Operation::CreateRoom, 1),
+    )
+    .await;
     held.release();
     let mut arns = Vec::new();
     for call in calls {
@@ -167,12 +171,7 @@ async fn a_refused_create_can_be_retried(db: TestDb) {
 /// timeout): the retry, once the claim has run out, finds the room by its
 /// tag instead of creating a second.
 async fn a_timed_out_create_is_found_by_the_retry(db: TestDb) {
-    let flags = [
-        "--upstream-timeout",
-        "300ms",
-        "--request-id-lease",
-        "400ms",
-    ];
+    let flags = ["--upstream-timeout", "300ms", "--request-id-lease", "400ms"];
     let (mut server, emulator, _) = setup(&db, &flags).await;
     emulator.set_faults(Faults {
         latency_by_operation: [(Operation::CreateRoom, Duration::from_secs(2))].into(),
@@ -184,7 +183,11 @@ async fn a_timed_out_create_is_found_by_the_retry(db: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(lost.code(), Code::Unavailable, "{lost:?}");
-    assert_eq!(emulator.rooms().len(), 1, "IVS Chat created it all the same");
+    assert_eq!(
+        emulator.rooms().len(),
+        1,
+        "IVS Chat created it all the same"
+    );
     let retry = server
         .client
         .create_room(with_id("slow", "timeout"))
@@ -192,7 +195,11 @@ async fn a_timed_out_create_is_found_by_the_retry(db: TestDb) {
         .expect("the retry")
         .into_inner();
     assert_eq!(retry.arn, emulator.rooms()[0].arn);
-    assert_eq!(emulator.calls(Operation::CreateRoom), 1, "not created again");
+    assert_eq!(
+        emulator.calls(Operation::CreateRoom),
+        1,
+        "not created again"
+    );
     assert!(emulator.calls(Operation::ListRooms) >= 2, "looked for it");
 }
 
@@ -206,7 +213,8 @@ async fn a_create_cut_by_kill_9_is_recovered_after_restart() {
         let mut command = tokio::process::Command::new(BIN);
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "emulator"])
-            .args(["--emulator-url", &url, "--request-id-lease", "2s"])
+            .args(["--emulator-url", &url, "--upstream-timeout", "1s"])
+            .args(["--request-id-lease", "2s"])
             .arg("--data-dir")
             .arg(dir.path());
         Server::spawn(command)
@@ -215,7 +223,11 @@ async fn a_create_cut_by_kill_9_is_recovered_after_restart() {
     let mut client = server.client().await;
     let held = emulator.hold_responses(Operation::CreateRoom);
     let call = tokio::spawn(async move { client.create_room(with_id("crash", "kill")).await });
-    within("the CreateRoom", emulator.wait_for_calls(Operation::CreateRoom, 1)).await;
+    within(
+        "the CreateRoom",
+        emulator.wait_for_calls(Operation::CreateRoom, 1),
+    )
+    .await;
     server.kill_9().await;
     held.release();
     assert!(call.await.unwrap().is_err(), "the client lost its answer");

@@ -151,7 +151,8 @@ impl Rooms {
                 return Ok(room);
             }
             let mut new = new;
-            new.tags.insert(REQUEST_ID_TAG.to_owned(), request_id.clone());
+            new.tags
+                .insert(REQUEST_ID_TAG.to_owned(), request_id.clone());
             let asked_at = Timestamp::now();
             let ready = || async {
                 if renew(Timestamp::now().saturating_add(lease)).await? {
@@ -195,7 +196,9 @@ impl Rooms {
                 "a request_id's claim was taken over while its room was created"
             ),
             // The claim runs out; the next call finds the room by its tag.
-            Err(e) => tracing::warn!(error = %e, arn = %room.arn, "could not record a request_id's room"),
+            Err(e) => {
+                tracing::warn!(error = %e, arn = %room.arn, "could not record a request_id's room")
+            }
         }
         Ok(room)
     }

@@ -82,7 +82,8 @@ impl Store {
                 return Ok(Claim::OtherParameters);
             }
             if let Some(room) = row.try_get::<Option<String>, _>(4)? {
-                let room = serde_json::from_str(&room).context("corrupt room in create_requests")?;
+                let room =
+                    serde_json::from_str(&room).context("corrupt room in create_requests")?;
                 return Ok(Claim::Done(room));
             }
             return Ok(Claim::Held {
@@ -141,7 +142,12 @@ impl Store {
 
     /// Records that `owner`'s request created `room` (as returned to it).
     /// Whether `owner` still held the claim.
-    pub async fn complete_request(&self, request_id: &str, owner: &str, room: &Room) -> Result<bool> {
+    pub async fn complete_request(
+        &self,
+        request_id: &str,
+        owner: &str,
+        room: &Room,
+    ) -> Result<bool> {
         let result = sqlx::query(
             "UPDATE create_requests SET arn = $3, room = $4, lease_until = NULL \
              WHERE request_id = $1 AND owner = $2 AND room IS NULL",
