@@ -29,7 +29,8 @@ use crate::domain::{
 };
 
 /// A call that failed, and whether IVS Chat may have carried it out all the
-/// same (a 5xx, no answer in time, a lost connection).
+/// same (this or an earlier attempt got a 5xx, no answer in time, a lost
+/// connection).
 #[derive(Debug)]
 pub struct SendFailure {
     pub error: Error,
@@ -133,14 +134,20 @@ impl Upstream {
         Fut: Future<Output = std::result::Result<T, SdkError<E, HttpResponse>>>,
         E: ProvideErrorMetadata + ValidationFields + std::error::Error + Send + Sync + 'static,
     {
-        let unsent = |error| SendFailure {
-            error,
-            maybe_carried_out: false,
-        };
         let mut backoff = FIRST_BACKOFF;
+        let mut unanswered_before = false;
         for attempt in 1.. {
-            self.budget.acquire(op, caller).await.map_err(unsent)?;
-            ready().await.map_err(unsent)?;
+            self.budget
+                .acquire(op, caller)
+                .await
+                .map_err(|error| SendFailure {
+                    error,
+                    maybe_carried_out: unanswered_before,
+                })?;
+            ready().await.map_err(|error| SendFailure {
+                error,
+                maybe_carried_out: unanswered_before,
+            })?;
             metrics::counter!(telemetry::UPSTREAM_CALLS, "operation" => op.to_string())
                 .increment(1);
             let err = match send().await {
@@ -168,9 +175,10 @@ impl Upstream {
             if attempt >= self.max_attempts || !retry || !in_time {
                 return Err(SendFailure {
                     error: err.into(),
-                    maybe_carried_out: transient,
+                    maybe_carried_out: transient || unanswered_before,
                 });
             }
+            unanswered_before |= transient;
             tracing::debug!(operation = %op, attempt, ?wait, "retrying an IVS Chat call");
             tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -264,12 +272,26 @@ impl Upstream {
         room_from_output!(out)
     }
 
+    /// DeleteRoom. A retry that finds the room gone after an attempt went
+    /// unanswered counts as done: that attempt may have deleted it.
     pub async fn delete_room(&self, arn: &RoomArn, caller: Caller) -> Result<()> {
-        self.call(Operation::DeleteRoom, caller, || {
-            self.client.delete_room().identifier(arn.as_str()).send()
-        })
-        .await?;
-        Ok(())
+        let sent = self
+            .attempts(
+                Operation::DeleteRoom,
+                caller,
+                true,
+                || std::future::ready(Ok(())),
+                || self.client.delete_room().identifier(arn.as_str()).send(),
+            )
+            .await;
+        match sent {
+            Ok(_)
+            | Err(SendFailure {
+                error: Error::NotFound { .. },
+                maybe_carried_out: true,
+            }) => Ok(()),
+            Err(failure) => Err(failure.error),
+        }
     }
 
     pub async fn list_rooms(

@@ -244,6 +244,36 @@ async fn a_create_cut_by_kill_9_is_recovered_after_restart() {
     assert_eq!(emulator.calls(Operation::CreateRoom), 1);
 }
 
+/// A DeleteRoom whose first attempt IVS Chat carried out but never answered
+/// in time is retried; the retry's NOT_FOUND is that attempt's doing, so the
+/// delete succeeds.
+async fn a_delete_retried_after_a_lost_answer_succeeds(db: TestDb) {
+    let flags = [
+        "--upstream-max-attempts",
+        "2",
+        "--upstream-timeout",
+        "300ms",
+    ];
+    let (mut server, emulator, _) = setup(&db, &flags).await;
+    let room = server.create_room("gone").await;
+    let held = emulator.hold_responses(Operation::DeleteRoom);
+    let mut client = server.client.clone();
+    let request = proto::DeleteRoomRequest {
+        identifier: room.arn.clone(),
+        ..Default::default()
+    };
+    let delete = tokio::spawn(async move { client.delete_room(request).await });
+    // The first attempt deleted the room and timed out; the second is here.
+    within(
+        "the retry",
+        emulator.wait_for_calls(Operation::DeleteRoom, 2),
+    )
+    .await;
+    held.release();
+    delete.await.unwrap().expect("the delete succeeds");
+    assert!(emulator.rooms().is_empty());
+}
+
 fn aborted_at(status: &tonic::Status) -> String {
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     let info = status.get_details_error_info().expect("ErrorInfo");
@@ -383,6 +413,7 @@ on_both_backends!(
     a_request_id_survives_a_restart,
     a_refused_create_can_be_retried,
     a_timed_out_create_is_found_by_the_retry,
+    a_delete_retried_after_a_lost_answer_succeeds,
     conditional_writes_check_upstream,
     one_conditional_update_wins_on_one_replica,
 );

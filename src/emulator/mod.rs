@@ -264,6 +264,11 @@ impl Emulator {
         self.state().update(arn, patch)
     }
 
+    /// Deletes a room directly, as another AWS client would.
+    pub fn delete_room(&self, arn: &str) -> Result<()> {
+        self.state().delete(arn)
+    }
+
     pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.shared.state.lock().expect("emulator state lock")
     }
