@@ -145,10 +145,18 @@ impl Rooms {
         };
         let work = async {
             let _creating = Creating::start(&self.inner.creating);
-            if let Some(since) = search_since
-                && let Some(room) = self.find_created(&request_id, since, caller).await?
-            {
-                return Ok(room);
+            if let Some(since) = search_since {
+                match self.find_created(&request_id, since, caller).await {
+                    Ok(Some(room)) => return Ok(room),
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The next call looks again, a lease from now.
+                        if let Err(e) = renew(Timestamp::now()).await {
+                            tracing::warn!(error = %e, "could not settle a request_id's claim");
+                        }
+                        return Err(e);
+                    }
+                }
             }
             let mut new = new;
             new.tags

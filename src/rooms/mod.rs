@@ -16,6 +16,9 @@
 //! - Within this process, calls that reach IVS Chat for the same room take turns
 //!   (a per-room lock), so a read that started before a write cannot land after
 //!   it, and concurrent misses of one room wait for the first to fill the cache.
+//!   Writes also take the room's turn among replicas (`Store::lock_room`), in
+//!   which a conditional write reads IVS Chat and compares update_time first.
+//! - A CreateRoom with a request_id creates at most one room (`create`).
 //! - ListRooms is answered from the cache once a full listing of IVS Chat has
 //!   completed (the reconciler's first pass, on whichever replica leads;
 //!   persisted across restarts).

@@ -59,6 +59,10 @@ pub struct CachedRoom {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Postgres: connections that hold rooms' write turns (see
+    /// [`Store::lock_room`]), apart from `pool`, so that writes waiting for
+    /// IVS Chat while holding a turn cannot starve the cache of connections.
+    turns: Option<AnyPool>,
     backend: Backend,
     url: Arc<str>,
     /// The newest revision this process knows to be committed: raised by its
@@ -68,6 +72,10 @@ pub struct Store {
 
 /// The Postgres advisory lock held by the replica that reconciles ("ivsr").
 const LEADER_LOCK: i64 = 0x6976_7372;
+
+/// Rooms whose write turn this process can hold at once on Postgres (one
+/// connection each); more writes wait for a connection, then UNAVAILABLE.
+const ROOM_TURN_CONNECTIONS: u32 = 32;
 
 /// How long taking or checking the reconciler's turn may take.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -191,8 +199,15 @@ impl Store {
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await,
         }
         .context("could not run database migrations")?;
+        let turns = (backend == Backend::Postgres).then(|| {
+            AnyPoolOptions::new()
+                .max_connections(ROOM_TURN_CONNECTIONS)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_lazy(&url)
+        });
         let store = Store {
             pool,
+            turns: turns.transpose()?,
             backend,
             url: url.into(),
             committed: Arc::new(watch::Sender::new(0)),
@@ -513,10 +528,10 @@ impl Store {
     /// Postgres if this process dies. SQLite serves one process, whose own
     /// per-room turns suffice.
     pub async fn lock_room(&self, arn: &RoomArn) -> Result<RoomLock> {
-        if self.backend == Backend::Sqlite {
+        let Some(turns) = &self.turns else {
             return Ok(RoomLock { tx: None });
-        }
-        let mut tx = self.pool.begin().await?;
+        };
+        let mut tx = turns.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(room_lock_key(arn))
             .execute(&mut *tx)
