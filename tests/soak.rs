@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use common::binary::{Server, within};
 use common::load::{
-    Client, Watched, Watcher, assert_same_rooms, fold, full_passes, list_all, log_through,
-    one_full_pass_after, upstream_rooms,
+    Client, Watched, Watcher, assert_same_rooms, crossed_goaway, fold, full_passes, list_all,
+    log_through, one_full_pass_after, upstream_rooms,
 };
 use common::{TestDb, create, proto};
 
@@ -45,15 +45,6 @@ where
         }
         (done, failed)
     })
-}
-
-/// A call the client's transport cancelled because its connection closed
-/// before the call was sent: one that crossed the server's GOAWAY when the
-/// connection reached --max-connection-age. It never reached the service
-/// (grpc-go retries such calls transparently; tonic does not).
-fn crossed_goaway(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Cancelled
-        && std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
 
 fn pick(rooms: &[String], i: usize, salt: usize) -> String {

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +23,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use common::TestDb;
 use common::binary::{BIN, Server, within};
+use common::load::{fold, list_all};
 use common::pki::Pki;
 
 /// A `ivschat-rooms watch` process: its stdout line by line, its stderr
@@ -144,66 +144,6 @@ async fn events_through(
         events.push(event);
     }
     events
-}
-
-/// Every cached room (ListRooms, all pages, sorted by ARN) and the one
-/// change-log revision they reflect; lists again if a change landed between
-/// pages.
-async fn list_all(client: &mut RoomServiceClient<Channel>) -> (Vec<proto::Room>, u64) {
-    'again: loop {
-        let mut rooms = Vec::new();
-        let mut revision = None;
-        let mut next_token = String::new();
-        loop {
-            let page = within(
-                "ListRooms",
-                client.list_rooms(proto::ListRoomsRequest {
-                    next_token: next_token.clone(),
-                    ..Default::default()
-                }),
-            )
-            .await
-            .expect("ListRooms")
-            .into_inner();
-            if *revision.get_or_insert(page.revision) != page.revision {
-                continue 'again;
-            }
-            rooms.extend(page.rooms);
-            if page.next_token.is_empty() {
-                break;
-            }
-            next_token = page.next_token;
-        }
-        rooms.sort_by(|a, b| a.arn.cmp(&b.arn));
-        return (rooms, revision.unwrap_or_default());
-    }
-}
-
-/// Replays events into rooms, checking that each event's `previous` is the
-/// room the earlier events left (so none was lost, repeated or reordered).
-fn fold(events: &[proto::RoomEvent]) -> Vec<proto::Room> {
-    let mut rooms = BTreeMap::<String, proto::Room>::new();
-    for event in events {
-        let room = event.room.clone().expect("an event carries its room");
-        let current = rooms.get(&room.arn);
-        match EventType::try_from(event.r#type) {
-            Ok(EventType::Created) => {
-                assert!(current.is_none(), "CREATED for a live room: {event:#?}");
-                assert!(event.previous.is_none(), "{event:#?}");
-                rooms.insert(room.arn.clone(), room);
-            }
-            Ok(EventType::Updated) => {
-                assert_eq!(current, event.previous.as_ref(), "{event:#?}");
-                rooms.insert(room.arn.clone(), room);
-            }
-            Ok(EventType::Deleted) => {
-                assert_eq!(current, Some(&room), "DELETED carries the last room");
-                rooms.remove(&room.arn);
-            }
-            other => panic!("unexpected event type {other:?} in the log: {event:#?}"),
-        }
-    }
-    rooms.into_values().collect()
 }
 
 fn is(event: &proto::RoomEvent, kind: EventType, arn: &str) -> bool {

@@ -174,6 +174,7 @@ pub fn fold(events: &[proto::RoomEvent]) -> Vec<proto::Room> {
         match EventType::try_from(event.r#type) {
             Ok(EventType::Created) => {
                 assert!(current.is_none(), "CREATED for a live room: {event:#?}");
+                assert!(event.previous.is_none(), "{event:#?}");
                 rooms.insert(room.arn.clone(), room);
             }
             Ok(EventType::Updated) => {
@@ -314,19 +315,33 @@ impl Watcher {
     }
 }
 
-/// Whether a watch that failed so may be opened again: UNAVAILABLE, or
-/// CANCELLED by the client's transport because the connection closed before
-/// the call was sent (a call that crosses a server's GOAWAY, with
-/// --max-connection-age; gRPC clients that retry transparently, as
-/// grpc-go's do, never show it, tonic's shows it).
-fn resumable(status: &tonic::Status) -> bool {
-    match status.code() {
-        tonic::Code::Unavailable => true,
-        tonic::Code::Cancelled => {
-            std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>())
+/// Whether a call failed in the client's transport because it crossed the
+/// server's GOAWAY (a connection reaching --max-connection-age) and so never
+/// reached the service: CANCELLED because the connection closed before the
+/// call was sent, or h2's "GoAway NO_ERROR from the remote" for a stream
+/// above the GOAWAY's last stream id, which the server did not process.
+/// gRPC clients that retry such calls transparently, as grpc-go's do, never
+/// show them; tonic's do.
+pub fn crossed_goaway(status: &tonic::Status) -> bool {
+    let from_transport =
+        std::error::Error::source(status).is_some_and(|e| e.is::<tonic::transport::Error>());
+    let refused_stream = || {
+        // h2 is not a dependency of the tests: its error is read from Debug.
+        let debug = format!("{:?}", std::error::Error::source(status));
+        debug.contains("GoAway(") && debug.contains("NO_ERROR") && debug.contains("Remote")
+    };
+    from_transport
+        && match status.code() {
+            tonic::Code::Cancelled => true,
+            tonic::Code::Internal => refused_stream(),
+            _ => false,
         }
-        _ => false,
-    }
+}
+
+/// Whether a watch that failed so may be opened again: UNAVAILABLE, or a
+/// call that never reached the service (see [`crossed_goaway`]).
+fn resumable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || crossed_goaway(status)
 }
 
 /// An event is one of the three kinds, carries its room (and, unless
