@@ -40,6 +40,12 @@ pub async fn run(
         humantime::format_duration(config.request_id_lease),
         humantime::format_duration(config.upstream_timeout),
     );
+    anyhow::ensure!(
+        config.request_id_retention > config.request_id_lease * 3,
+        "--request-id-retention ({}) must be longer than three --request-id-lease ({}): a request_id must outlive its claim",
+        humantime::format_duration(config.request_id_retention),
+        humantime::format_duration(config.request_id_lease),
+    );
     let tokens = config
         .auth_tokens
         .as_deref()

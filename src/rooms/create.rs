@@ -42,85 +42,102 @@ const CLOCK_MARGIN: Duration = Duration::from_secs(60);
 
 impl Rooms {
     /// Creates the room `request_id` names, or answers with the room it
-    /// already created.
+    /// already created; while another call holds the request_id, waits.
     pub(super) async fn create_once(
         &self,
         request_id: String,
         new: NewRoom,
         caller: Caller,
     ) -> Result<Room> {
-        let settings = self.inner.settings;
-        let store = &self.inner.store;
         let fingerprint = fingerprint(&new);
-        let owner = format!("{:032x}", rand::random::<u128>());
         let mut poll = FIRST_POLL;
         loop {
-            let now = Timestamp::now();
-            let lease_until = now.saturating_add(settings.request_id_lease);
-            let claim = store
-                .claim_request(
-                    &request_id,
-                    &fingerprint,
-                    &owner,
-                    now,
-                    lease_until,
-                    now.saturating_sub(settings.request_id_retention),
-                )
+            let request = Request {
+                request_id: request_id.clone(),
+                fingerprint: fingerprint.clone(),
+                new: new.clone(),
+            };
+            // In an exchange: a client that gives up cannot leave a claim
+            // that nobody works on.
+            let tried = self
+                .exchange(move |rooms| async move { rooms.try_create(request, caller).await })
                 .await?;
-            let search_since = match claim {
-                Claim::Done(room) => return Ok(room),
-                Claim::OtherParameters => {
-                    return Err(Error::invalid(
-                        "request_id",
-                        "was used with other parameters: a retry must send the same request",
-                    ));
-                }
-                Claim::Won => {
-                    if let Err(e) = store
-                        .purge_requests(now.saturating_sub(settings.request_id_retention))
-                        .await
-                    {
+            if let Some(room) = tried {
+                return Ok(room);
+            }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(MAX_POLL);
+        }
+    }
+
+    /// One try: the room recorded for the request_id, or the room created
+    /// after claiming it (or taking an abandoned claim over); `None` while
+    /// another call holds it.
+    async fn try_create(&self, request: Request, caller: Caller) -> Result<Option<Room>> {
+        let settings = self.inner.settings;
+        let store = &self.inner.store;
+        let owner = format!("{:032x}", rand::random::<u128>());
+        let now = Timestamp::now();
+        let lease_until = now.saturating_add(settings.request_id_lease);
+        let expired_before = now.saturating_sub(settings.request_id_retention);
+        let claim = store
+            .claim_request(
+                &request.request_id,
+                &request.fingerprint,
+                &owner,
+                now,
+                lease_until,
+                expired_before,
+            )
+            .await?;
+        let search_since = match claim {
+            Claim::Done(room) => return Ok(Some(room)),
+            Claim::OtherParameters => {
+                return Err(Error::invalid(
+                    "request_id",
+                    "was used with other parameters: a retry must send the same request",
+                ));
+            }
+            Claim::Won => {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.purge_requests(expired_before).await {
                         tracing::warn!(error = %e, "could not forget expired request_ids");
                     }
-                    None
+                });
+                None
+            }
+            Claim::Held {
+                owner: holder,
+                lease_until: held_until,
+                claimed_at,
+            } => {
+                // Abandoned: ran out a lease ago, time enough for IVS
+                // Chat's listing to show a room its holder created.
+                let abandoned_before = now.saturating_sub(settings.request_id_lease);
+                let taken = held_until < abandoned_before
+                    && store
+                        .take_over_request(
+                            &request.request_id,
+                            &holder,
+                            &owner,
+                            lease_until,
+                            abandoned_before,
+                        )
+                        .await?;
+                if !taken {
+                    return Ok(None);
                 }
-                Claim::Held {
-                    owner: holder,
-                    lease_until: held_until,
-                    claimed_at,
-                } => {
-                    // Abandoned: ran out a lease ago, time enough for IVS
-                    // Chat's listing to show a room its holder created.
-                    let abandoned_before = now.saturating_sub(settings.request_id_lease);
-                    if held_until < abandoned_before
-                        && store
-                            .take_over_request(
-                                &request_id,
-                                &holder,
-                                &owner,
-                                lease_until,
-                                abandoned_before,
-                            )
-                            .await?
-                    {
-                        Some(claimed_at)
-                    } else {
-                        tokio::time::sleep(poll).await;
-                        poll = (poll * 2).min(MAX_POLL);
-                        continue;
-                    }
-                }
-            };
-            let claim = Held {
-                request_id,
-                owner,
-                new,
-                search_since,
-            };
-            return self
-                .exchange(|rooms| async move { rooms.create_claimed(claim, caller).await })
-                .await;
-        }
+                Some(claimed_at)
+            }
+        };
+        let claim = Held {
+            request_id: request.request_id,
+            owner,
+            new: request.new,
+            search_since,
+        };
+        self.create_claimed(claim, caller).await.map(Some)
     }
 
     /// Creates the room of a claim this call holds (after looking for it in
@@ -179,8 +196,10 @@ impl Rooms {
             {
                 Ok(room) => Ok(self.keep(room, asked_at, EventSource::Api).await),
                 Err(failure) => {
-                    let settled = if failure.maybe_carried_out {
-                        // The next call looks for the room before creating one.
+                    // The next call looks for the room before creating one,
+                    // also after a takeover (a room may exist that the
+                    // search missed).
+                    let settled = if failure.maybe_carried_out || search_since.is_some() {
                         renew(Timestamp::now()).await.map(drop)
                     } else {
                         store.release_request(&request_id, &owner).await
@@ -245,6 +264,14 @@ impl Rooms {
             }
         }
     }
+}
+
+/// A CreateRoom with a request_id.
+struct Request {
+    request_id: String,
+    /// See [`fingerprint`].
+    fingerprint: String,
+    new: NewRoom,
 }
 
 /// A claim this call holds, and what it is for.

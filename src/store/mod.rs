@@ -73,9 +73,19 @@ pub struct Store {
 /// The Postgres advisory lock held by the replica that reconciles ("ivsr").
 const LEADER_LOCK: i64 = 0x6976_7372;
 
-/// Rooms whose write turn this process can hold at once on Postgres (one
-/// connection each); more writes wait for a connection, then UNAVAILABLE.
-const ROOM_TURN_CONNECTIONS: u32 = 32;
+/// Rooms whose write turn this process can hold or wait for at once on
+/// Postgres (one connection each; AWS allows 5 writes per second and
+/// operation); more writes wait for a connection, then UNAVAILABLE.
+const ROOM_TURN_CONNECTIONS: u32 = 16;
+
+/// How long a write waits for a connection to hold a room's turn, and then
+/// for the turn itself, before UNAVAILABLE (a literal for `SET LOCAL`).
+macro_rules! room_turn_timeout {
+    () => {
+        "10s"
+    };
+}
+const ROOM_TURN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long taking or checking the reconciler's turn may take.
 const LEADERSHIP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,7 +212,20 @@ impl Store {
         let turns = (backend == Backend::Postgres).then(|| {
             AnyPoolOptions::new()
                 .max_connections(ROOM_TURN_CONNECTIONS)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(ROOM_TURN_TIMEOUT)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // A replica that vanishes (host down, network cut)
+                        // frees its turns within about half a minute.
+                        sqlx::raw_sql(
+                            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                             SET tcp_keepalives_count = 3",
+                        )
+                        .execute(conn)
+                        .await?;
+                        Ok(())
+                    })
+                })
                 .connect_lazy(&url)
         });
         let store = Store {
@@ -532,6 +555,14 @@ impl Store {
             return Ok(RoomLock { tx: None });
         };
         let mut tx = turns.begin().await?;
+        // Waiting longer fails with 55P03: UNAVAILABLE, nothing sent upstream.
+        sqlx::query(concat!(
+            "SET LOCAL lock_timeout = '",
+            room_turn_timeout!(),
+            "'"
+        ))
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(room_lock_key(arn))
             .execute(&mut *tx)
@@ -964,12 +995,13 @@ fn transient(e: &sqlx::Error) -> bool {
     let code = db.code().unwrap_or_default();
     // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (and their extended codes).
     // Postgres: serialization failure, deadlock, admin or crash shutdown,
-    // cannot connect now.
+    // cannot connect now, lock not available (lock_timeout), too many
+    // connections.
     let sqlite_busy = code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
     sqlite_busy
         || matches!(
             code.as_ref(),
-            "40001" | "40P01" | "57P01" | "57P02" | "57P03"
+            "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03" | "53300"
         )
 }
 
