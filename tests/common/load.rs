@@ -56,7 +56,7 @@ pub fn upstream_rooms(emulator: &Emulator) -> Vec<proto::Room> {
 
 /// Every cached room (ListRooms, all pages, sorted by ARN) and the one
 /// change-log revision they reflect; lists again if a change landed between
-/// pages.
+/// pages, or a call crossed a GOAWAY.
 pub async fn list_all(client: &mut Client) -> (Vec<proto::Room>, u64) {
     'again: loop {
         let mut rooms = Vec::new();
@@ -70,9 +70,13 @@ pub async fn list_all(client: &mut Client) -> (Vec<proto::Room>, u64) {
                     ..Default::default()
                 }),
             )
-            .await
-            .expect("ListRooms")
-            .into_inner();
+            .await;
+            let page = match page {
+                Ok(page) => page.into_inner(),
+                // Never reached the server (an aged connection): list again.
+                Err(status) if crossed_goaway(&status) => continue 'again,
+                Err(status) => panic!("ListRooms: {status:?}"),
+            };
             if *revision.get_or_insert(page.revision) != page.revision {
                 continue 'again;
             }
@@ -127,35 +131,41 @@ pub async fn one_full_pass_after(server: &Server, since: u64) {
     .await;
 }
 
-/// The change log 1..=`through`, read by a watch from revision 0; fails on
-/// any gap or repeat.
+/// The change log 1..=`through`, read by a watch from revision 0 (resumed
+/// after the last event received when the stream ends resumably, e.g. at
+/// --max-connection-age); fails on any gap or repeat.
 pub async fn log_through(client: &mut Client, through: u64) -> Vec<proto::RoomEvent> {
-    let mut stream = within(
-        "WatchRooms",
-        client.watch_rooms(WatchRoomsRequest {
-            after_revision: Some(0),
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("watch the log from revision 0")
-    .into_inner();
     let mut log = Vec::new();
     within("the whole change log", async {
-        while (log.len() as u64) < through {
-            match stream.message().await.expect("the log streams") {
-                Some(WatchRoomsResponse {
-                    kind: Some(Kind::Event(event)),
-                }) => {
-                    assert_eq!(
-                        event.revision,
-                        log.len() as u64 + 1,
-                        "the log's revisions follow each other: {event:#?}"
-                    );
-                    log.push(event);
+        'resume: while (log.len() as u64) < through {
+            let opened = client
+                .watch_rooms(WatchRoomsRequest {
+                    after_revision: Some(log.len() as u64),
+                    ..Default::default()
+                })
+                .await;
+            let mut stream = match opened {
+                Ok(stream) => stream.into_inner(),
+                Err(status) if resumable(&status) => continue 'resume,
+                Err(status) => panic!("watch the log: {status:?}"),
+            };
+            while (log.len() as u64) < through {
+                match stream.message().await {
+                    Ok(Some(WatchRoomsResponse {
+                        kind: Some(Kind::Event(event)),
+                    })) => {
+                        assert_eq!(
+                            event.revision,
+                            log.len() as u64 + 1,
+                            "the log's revisions follow each other: {event:#?}"
+                        );
+                        log.push(event);
+                    }
+                    Ok(Some(_progress)) => {}
+                    Ok(None) => panic!("the log stream ended at {}", log.len()),
+                    Err(status) if resumable(&status) => continue 'resume,
+                    Err(status) => panic!("the log streams: {status:?}"),
                 }
-                Some(_progress) => {}
-                None => panic!("the log stream ended at {}", log.len()),
             }
         }
     })
