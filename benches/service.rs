@@ -587,7 +587,16 @@ async fn p5_many_rooms(scale: &Scale) {
         rooms.len(),
         seeding.elapsed().as_secs_f64()
     );
-    let flags = ["--max-staleness", "1h", "--upstream-timeout", "1h"];
+    // A held answer must not time out (the listing would be retried); a
+    // request_id's lease must outlast the upstream timeout.
+    let flags = [
+        "--max-staleness",
+        "1h",
+        "--upstream-timeout",
+        "1h",
+        "--request-id-lease",
+        "2h",
+    ];
     let small = Service::start(serve_config(&small_db.url, &emulator_url, &flags)).await;
     let big = Service::start(serve_config(&big_db.url, &emulator_url, &flags)).await;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::budget::Operation;
-use crate::emulator::{InjectedError, InjectedFault};
+use crate::emulator::{InjectedError, InjectedFault, TpsLimit};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -202,10 +202,11 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u32).range(1..=10))]
     pub upstream_max_attempts: u32,
 
-    /// IVS Chat calls per second allowed for each operation (AWS allows 5
-    /// per account and region, shared by everyone calling it).
-    #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_RATE", default_value = "5")]
-    pub upstream_rate: NonZeroU32,
+    /// IVS Chat calls per second allowed for every operation. Default: AWS's
+    /// published rate of each (5 for room calls, 10 for tag calls, per
+    /// account and region), shared by every replica on one Postgres cache.
+    #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_RATE")]
+    pub upstream_rate: Option<NonZeroU32>,
 
     /// A rate for one operation instead of --upstream-rate, as
     /// `Operation=RATE` (e.g. `GetRoom=3`); repeat for several.
@@ -383,10 +384,11 @@ pub struct EmulatorArgs {
           value_delimiter = ',', value_parser = fault_rate)]
     pub faults: Vec<(InjectedFault, f64)>,
 
-    /// Calls per second allowed per operation (AWS allows 5); over it,
-    /// ThrottlingException. Default: no limit.
-    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_TPS_LIMIT")]
-    pub tps_limit: Option<NonZeroU32>,
+    /// Calls per second allowed per operation: `aws` for AWS's published
+    /// rates (5 for room calls, 10 for tag calls), or one number for every
+    /// operation; over it, ThrottlingException. Default: no limit.
+    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_TPS_LIMIT", value_name = "aws|RATE")]
+    pub tps_limit: Option<TpsLimit>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -575,7 +577,7 @@ mod tests {
         let three = NonZeroU32::new(3).unwrap();
         assert_eq!(c.upstream_operation_rates[0], (Operation::GetRoom, three));
         assert_eq!(c.upstream_operation_rates.len(), 3);
-        assert_eq!(c.upstream_rate.get(), 5);
+        assert_eq!(c.upstream_rate, None, "AWS's published rates by default");
         for bad in ["GetRoom", "GetRoom=0", "Nope=1", "GetRoom=x"] {
             assert!(
                 Cli::try_parse_from(["ivschat-rooms", "--upstream-operation-rate", bad]).is_err(),

@@ -13,7 +13,9 @@ use tonic_health::ServingStatus;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::BudgetSettings;
+use std::sync::Arc;
+
+use crate::budget::{Budget, BudgetSettings, LocalBudget, SharedBudget};
 use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
@@ -63,7 +65,7 @@ pub async fn run(
     ));
     // Also when startup fails below.
     let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
-    let (upstream, embedded) = upstream(&config).await?;
+    let (upstream, embedded) = upstream(&config, &store).await?;
     let hot = HotRooms::load(&store, config.memory_cache_rooms)
         .await
         .context("could not read the cache")?;
@@ -132,6 +134,8 @@ pub async fn run(
         client_certificates = config.tls_client_ca.is_some(),
         auth = tokens.is_some(),
         reflection = !config.no_reflection,
+        region = rooms.region(),
+        budget = if store.is_shared() { "shared by the fleet" } else { "this process's" },
         "serving ivschat.rooms.v1.RoomService"
     );
     if tokens.is_none() && config.tls_client_ca.is_none() && !address.ip().is_loopback() {
@@ -293,25 +297,40 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     run(config, listener, shutdown_signal()).await
 }
 
-async fn upstream(config: &ServeConfig) -> anyhow::Result<(Upstream, Option<Embedded>)> {
+/// The upstream budget of `region`'s calls: shared by the fleet through a
+/// Postgres cache, this process's own with SQLite (which serves one process).
+fn budget(config: &ServeConfig, store: &Store, region: &str) -> Arc<dyn Budget> {
+    let settings = BudgetSettings {
+        rate: config.upstream_rate,
+        rates: config.upstream_operation_rates.iter().copied().collect(),
+        max_wait: config.upstream_max_wait,
+    };
+    if store.is_shared() {
+        Arc::new(SharedBudget::new(store.clone(), region, &settings))
+    } else {
+        Arc::new(LocalBudget::new(&settings))
+    }
+}
+
+async fn upstream(
+    config: &ServeConfig,
+    store: &Store,
+) -> anyhow::Result<(Upstream, Option<Embedded>)> {
     let settings = UpstreamSettings {
         timeout: config.upstream_timeout,
         max_attempts: config.upstream_max_attempts,
-        budget: BudgetSettings {
-            rate: config.upstream_rate,
-            rates: config.upstream_operation_rates.iter().copied().collect(),
-            max_wait: config.upstream_max_wait,
-        },
     };
+    let budget_for = |region: &str| budget(config, store, region);
+    let region = config.emulator_region.as_str();
     Ok(match config.upstream {
-        UpstreamKind::Aws => (Upstream::aws(settings).await?, None),
+        UpstreamKind::Aws => (Upstream::aws(settings, &budget_for).await?, None),
         UpstreamKind::Emulator => {
             let url = config
                 .emulator_url
                 .as_deref()
                 .context("--upstream emulator needs --emulator-url")?;
             (
-                Upstream::at_endpoint(url, &config.emulator_region, settings),
+                Upstream::at_endpoint(url, region, settings, budget_for(region)),
                 None,
             )
         }
@@ -335,7 +354,7 @@ async fn upstream(config: &ServeConfig) -> anyhow::Result<(Upstream, Option<Embe
                 "upstream is the embedded IVS Chat emulator: no AWS is being used (--upstream aws for AWS)"
             );
             (
-                Upstream::at_endpoint(&url, &config.emulator_region, settings),
+                Upstream::at_endpoint(&url, region, settings, budget_for(region)),
                 Some(Embedded { stop, task }),
             )
         }

@@ -29,6 +29,13 @@ pub const BUDGET_TOKENS: &str = "ivschat_rooms_budget_tokens_taken_total";
 pub const BUDGET_REFUSED: &str = "ivschat_rooms_budget_refused_total";
 /// Requests waiting for a budget token, by `operation`.
 pub const BUDGET_WAITING: &str = "ivschat_rooms_budget_waiting";
+/// With a shared (Postgres) budget: slots the whole fleet has taken of each
+/// budget, by `operation` and `region`, as this replica last saw it (a
+/// counter in all but type: take its `rate()`).
+pub const BUDGET_FLEET_SLOTS: &str = "ivschat_rooms_budget_fleet_slots";
+/// With a shared budget: how far ahead of now the fleet has booked each
+/// budget, in seconds, as this replica last saw it.
+pub const BUDGET_FLEET_BOOKED: &str = "ivschat_rooms_budget_fleet_booked_seconds";
 /// Watch streams open in this process.
 pub const WATCHERS: &str = "ivschat_rooms_watchers";
 /// The newest event-log revision this process has taken in.
@@ -90,6 +97,15 @@ fn describe() {
         "requests refused for want of a budget token in time"
     );
     describe_gauge!(BUDGET_WAITING, "requests waiting for a budget token");
+    describe_gauge!(
+        BUDGET_FLEET_SLOTS,
+        "slots of the shared budget taken by every replica so far, as last seen"
+    );
+    describe_gauge!(
+        BUDGET_FLEET_BOOKED,
+        Unit::Seconds,
+        "how far ahead the fleet has booked the shared budget, as last seen"
+    );
     describe_gauge!(WATCHERS, "watch streams open");
     describe_gauge!(EVENT_REVISION, "newest event-log revision taken in");
     describe_gauge!(

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
@@ -22,7 +23,7 @@ use aws_sdk_ivschat::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ivschat::types;
 use aws_smithy_types::DateTime;
 
-use crate::budget::{Budget, BudgetSettings, Caller, Operation};
+use crate::budget::{Budget, Caller, Operation};
 use crate::domain::{
     Error, FallbackResult, FieldViolation, ListQuery, ListedPage, MessageReviewHandler, NewRoom,
     Result, Room, RoomArn, RoomPatch, RoomSummary, Timestamp,
@@ -37,14 +38,13 @@ pub struct SendFailure {
     pub maybe_carried_out: bool,
 }
 
-/// Retries, timeouts and the budget for every call upstream.
+/// Retries and timeouts for every call upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     /// One attempt.
     pub timeout: Duration,
     /// Attempts per call, the first included (1 disables retries).
     pub max_attempts: u32,
-    pub budget: BudgetSettings,
 }
 
 /// The first retry waits about this long; each later one twice as long as
@@ -55,29 +55,45 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Upstream {
     client: Client,
-    budget: Arc<Budget>,
+    region: Arc<str>,
+    budget: Arc<dyn Budget>,
     max_attempts: u32,
 }
 
+/// Makes the budget of a region's calls, once the region is known.
+pub type BudgetFor<'a> = &'a (dyn Fn(&str) -> Arc<dyn Budget> + Send + Sync);
+
 impl Upstream {
     /// AWS, configured by aws-config's standard chain: environment, profile,
-    /// IMDS; `AWS_ENDPOINT_URL_IVSCHAT` / `AWS_ENDPOINT_URL` override the endpoint.
-    pub async fn aws(settings: UpstreamSettings) -> anyhow::Result<Upstream> {
+    /// IMDS; `AWS_ENDPOINT_URL_IVSCHAT` / `AWS_ENDPOINT_URL` override the
+    /// endpoint. Its calls spend `budget`'s for the region configured.
+    pub async fn aws(settings: UpstreamSettings, budget: BudgetFor<'_>) -> anyhow::Result<Upstream> {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::disabled())
             .timeout_config(timeout_config(&settings))
             .load()
             .await;
         // Without a region every call would fail; say so now.
-        anyhow::ensure!(
-            shared.region().is_some(),
-            "no AWS region configured: set AWS_REGION or a region in the AWS profile"
-        );
-        Ok(Upstream::new(Client::new(&shared), &settings))
+        let region = shared
+            .region()
+            .context("no AWS region configured: set AWS_REGION or a region in the AWS profile")?
+            .to_string();
+        Ok(Upstream::new(
+            Client::new(&shared),
+            &region,
+            budget(&region),
+            &settings,
+        ))
     }
 
-    /// An IVS Chat at `endpoint_url` that takes any credentials (the emulator).
-    pub fn at_endpoint(endpoint_url: &str, region: &str, settings: UpstreamSettings) -> Upstream {
+    /// An IVS Chat at `endpoint_url` that takes any credentials (the
+    /// emulator); its calls spend `budget`.
+    pub fn at_endpoint(
+        endpoint_url: &str,
+        region: &str,
+        settings: UpstreamSettings,
+        budget: Arc<dyn Budget>,
+    ) -> Upstream {
         let config = aws_sdk_ivschat::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region.to_owned()))
@@ -88,15 +104,26 @@ impl Upstream {
             .retry_config(RetryConfig::disabled())
             .timeout_config(timeout_config(&settings))
             .build();
-        Upstream::new(Client::from_conf(config), &settings)
+        Upstream::new(Client::from_conf(config), region, budget, &settings)
     }
 
-    fn new(client: Client, settings: &UpstreamSettings) -> Upstream {
+    fn new(
+        client: Client,
+        region: &str,
+        budget: Arc<dyn Budget>,
+        settings: &UpstreamSettings,
+    ) -> Upstream {
         Upstream {
             client,
-            budget: Arc::new(Budget::new(&settings.budget)),
+            region: region.into(),
+            budget,
             max_attempts: settings.max_attempts.max(1),
         }
+    }
+
+    /// The region whose IVS Chat this is.
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     /// Sends one call through the budget, retrying throttling and transient
@@ -152,7 +179,7 @@ impl Upstream {
                 .increment(1);
             let err = match send().await {
                 Ok(out) => {
-                    self.budget.succeeded(op);
+                    self.budget.succeeded(op).await;
                     return Ok(out);
                 }
                 Err(err) => err,
@@ -161,7 +188,7 @@ impl Upstream {
             if throttled {
                 metrics::counter!(telemetry::UPSTREAM_THROTTLES, "operation" => op.to_string())
                     .increment(1);
-                self.budget.throttled(op);
+                self.budget.throttled(op).await;
             }
             let wait = backoff.mul_f64(rand::random_range(0.5..1.0));
             let in_time = match caller {
@@ -371,6 +398,24 @@ impl Upstream {
         .await?;
         Ok(())
     }
+
+    /// The room's tags, read with ListTagsForResource (a quota of its own,
+    /// 10 per second, apart from GetRoom's 5).
+    pub async fn list_tags(
+        &self,
+        arn: &RoomArn,
+        caller: Caller,
+    ) -> Result<BTreeMap<String, String>> {
+        let out = self
+            .call(Operation::ListTagsForResource, caller, || {
+                self.client
+                    .list_tags_for_resource()
+                    .resource_arn(arn.as_str())
+                    .send()
+            })
+            .await?;
+        Ok(out.tags.into_iter().collect())
+    }
 }
 
 fn timeout_config(settings: &UpstreamSettings) -> TimeoutConfig {
@@ -467,6 +512,7 @@ validation_fields!(
     aws_sdk_ivschat::operation::list_rooms::ListRoomsError,
     aws_sdk_ivschat::operation::tag_resource::TagResourceError,
     aws_sdk_ivschat::operation::untag_resource::UntagResourceError,
+    aws_sdk_ivschat::operation::list_tags_for_resource::ListTagsForResourceError,
 );
 
 /// IVS Chat refused the call for its rate (under whichever name).

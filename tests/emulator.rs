@@ -2100,7 +2100,7 @@ async fn tps_limit_throttles_the_excess() {
     let room = h.room("r").await;
     let arn = room.arn().unwrap().to_owned();
     h.emulator.set_faults(Faults {
-        tps_limit: Some(NonZeroU32::new(LIMIT).unwrap()),
+        tps_limit: Some(NonZeroU32::new(LIMIT).unwrap().into()),
         ..Default::default()
     });
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{TestDb, emulator, room, room_arn, sdk};
 use futures::StreamExt as _;
-use ivschat_rooms::budget::BudgetSettings;
+use ivschat_rooms::budget::{BudgetSettings, LocalBudget};
 use ivschat_rooms::domain::{EventKind, EventSource, RoomArn, RoomPatch, Timestamp};
 use ivschat_rooms::emulator::{Emulator, Operation};
 use ivschat_rooms::feed::{Feed, FeedSettings, WatchItem, WatchRequest};
@@ -25,11 +25,11 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
         UpstreamSettings {
             timeout: Duration::from_secs(5),
             max_attempts: 1,
-            budget: BudgetSettings {
-                rate: std::num::NonZeroU32::MAX,
-                ..BudgetSettings::default()
-            },
         },
+        std::sync::Arc::new(LocalBudget::new(&BudgetSettings {
+            rate: Some(std::num::NonZeroU32::MAX),
+            ..BudgetSettings::default()
+        })),
     );
     let rooms = Rooms::new(
         store.clone(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{TestDb, TestServer, create, proto, sdk, serve_config, setup};
 use futures::future::join_all;
-use ivschat_rooms::budget::{Budget, BudgetSettings, Caller, Operation as Op};
+use ivschat_rooms::budget::{Budget, BudgetSettings, Caller, LocalBudget, Operation as Op};
 use ivschat_rooms::domain::{Error, RoomPatch};
 use ivschat_rooms::emulator::{Faults, InjectedError, Operation};
 use tokio::time::Instant;
@@ -54,9 +54,9 @@ fn max_per_second(times: &[Instant]) -> usize {
         .unwrap_or(0)
 }
 
-fn budget(rate: u32, max_wait: Duration) -> Arc<Budget> {
-    Arc::new(Budget::new(&BudgetSettings {
-        rate: NonZeroU32::new(rate).unwrap(),
+fn budget(rate: u32, max_wait: Duration) -> Arc<LocalBudget> {
+    Arc::new(LocalBudget::new(&BudgetSettings {
+        rate: NonZeroU32::new(rate),
         rates: HashMap::from([(Op::ListRooms, NonZeroU32::new(2).unwrap())]),
         max_wait,
     }))
@@ -203,15 +203,15 @@ async fn throttling_pauses_the_bucket() {
     let op = Op::UpdateRoom;
     budget.acquire(op, Caller::USER).await.unwrap();
     let t0 = Instant::now();
-    budget.throttled(op);
+    budget.throttled(op).await;
     budget.acquire(op, Caller::USER).await.unwrap();
     assert_eq!(Instant::now() - t0, Duration::from_secs(1));
-    budget.throttled(op);
+    budget.throttled(op).await;
     let t1 = Instant::now();
     budget.acquire(op, Caller::Background).await.unwrap();
     assert!(Instant::now() - t1 >= Duration::from_secs(2));
-    budget.succeeded(op);
-    budget.throttled(op);
+    budget.succeeded(op).await;
+    budget.throttled(op).await;
     let t2 = Instant::now();
     budget.acquire(op, Caller::USER).await.unwrap();
     assert_eq!(
@@ -220,7 +220,7 @@ async fn throttling_pauses_the_bucket() {
         "reset by the success"
     );
     // A user whose deadline falls inside a pause is refused at once.
-    budget.throttled(op);
+    budget.throttled(op).await;
     let t3 = Instant::now();
     let err = budget
         .acquire(
@@ -303,7 +303,7 @@ async fn throttling_feeds_back_into_the_budget(db: TestDb) {
     )
     .await;
     emulator.set_faults(Faults {
-        tps_limit: NonZeroU32::new(1),
+        tps_limit: NonZeroU32::new(1).map(Into::into),
         ..Default::default()
     });
     let before = emulator.calls(Operation::GetRoom);

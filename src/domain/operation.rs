@@ -1,4 +1,5 @@
 use std::fmt;
+use std::num::NonZeroU32;
 use std::str::FromStr;
 
 /// The IVS Chat operations this crate calls (the service) or answers (the
@@ -30,6 +31,23 @@ impl Operation {
     /// Its position in [`Operation::ALL`], for per-operation arrays.
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The rate AWS allows, in calls per second per account and region (the
+    /// IVS Chat service quotas page; AWS does not raise them): 5 for the room
+    /// calls, 10 for the tag calls.
+    pub fn aws_rate(self) -> NonZeroU32 {
+        let rate = match self {
+            Operation::CreateRoom
+            | Operation::GetRoom
+            | Operation::UpdateRoom
+            | Operation::DeleteRoom
+            | Operation::ListRooms => 5,
+            Operation::TagResource
+            | Operation::UntagResource
+            | Operation::ListTagsForResource => 10,
+        };
+        NonZeroU32::new(rate).expect("a published rate is not zero")
     }
 }
 
@@ -67,5 +85,25 @@ mod tests {
             assert_eq!(Operation::ALL[op.index()], op);
             assert_eq!(op.to_string().parse(), Ok(op));
         }
+    }
+
+    #[test]
+    fn published_rates() {
+        let rates: Vec<(String, u32)> = Operation::ALL
+            .iter()
+            .map(|op| (op.to_string(), op.aws_rate().get()))
+            .collect();
+        let expected = [
+            ("CreateRoom", 5),
+            ("GetRoom", 5),
+            ("UpdateRoom", 5),
+            ("DeleteRoom", 5),
+            ("ListRooms", 5),
+            ("TagResource", 10),
+            ("UntagResource", 10),
+            ("ListTagsForResource", 10),
+        ]
+        .map(|(op, rate)| (op.to_owned(), rate));
+        assert_eq!(rates, expected);
     }
 }

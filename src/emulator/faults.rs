@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::domain::Operation;
 
@@ -58,9 +58,47 @@ pub struct Faults {
     /// than the client waits). A request draws at most one; the fractions
     /// should add up to at most 1 (past it, the last ones are drawn less).
     pub mix: Vec<(InjectedFault, f64)>,
-    /// Calls per second allowed for each operation (AWS allows 5); over it,
+    /// Calls per second allowed for each operation; over it,
     /// ThrottlingException.
-    pub tps_limit: Option<NonZeroU32>,
+    pub tps_limit: Option<TpsLimit>,
+}
+
+/// The calls per second the emulator allows each operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TpsLimit {
+    /// AWS's published rates: 5 for the room calls, 10 for the tag calls.
+    Aws,
+    /// One rate for every operation.
+    PerOperation(NonZeroU32),
+}
+
+impl TpsLimit {
+    pub fn of(self, op: Operation) -> NonZeroU32 {
+        match self {
+            TpsLimit::Aws => op.aws_rate(),
+            TpsLimit::PerOperation(rate) => rate,
+        }
+    }
+}
+
+impl From<NonZeroU32> for TpsLimit {
+    fn from(rate: NonZeroU32) -> TpsLimit {
+        TpsLimit::PerOperation(rate)
+    }
+}
+
+impl std::str::FromStr for TpsLimit {
+    type Err = String;
+
+    /// `aws`, or a whole number of calls per second above 0.
+    fn from_str(s: &str) -> Result<TpsLimit, String> {
+        if s.eq_ignore_ascii_case("aws") {
+            return Ok(TpsLimit::Aws);
+        }
+        s.parse().map(TpsLimit::PerOperation).map_err(|_| {
+            format!("expected `aws` or a whole number of calls per second above 0, got {s}")
+        })
+    }
 }
 
 impl Faults {
@@ -75,22 +113,33 @@ impl Faults {
 /// The faults in force with the rate limiter built for them.
 pub(crate) struct ActiveFaults {
     pub(crate) faults: Faults,
-    limiter: Option<Arc<DefaultKeyedRateLimiter<Operation>>>,
+    /// One limiter per operation, in [`Operation::ALL`]'s order.
+    limiters: Option<Arc<Vec<DefaultDirectRateLimiter>>>,
 }
 
 impl ActiveFaults {
     pub(crate) fn new(faults: Faults) -> ActiveFaults {
-        let limiter = faults
-            .tps_limit
-            .map(|tps| Arc::new(RateLimiter::keyed(Quota::per_second(tps))));
-        ActiveFaults { faults, limiter }
+        let limiters = faults.tps_limit.map(|limit| {
+            Arc::new(
+                Operation::ALL
+                    .into_iter()
+                    .map(|op| RateLimiter::direct(Quota::per_second(limit.of(op))))
+                    .collect(),
+            )
+        });
+        ActiveFaults { faults, limiters }
     }
 
     /// Whether `op` is over its TPS limit now (and so must be throttled).
     pub(crate) fn over_limit(&self, op: Operation) -> bool {
-        self.limiter
+        self.limiters
             .as_ref()
-            .is_some_and(|limiter| limiter.check_key(&op).is_err())
+            .is_some_and(|limiters| limiters[op.index()].check().is_err())
+    }
+
+    /// The calls per second `op` is allowed (0: no limit).
+    pub(crate) fn limit_of(&self, op: Operation) -> u32 {
+        self.faults.tps_limit.map_or(0, |limit| limit.of(op).get())
     }
 
     /// The fault this request draws, if any.
@@ -168,6 +217,32 @@ mod tests {
             let share = f64::from(counts[slot]) / f64::from(DRAWS);
             assert!((share - rate).abs() < 0.015, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn tps_limits_parse() {
+        assert_eq!("aws".parse(), Ok(TpsLimit::Aws));
+        assert_eq!("AWS".parse(), Ok(TpsLimit::Aws));
+        let five = NonZeroU32::new(5).unwrap();
+        assert_eq!("5".parse(), Ok(TpsLimit::PerOperation(five)));
+        assert!("0".parse::<TpsLimit>().is_err());
+        assert!("fast".parse::<TpsLimit>().is_err());
+        assert_eq!(TpsLimit::Aws.of(Operation::GetRoom).get(), 5);
+        assert_eq!(TpsLimit::Aws.of(Operation::TagResource).get(), 10);
+        assert_eq!(TpsLimit::PerOperation(five).of(Operation::TagResource), five);
+    }
+
+    /// `aws` lets each operation through at its own published rate.
+    #[test]
+    fn aws_limits_are_per_operation() {
+        let active = ActiveFaults::new(Faults {
+            tps_limit: Some(TpsLimit::Aws),
+            ..Faults::default()
+        });
+        let passed = |op| (0..30).filter(|_| !active.over_limit(op)).count();
+        assert_eq!(passed(Operation::GetRoom), 5);
+        assert_eq!(passed(Operation::TagResource), 10);
+        assert_eq!(passed(Operation::ListTagsForResource), 10);
     }
 
     #[test]

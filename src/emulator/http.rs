@@ -169,7 +169,7 @@ async fn handle(
     let over_limit = faults.over_limit(op);
     let fault = if over_limit { None } else { faults.draw() };
     let response = match fault {
-        _ if over_limit => throttled(faults.faults.tps_limit.map_or(0, |n| n.get())),
+        _ if over_limit => throttled(faults.limit_of(op)),
         Some(InjectedFault::Error(injected)) => injected_error(injected),
         None | Some(InjectedFault::Slow(_)) => {
             // The state file is written (and synced) under the lock: off the

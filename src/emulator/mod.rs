@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 pub use crate::domain::Operation;
-pub use faults::{Faults, InjectedError, InjectedFault};
+pub use faults::{Faults, InjectedError, InjectedFault, TpsLimit};
 
 use crate::domain::{Result, Room, RoomPatch};
 use faults::ActiveFaults;

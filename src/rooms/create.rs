@@ -253,8 +253,10 @@ impl Rooms {
                 .map(|r| RoomArn::parse("arn", &r.arn))
                 .transpose()?;
             if let Some(arn) = found {
-                let _turn = self.inner.locks.lock(&arn).await;
-                return self.refresh(&arn, EventSource::Api, caller).await.map(Some);
+                let turn = self.turn(&arn).await?;
+                let found = self.refresh(&arn, EventSource::Api, caller).await;
+                turn.release().await;
+                return found.map(Some);
             }
             match page.next_token {
                 Some(token) if page.rooms.last().is_some_and(|r| r.update_time >= oldest) => {

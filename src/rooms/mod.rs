@@ -253,6 +253,11 @@ impl Rooms {
         })
     }
 
+    /// The IVS Chat region this service fronts.
+    pub fn region(&self) -> &str {
+        self.inner.upstream.region()
+    }
+
     /// Creates a room; with a `request_id`, at most once per request_id
     /// within the retention window (see `create`).
     pub async fn create(
@@ -373,16 +378,25 @@ impl Rooms {
         let rooms = self.clone();
         let task = self.inner.exchanges.spawn(async move {
             let answer = async {
-                let _turn = rooms.inner.locks.lock(&arn).await;
-                if !strong
-                    && let Some(row) = rooms.cached(&arn).await?
-                    && rooms.is_fresh(&row)
-                {
-                    return answer(&row);
+                // Across replicas too: a flight of this room on another
+                // replica (or a write) fills the cache before this one
+                // looks at it, so concurrent cold reads of the room cost
+                // one GetRoom for the whole fleet.
+                let turn = rooms.turn(&arn).await?;
+                let read = async {
+                    if !strong
+                        && let Some(row) = rooms.cached(&arn).await?
+                        && rooms.is_fresh(&row)
+                    {
+                        return answer(&row);
+                    }
+                    sent.store(true, Ordering::SeqCst);
+                    // A change found here was made behind this service's back.
+                    rooms.refresh(&arn, EventSource::Reconciler, caller).await
                 }
-                sent.store(true, Ordering::SeqCst);
-                // A change found here was made behind this service's back.
-                rooms.refresh(&arn, EventSource::Reconciler, caller).await
+                .await;
+                turn.release().await;
+                read
             }
             .await;
             let mut flights = rooms.inner.flights.lock().expect("flights");
@@ -464,8 +478,7 @@ impl Rooms {
         caller: Caller,
         write: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let _turn = self.inner.locks.lock(arn).await;
-        let replicas: RoomLock = self.inner.store.lock_room(arn).await?;
+        let turn = self.turn(arn).await?;
         let result = async {
             if let Some(expected) = expected {
                 // A change found here was made behind this service's back.
@@ -480,8 +493,22 @@ impl Rooms {
             write.await
         }
         .await;
-        replicas.release().await;
+        turn.release().await;
         result
+    }
+
+    /// The room's turn: this process's, then (on Postgres) the turn among
+    /// replicas. Every read of the room from IVS Chat that may change the
+    /// cache, and every write, runs in it, so none lands between another's
+    /// answer and its cache write, on any replica: a change is logged by
+    /// whoever made it.
+    async fn turn(&self, arn: &RoomArn) -> Result<RoomTurn<'_>> {
+        let local = self.inner.locks.lock(arn).await;
+        let replicas = self.inner.store.lock_room(arn).await?;
+        Ok(RoomTurn {
+            _local: local,
+            replicas,
+        })
     }
 
     pub async fn tag(
@@ -500,8 +527,7 @@ impl Rooms {
                         rooms.inner.upstream.tag_room(&arn, &tags, caller).await,
                     )
                     .await?;
-                // Tagging need not move updateTime, so read the room back whole.
-                rooms.refresh(&arn, EventSource::Api, caller).await
+                rooms.read_tags_back(&arn, caller).await
             };
             rooms.in_write_turn(&arn, None, caller, write).await
         })
@@ -519,11 +545,48 @@ impl Rooms {
                         rooms.inner.upstream.untag_room(&arn, &keys, caller).await,
                     )
                     .await?;
-                rooms.refresh(&arn, EventSource::Api, caller).await
+                rooms.read_tags_back(&arn, caller).await
             };
             rooms.in_write_turn(&arn, None, caller, write).await
         })
         .await
+    }
+
+    /// After a tag change: reads the room's tags back with
+    /// ListTagsForResource (a quota of its own, twice GetRoom's) and applies
+    /// them to the cached room, logged as ours; a room the cache does not
+    /// hold is read whole with GetRoom. Tagging does not move updateTime, so
+    /// the tags are what changed. Call in the room's write turn.
+    async fn read_tags_back(&self, arn: &RoomArn, caller: Caller) -> Result<Room> {
+        let asked_at = Timestamp::now();
+        let tags = self
+            .gone_if_not_found(arn, self.inner.upstream.list_tags(arn, caller).await)
+            .await?;
+        match self
+            .inner
+            .store
+            .put_tags(arn, &tags, asked_at, EventSource::Api)
+            .await
+        {
+            Ok(Some(cached)) => Ok(cached.room),
+            Ok(None) => self.refresh(arn, EventSource::Api, caller).await,
+            Err(e) => {
+                // IVS Chat has tagged the room: say so, with the tags it has.
+                tracing::error!(error = %e, %arn, "could not cache a room's tags");
+                let mut room = self
+                    .inner
+                    .store
+                    .get(arn)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|c| !c.deleted)
+                    .map(|c| c.room)
+                    .ok_or(e)?;
+                room.tags = tags;
+                Ok(room)
+            }
+        }
     }
 
     /// Runs an exchange with IVS Chat (and the cache step after it) in a task
@@ -660,11 +723,12 @@ impl Rooms {
             .live_rooms_unconfirmed_since(started)
             .await?
         {
-            let _turn = self.inner.locks.lock(&arn).await;
-            match self
+            let turn = self.turn(&arn).await?;
+            let refreshed = self
                 .refresh(&arn, EventSource::Reconciler, Caller::Background)
-                .await
-            {
+                .await;
+            turn.release().await;
+            match refreshed {
                 Ok(_) => {}
                 Err(Error::NotFound { .. }) => report.deleted += 1,
                 Err(e) => return Err(e),
@@ -754,21 +818,28 @@ impl Rooms {
     /// already holds that version or a newer one (a request of ours got there
     /// first). Returns whether it called GetRoom.
     async fn fetch_listed(&self, arn: &RoomArn, summary: &RoomSummary) -> Result<bool> {
-        let _turn = self.inner.locks.lock(arn).await;
-        if let Some(c) = self.inner.store.get(arn).await?
-            && !c.deleted
-            && (c.room.update_time > summary.update_time || summary.shows(&c.room))
-        {
-            return Ok(false);
+        // A write of ours (on any replica) between IVS Chat's answer and its
+        // cache write holds the turn: once it is ours, that write is cached.
+        let turn = self.turn(arn).await?;
+        let fetched = async {
+            if let Some(c) = self.inner.store.get(arn).await?
+                && !c.deleted
+                && (c.room.update_time > summary.update_time || summary.shows(&c.room))
+            {
+                return Ok(false);
+            }
+            // Gone since it was listed: refresh has forgotten it.
+            match self
+                .refresh(arn, EventSource::Reconciler, Caller::Background)
+                .await
+            {
+                Ok(_) | Err(Error::NotFound { .. }) => Ok(true),
+                Err(e) => Err(e),
+            }
         }
-        // Gone since it was listed: refresh has forgotten it.
-        match self
-            .refresh(arn, EventSource::Reconciler, Caller::Background)
-            .await
-        {
-            Ok(_) | Err(Error::NotFound { .. }) => Ok(true),
-            Err(e) => Err(e),
-        }
+        .await;
+        turn.release().await;
+        fetched
     }
 
     /// Whether a room the cache has never seen may be one a CreateRoom of
@@ -878,6 +949,19 @@ fn unanswerable_upstream(e: &Error) -> bool {
 #[derive(Default)]
 struct RoomLocks {
     locks: Mutex<HashMap<RoomArn, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A room's turn in this process and among replicas; see [`Rooms::turn`].
+struct RoomTurn<'a> {
+    _local: Turn<'a>,
+    replicas: RoomLock,
+}
+
+impl RoomTurn<'_> {
+    /// Ends the turn among replicas, then this process's.
+    async fn release(self) {
+        self.replicas.release().await;
+    }
 }
 
 struct Turn<'a> {

@@ -12,8 +12,10 @@
 //! the `WHERE` of one SQL statement, so it holds whatever the interleaving of
 //! writers, in one process or many.
 
+mod budget;
 mod requests;
 
+pub use budget::Slot;
 pub use requests::Claim;
 
 use std::path::Path;
@@ -73,10 +75,15 @@ pub struct Store {
 /// The Postgres advisory lock held by the replica that reconciles ("ivsr").
 const LEADER_LOCK: i64 = 0x6976_7372;
 
-/// Rooms whose write turn this process can hold or wait for at once on
-/// Postgres (one connection each; AWS allows 5 writes per second and
-/// operation); more writes wait for a connection, then UNAVAILABLE.
-const ROOM_TURN_CONNECTIONS: u32 = 16;
+/// Connections of the cache's pool on Postgres.
+const CACHE_CONNECTIONS: u32 = 12;
+
+/// Rooms whose turn this process can hold or wait for at once on Postgres
+/// (one connection each; AWS allows 5 calls per second and operation); more
+/// wait for a connection, then UNAVAILABLE. With the cache's pool, the
+/// reconciler's and the listener's, a replica holds at most 26 connections:
+/// three fit a default Postgres (`max_connections` 100) with room to spare.
+const ROOM_TURN_CONNECTIONS: u32 = 12;
 
 /// How long a write waits for a connection to hold a room's turn, and then
 /// for the turn itself, before UNAVAILABLE (a literal for `SET LOCAL`).
@@ -175,7 +182,7 @@ impl Store {
         let pool = AnyPoolOptions::new()
             .max_connections(match backend {
                 Backend::Sqlite => 4,
-                Backend::Postgres => 16,
+                Backend::Postgres => CACHE_CONNECTIONS,
             })
             .acquire_timeout(Duration::from_secs(10))
             // An embedded database's connections do not go stale: no ping
@@ -312,6 +319,40 @@ impl Store {
                 .or(newest);
         }
         self.commit(tx, newest).await
+    }
+
+    /// Sets the tags of the cached room `arn` to `tags`, as IVS Chat listed
+    /// them to a call that started at `asked_at`, unless the cache holds no
+    /// live row for it (`None`: read the room whole) or a call that started
+    /// later has observed the room since (its tags are newer: kept). The
+    /// row's other fields, and when they were confirmed, stay as they are. A
+    /// change is logged, in the same transaction, as an event from `source`.
+    pub async fn put_tags(
+        &self,
+        arn: &RoomArn,
+        tags: &std::collections::BTreeMap<String, String>,
+        asked_at: Timestamp,
+        source: EventSource,
+    ) -> Result<Option<CachedRoom>> {
+        let mut tx = self.begin_write().await?;
+        let Some(before) = get_row(&mut tx, arn).await?.filter(|row| !row.deleted) else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE rooms SET tags = $1 \
+             WHERE arn = $2 AND deleted_at IS NULL AND validated_at <= $3",
+        )
+        .bind(serde_json::to_string(tags).context("could not encode tags")?)
+        .bind(arn.as_str())
+        .bind(asked_at.as_nanos())
+        .execute(&mut *tx)
+        .await?;
+        let after = get_row(&mut tx, arn).await?;
+        let revision = self
+            .append_event(&mut tx, Some(&before), after.as_ref(), source)
+            .await?;
+        self.commit(tx, revision).await?;
+        Ok(after)
     }
 
     /// Records that IVS Chat said at `at` that the room is gone, unless a call

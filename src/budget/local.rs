@@ -1,26 +1,11 @@
-//! The upstream budget: how many calls per second each IVS Chat operation may
-//! take, spent on users first.
+//! The in-process budget: a governor token bucket per IVS Chat operation,
+//! for a cache that serves one process (SQLite).
 //!
-//! AWS allows 5 calls per second per room operation and account, and will not
-//! raise it. Each operation gets a token bucket (governor's GCRA) that spaces
-//! calls `1 / rate` apart, plus a little headroom so that network jitter
-//! cannot put one call too many into one of AWS's one-second windows. Every
-//! attempt sent upstream, retries included, takes a token first.
-//!
-//! - Users queue for tokens in arrival order and wait at most until their
-//!   deadline (or `max_wait`); a wait that cannot end in time is refused at
-//!   once with RESOURCE_EXHAUSTED rather than after the deadline.
-//! - Background work (the reconciler) takes a token only when no user is
-//!   waiting for one: it spends what users leave.
-//! - A ThrottlingException from IVS Chat (someone else spends the account's
-//!   quota too) pauses the operation's bucket, for longer each time it
-//!   repeats, until a call succeeds again.
-//!
-//! All waiting uses tokio's clock (governor is given it too), so tests can run
-//! the budget under paused time.
+//! Users queue for tokens in arrival order (a fair mutex) and are refused at
+//! once when the foreseeable wait passes their deadline; background callers
+//! take a token only when no user waits. Governor is given tokio's clock, so
+//! paused time in tests pauses the budget.
 
-use std::collections::HashMap;
-use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -31,57 +16,12 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
-use crate::telemetry;
-
-pub use crate::domain::Operation;
+use super::{
+    BACKGROUND_RECHECK, Budget, BudgetSettings, Caller, FIRST_PAUSE, MAX_PAUSE, Operation,
+    exhausted,
+};
 use crate::domain::{Error, Result};
-
-/// Who is asking for a call upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Caller {
-    /// A client request, which waits for a token until its deadline (when
-    /// unset, for at most the budget's `max_wait`).
-    User { deadline: Option<Instant> },
-    /// Work of the service's own (the reconciler): only when no user waits.
-    Background,
-}
-
-impl Caller {
-    /// A client request without a deadline.
-    pub const USER: Caller = Caller::User { deadline: None };
-}
-
-#[derive(Debug, Clone)]
-pub struct BudgetSettings {
-    /// Calls per second allowed for each operation.
-    pub rate: NonZeroU32,
-    /// Per-operation rates instead of `rate`.
-    pub rates: HashMap<Operation, NonZeroU32>,
-    /// How long a request without a deadline may wait for a token.
-    pub max_wait: Duration,
-}
-
-impl Default for BudgetSettings {
-    fn default() -> Self {
-        BudgetSettings {
-            rate: NonZeroU32::new(5).expect("5 is not zero"),
-            rates: HashMap::new(),
-            max_wait: Duration::from_secs(10),
-        }
-    }
-}
-
-/// How much wider than `1 / rate` calls are spaced: IVS Chat counts calls
-/// when they arrive, and two calls sent 200 ms apart can arrive closer.
-const HEADROOM: f64 = 1.02;
-
-/// How long a bucket pauses after the first ThrottlingException; it doubles
-/// with each one that follows, up to [`MAX_PAUSE`].
-const FIRST_PAUSE: Duration = Duration::from_secs(1);
-const MAX_PAUSE: Duration = Duration::from_secs(30);
-
-/// The shortest a background caller sleeps before looking for a token again.
-const BACKGROUND_RECHECK: Duration = Duration::from_millis(5);
+use crate::telemetry;
 
 /// Governor's clock, made tokio's: paused time in tests pauses the budget.
 #[derive(Debug, Clone, Copy, Default)]
@@ -98,7 +38,7 @@ impl Clock for TokioClock {
 type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>;
 
 /// The token buckets, one per operation. Share it behind an `Arc`.
-pub struct Budget {
+pub struct LocalBudget {
     buckets: Vec<Bucket>,
     max_wait: Duration,
 }
@@ -141,14 +81,12 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl Budget {
-    pub fn new(settings: &BudgetSettings) -> Budget {
+impl LocalBudget {
+    pub fn new(settings: &BudgetSettings) -> LocalBudget {
         let buckets = Operation::ALL
             .into_iter()
             .map(|op| {
-                let rate = settings.rates.get(&op).copied().unwrap_or(settings.rate);
-                let interval = Duration::from_secs_f64(HEADROOM / f64::from(rate.get()))
-                    .max(Duration::from_nanos(1));
+                let interval = settings.interval_of(op);
                 let quota = Quota::with_period(interval).expect("a positive period");
                 Bucket {
                     op,
@@ -161,15 +99,16 @@ impl Budget {
                 }
             })
             .collect();
-        Budget {
+        LocalBudget {
             buckets,
             max_wait: settings.max_wait,
         }
     }
+}
 
-    /// Waits for a token to call `op`, as `caller` may; RESOURCE_EXHAUSTED
-    /// when a user's wait would outlast its deadline.
-    pub async fn acquire(&self, op: Operation, caller: Caller) -> Result<()> {
+#[async_trait::async_trait]
+impl Budget for LocalBudget {
+    async fn acquire(&self, op: Operation, caller: Caller) -> Result<()> {
         let bucket = &self.buckets[op.index()];
         match caller {
             Caller::User { deadline } => {
@@ -183,14 +122,12 @@ impl Budget {
         }
     }
 
-    /// IVS Chat answered `op` without throttling: a pause ends.
-    pub fn succeeded(&self, op: Operation) {
+    async fn succeeded(&self, op: Operation) {
         let mut pause = self.buckets[op.index()].pause.lock().expect("pause");
         pause.next = None;
     }
 
-    /// IVS Chat throttled `op`: pause its bucket, longer each time in a row.
-    pub fn throttled(&self, op: Operation) {
+    async fn throttled(&self, op: Operation) {
         let bucket = &self.buckets[op.index()];
         let mut pause = bucket.pause.lock().expect("pause");
         let length = pause.next.unwrap_or(FIRST_PAUSE);
@@ -280,14 +217,12 @@ impl Bucket {
     }
 
     fn exhausted(&self, ahead: u32) -> Error {
-        metrics::counter!(telemetry::BUDGET_REFUSED, "operation" => self.op.to_string())
-            .increment(1);
-        Error::ResourceExhausted(format!(
-            "the budget for IVS Chat {} ({:.1} calls per second) cannot serve this request \
-             before its deadline: {ahead} requests are ahead of it; retry later",
+        exhausted(
             self.op,
-            1.0 / self.interval.as_secs_f64()
-        ))
+            self.interval,
+            false,
+            &format!(": {ahead} requests are ahead of it"),
+        )
     }
 }
 
@@ -295,9 +230,9 @@ impl Bucket {
 mod tests {
     use super::*;
 
-    fn budget(rate: u32) -> Budget {
-        Budget::new(&BudgetSettings {
-            rate: NonZeroU32::new(rate).unwrap(),
+    fn budget(rate: u32) -> LocalBudget {
+        LocalBudget::new(&BudgetSettings {
+            rate: std::num::NonZeroU32::new(rate),
             ..BudgetSettings::default()
         })
     }

@@ -1,0 +1,134 @@
+//! The upstream budget: how many calls per second each IVS Chat operation may
+//! take, spent on users first. One contract, two implementations, chosen in
+//! the server's wiring:
+//!
+//! - [`LocalBudget`] (`local.rs`): governor token buckets in this process,
+//!   for a SQLite cache (one process);
+//! - [`SharedBudget`] (`shared.rs`): one GCRA row per (region, operation) in
+//!   the Postgres cache, so replicas sharing it spend one budget together.
+//!
+//! AWS allows 5 calls per second per room operation (10 for the tag calls)
+//! per account and region, and will not raise it. Calls of one operation are
+//! spaced `1.02 / rate` apart, a little wider than AWS's rate so that network
+//! jitter cannot put one call too many into one of AWS's one-second windows.
+//! Every attempt sent upstream, retries included, takes a slot first.
+//!
+//! What both promise:
+//! - a user waits at most until its deadline (or `max_wait`); a wait that
+//!   cannot end in time is refused at once with RESOURCE_EXHAUSTED, and a
+//!   refused request holds no slot;
+//! - background work (the reconciler) takes a slot only when no user is
+//!   waiting for one: it spends what users leave;
+//! - a ThrottlingException from IVS Chat (someone else spends the account's
+//!   quota too) pauses the operation, for longer each time it repeats, until
+//!   a call succeeds again.
+//!
+//! All waiting uses tokio's clock, so tests can run the local budget under
+//! paused time.
+
+mod local;
+mod shared;
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub use crate::domain::Operation;
+use crate::domain::Result;
+pub use local::LocalBudget;
+pub use shared::SharedBudget;
+
+/// Who is asking for a call upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A client request, which waits for a slot until its deadline (when
+    /// unset, for at most the budget's `max_wait`).
+    User { deadline: Option<Instant> },
+    /// Work of the service's own (the reconciler): only when no user waits.
+    Background,
+}
+
+impl Caller {
+    /// A client request without a deadline.
+    pub const USER: Caller = Caller::User { deadline: None };
+}
+
+/// The budget's contract. Share it behind an `Arc`.
+#[async_trait::async_trait]
+pub trait Budget: Send + Sync {
+    /// Waits for a slot to call `op`, as `caller` may; RESOURCE_EXHAUSTED
+    /// when a user's wait would outlast its deadline (nothing is then held),
+    /// UNAVAILABLE when the budget cannot be consulted.
+    async fn acquire(&self, op: Operation, caller: Caller) -> Result<()>;
+
+    /// IVS Chat answered `op` without throttling: a run of pauses ends.
+    async fn succeeded(&self, op: Operation);
+
+    /// IVS Chat throttled `op`: pause it, longer each time in a row.
+    async fn throttled(&self, op: Operation);
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetSettings {
+    /// Calls per second allowed for every operation, instead of AWS's
+    /// published rate for each ([`Operation::aws_rate`]).
+    pub rate: Option<NonZeroU32>,
+    /// Per-operation rates, over `rate` and the published ones.
+    pub rates: HashMap<Operation, NonZeroU32>,
+    /// How long a request without a deadline may wait for a slot.
+    pub max_wait: Duration,
+}
+
+impl Default for BudgetSettings {
+    fn default() -> Self {
+        BudgetSettings {
+            rate: None,
+            rates: HashMap::new(),
+            max_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BudgetSettings {
+    /// The calls per second `op` may take.
+    pub fn rate_of(&self, op: Operation) -> NonZeroU32 {
+        self.rates
+            .get(&op)
+            .copied()
+            .or(self.rate)
+            .unwrap_or_else(|| op.aws_rate())
+    }
+
+    /// How far apart calls of `op` are spaced.
+    pub fn interval_of(&self, op: Operation) -> Duration {
+        Duration::from_secs_f64(HEADROOM / f64::from(self.rate_of(op).get()))
+            .max(Duration::from_nanos(1))
+    }
+}
+
+/// How much wider than `1 / rate` calls are spaced: IVS Chat counts calls
+/// when they arrive, and two calls sent 200 ms apart can arrive closer.
+const HEADROOM: f64 = 1.02;
+
+/// How long an operation pauses after the first ThrottlingException; it
+/// doubles with each one that follows, up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// The shortest a background caller sleeps before looking for a slot again.
+const BACKGROUND_RECHECK: Duration = Duration::from_millis(5);
+
+/// The refusal of a user whose wait would outlast its deadline: the budget's
+/// own limit, not AWS's.
+fn exhausted(op: Operation, interval: Duration, fleet: bool, detail: &str) -> crate::domain::Error {
+    metrics::counter!(crate::telemetry::BUDGET_REFUSED, "operation" => op.to_string())
+        .increment(1);
+    crate::domain::Error::ResourceExhausted(format!(
+        "this service's budget for IVS Chat {op} ({:.1} calls per second{}) cannot serve \
+         this request before its deadline{detail}; retry later",
+        1.0 / interval.as_secs_f64(),
+        if fleet { ", shared by every replica" } else { "" },
+    ))
+}

@@ -1,0 +1,177 @@
+//! The fleet's budget: replicas sharing a Postgres cache spend one budget per
+//! (region, operation) together, through the database.
+//!
+//! Each budget is a GCRA row (`store::budget`): its theoretical arrival time
+//! is the instant from which the next slot is free. A user takes a slot by
+//! one conditional statement that moves it on by the interval only if the
+//! slot lies before the user's deadline; then it sleeps until the slot and
+//! sends. So, summed over every replica, slots are spaced at least
+//! `1.02 / rate` apart, a replica alone gets the whole rate, and a refused
+//! request holds nothing. A background caller takes a slot only if it is free
+//! now: any user waiting on any replica holds a slot ahead of now, so
+//! background work never takes a slot a user could have had. A
+//! ThrottlingException moves the row's pause on, so no replica gets a slot
+//! before it ends.
+//!
+//! Faults: a replica killed while holding slots wastes those slots, nothing
+//! more. While the database cannot be reached, no slot is given at all
+//! (UNAVAILABLE: fail closed): another replica may still reach it and spend
+//! the whole rate, so any local share would add to it. Cached reads are still
+//! answered then (stale-if-error), and the next call that reaches the
+//! database takes slots again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{
+    BACKGROUND_RECHECK, Budget, BudgetSettings, Caller, FIRST_PAUSE, MAX_PAUSE, Operation,
+    exhausted,
+};
+use crate::domain::{Error, Result};
+use crate::store::Store;
+use crate::telemetry;
+
+/// The longest taking a slot may wait for the database (a user's deadline
+/// may cut it shorter).
+const DATABASE_WAIT: Duration = Duration::from_secs(5);
+
+pub struct SharedBudget {
+    store: Store,
+    region: String,
+    ops: Vec<Shared>,
+    max_wait: Duration,
+}
+
+struct Shared {
+    op: Operation,
+    name: String,
+    interval: Duration,
+    /// A run of throttling pauses is on, as far as this replica last saw: a
+    /// success ends it (one more statement, only then).
+    pausing: AtomicBool,
+}
+
+impl SharedBudget {
+    /// The budgets of `region` in `store`, which must be shared (Postgres).
+    pub fn new(store: Store, region: &str, settings: &BudgetSettings) -> SharedBudget {
+        SharedBudget {
+            store,
+            region: region.to_owned(),
+            ops: Operation::ALL
+                .into_iter()
+                .map(|op| Shared {
+                    op,
+                    name: op.to_string(),
+                    interval: settings.interval_of(op),
+                    pausing: AtomicBool::new(false),
+                })
+                .collect(),
+            max_wait: settings.max_wait,
+        }
+    }
+
+    /// One try at a slot at most `within` from now.
+    async fn try_take(&self, shared: &Shared, within: Duration, wait: Duration) -> Result<bool> {
+        let taken = tokio::time::timeout(
+            wait.min(DATABASE_WAIT),
+            self.store
+                .take_slot(&self.region, &shared.name, shared.interval, within),
+        )
+        .await;
+        let slot = match taken {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(e)) => return Err(unreachable(shared.op, &e.to_string())),
+            Err(_) => return Err(unreachable(shared.op, "it did not answer in time")),
+        };
+        let Some(slot) = slot else {
+            return Ok(false);
+        };
+        shared.pausing.store(slot.pausing, Ordering::Relaxed);
+        let labels = [
+            ("operation", shared.name.clone()),
+            ("region", self.region.clone()),
+        ];
+        metrics::counter!(telemetry::BUDGET_TOKENS, "operation" => shared.name.clone())
+            .increment(1);
+        metrics::gauge!(telemetry::BUDGET_FLEET_SLOTS, &labels)
+            .set(slot.granted as f64);
+        metrics::gauge!(telemetry::BUDGET_FLEET_BOOKED, &labels)
+            .set(slot.booked.as_secs_f64());
+        tokio::time::sleep(slot.delay).await;
+        Ok(true)
+    }
+}
+
+/// The database could not be asked for a slot: nothing is sent (the fleet's
+/// rate cannot be kept otherwise).
+fn unreachable(op: Operation, why: &str) -> Error {
+    tracing::warn!(operation = %op, error = why, "could not take a slot of the fleet's budget");
+    Error::Unavailable(format!(
+        "the cache database, which holds the fleet's budget of IVS Chat calls, cannot be \
+         reached ({why}), so this replica sends no {op}; retry"
+    ))
+}
+
+#[async_trait::async_trait]
+impl Budget for SharedBudget {
+    async fn acquire(&self, op: Operation, caller: Caller) -> Result<()> {
+        let shared = &self.ops[op.index()];
+        match caller {
+            Caller::User { deadline } => {
+                let now = Instant::now();
+                let deadline = deadline.unwrap_or(now + self.max_wait);
+                let within = deadline.saturating_duration_since(now);
+                let waiting = metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => shared.name.clone());
+                waiting.increment(1);
+                let taken = self.try_take(shared, within, within).await;
+                waiting.decrement(1);
+                match taken? {
+                    true => Ok(()),
+                    false => Err(exhausted(
+                        op,
+                        shared.interval,
+                        true,
+                        ": every slot until then is taken or paused",
+                    )),
+                }
+            }
+            // Only a slot free now: a user waiting anywhere holds one ahead.
+            Caller::Background => loop {
+                if self.try_take(shared, Duration::ZERO, DATABASE_WAIT).await? {
+                    return Ok(());
+                }
+                tokio::time::sleep(shared.interval.max(BACKGROUND_RECHECK)).await;
+            },
+        }
+    }
+
+    async fn succeeded(&self, op: Operation) {
+        let shared = &self.ops[op.index()];
+        if shared.pausing.swap(false, Ordering::Relaxed)
+            && let Err(e) = self.store.end_budget_pauses(&self.region, &shared.name).await
+        {
+            shared.pausing.store(true, Ordering::Relaxed);
+            tracing::warn!(operation = %op, error = %e, "could not end the fleet's throttling pauses");
+        }
+    }
+
+    async fn throttled(&self, op: Operation) {
+        let shared = &self.ops[op.index()];
+        match self
+            .store
+            .pause_budget(&self.region, &shared.name, FIRST_PAUSE, MAX_PAUSE)
+            .await
+        {
+            Ok(pause) => {
+                shared.pausing.store(true, Ordering::Relaxed);
+                tracing::warn!(operation = %op, ?pause, "IVS Chat throttled a call: pausing the fleet's budget");
+            }
+            // The retry's slot will wait for the database too.
+            Err(e) => {
+                tracing::warn!(operation = %op, error = %e, "IVS Chat throttled a call; could not pause the fleet's budget")
+            }
+        }
+    }
+}
