@@ -27,6 +27,31 @@ async fn two_replicas(db: &TestDb) -> (TestServer, TestServer, Emulator) {
     (a, b, emulator)
 }
 
+/// Waits until a session of the Postgres database `url` waits for an
+/// advisory lock: a replica waiting for a room's turn.
+async fn waiting_for_a_turn(url: &str) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND NOT granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_locks");
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a replica waits for the room's turn");
+}
+
 fn get(arn: &str, consistency: proto::ReadConsistency) -> proto::GetRoomRequest {
     proto::GetRoomRequest {
         identifier: arn.into(),
@@ -651,22 +676,40 @@ async fn older_answer_never_overwrites_newer(db: TestDb) {
     // The emulator has read v1 (calls are counted once handled) and is holding
     // its answer back.
     emulator.wait_for_calls(Operation::GetRoom, gets + 1).await;
-    let v2 = b
-        .client
-        .update_room(proto::UpdateRoomRequest {
-            identifier: room.arn.clone(),
-            name: Some("v2".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    held.release();
-    let answered = slow_read.await.unwrap().unwrap().into_inner();
-    assert_eq!(
-        answered, v2,
-        "the newer cached version is what the slow read returns"
-    );
+    let update = tokio::spawn({
+        let mut client = b.client.clone();
+        let arn = room.arn.clone();
+        async move {
+            client
+                .update_room(proto::UpdateRoomRequest {
+                    identifier: arn,
+                    name: Some("v2".into()),
+                    ..Default::default()
+                })
+                .await
+        }
+    });
+    if db.url.starts_with("postgres") {
+        // Replicas take a room's turns across the database: the update
+        // waits for the read, so the slow answer lands first.
+        waiting_for_a_turn(&db.url).await;
+        assert_eq!(emulator.calls(Operation::UpdateRoom), 0, "the update waits");
+        held.release();
+        let answered = slow_read.await.unwrap().unwrap().into_inner();
+        assert_eq!(answered.name, "v1");
+        let v2 = update.await.unwrap().unwrap().into_inner();
+        assert_eq!(v2.name, "v2");
+    } else {
+        // SQLite serves one process: two servers on one file race, and the
+        // update-time rule decides.
+        let v2 = update.await.unwrap().unwrap().into_inner();
+        held.release();
+        let answered = slow_read.await.unwrap().unwrap().into_inner();
+        assert_eq!(
+            answered, v2,
+            "the newer cached version is what the slow read returns"
+        );
+    }
     for server in [&mut a, &mut b] {
         let cached = server
             .client
@@ -849,17 +892,36 @@ async fn late_answer_does_not_resurrect_a_deleted_room(db: TestDb) {
     });
     emulator.wait_for_calls(Operation::UpdateRoom, 1).await;
     emulator.delete_room(&room.arn).expect("delete");
-    let gone = b
-        .client
-        .get_room(get(&room.arn, proto::ReadConsistency::Strong))
-        .await
-        .unwrap_err();
-    assert_eq!(gone.code(), Code::NotFound);
-    held.release();
-    late_update
-        .await
-        .unwrap()
-        .expect("IVS Chat did apply the update");
+    let strong_read = tokio::spawn({
+        let mut client = b.client.clone();
+        let arn = room.arn.clone();
+        async move {
+            client
+                .get_room(get(&arn, proto::ReadConsistency::Strong))
+                .await
+        }
+    });
+    if db.url.starts_with("postgres") {
+        // The read takes the room's turn across replicas: it waits for the
+        // update, whose answer lands first; then it finds the room gone.
+        waiting_for_a_turn(&db.url).await;
+        held.release();
+        late_update
+            .await
+            .unwrap()
+            .expect("IVS Chat did apply the update");
+        let gone = strong_read.await.unwrap().unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound);
+    } else {
+        // Two servers on one SQLite file race: the tombstone decides.
+        let gone = strong_read.await.unwrap().unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound);
+        held.release();
+        late_update
+            .await
+            .unwrap()
+            .expect("IVS Chat did apply the update");
+    }
 
     for server in [&mut a, &mut b] {
         let err = server

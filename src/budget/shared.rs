@@ -33,8 +33,7 @@ use crate::domain::{Error, Result};
 use crate::store::Store;
 use crate::telemetry;
 
-/// The longest taking a slot may wait for the database (a user's deadline
-/// may cut it shorter).
+/// The longest taking a slot may wait for the database.
 const DATABASE_WAIT: Duration = Duration::from_secs(5);
 
 pub struct SharedBudget {
@@ -73,9 +72,9 @@ impl SharedBudget {
     }
 
     /// One try at a slot at most `within` from now.
-    async fn try_take(&self, shared: &Shared, within: Duration, wait: Duration) -> Result<bool> {
+    async fn try_take(&self, shared: &Shared, within: Duration) -> Result<bool> {
         let taken = tokio::time::timeout(
-            wait.min(DATABASE_WAIT),
+            DATABASE_WAIT,
             self.store
                 .take_slot(&self.region, &shared.name, shared.interval, within),
         )
@@ -123,10 +122,16 @@ impl Budget for SharedBudget {
                 let now = Instant::now();
                 let deadline = deadline.unwrap_or(now + self.max_wait);
                 let within = deadline.saturating_duration_since(now);
-                let waiting = metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => shared.name.clone());
-                waiting.increment(1);
-                let taken = self.try_take(shared, within, within).await;
-                waiting.decrement(1);
+                // Past its deadline already: no slot can serve it.
+                let taken = if within.is_zero() {
+                    Ok(false)
+                } else {
+                    let waiting = metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => shared.name.clone());
+                    waiting.increment(1);
+                    let taken = self.try_take(shared, within).await;
+                    waiting.decrement(1);
+                    taken
+                };
                 match taken? {
                     true => Ok(()),
                     false => Err(exhausted(
@@ -139,7 +144,7 @@ impl Budget for SharedBudget {
             }
             // Only a slot free now: a user waiting anywhere holds one ahead.
             Caller::Background => loop {
-                if self.try_take(shared, Duration::ZERO, DATABASE_WAIT).await? {
+                if self.try_take(shared, Duration::ZERO).await? {
                     return Ok(());
                 }
                 tokio::time::sleep(shared.interval.max(BACKGROUND_RECHECK)).await;

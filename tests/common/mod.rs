@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod load;
+pub mod pg;
 pub mod pki;
 
 use std::io::Write as _;
