@@ -8,8 +8,8 @@
 //!
 //! # Reading the output
 //!
-//! One line per measure on stdout, `ID name value` (P4: two values), each
-//! value measured in this run:
+//! One line per measure on stdout, `ID name value...`, each value measured
+//! in this run:
 //!
 //! | id | value | target |
 //! |---|---|---|
@@ -19,6 +19,13 @@
 //! | P4 | p99 delivery latency with N watchers ÷ with 1; RSS KiB per idle watcher | ≤ 10; ≤ 16 |
 //! | P5 | cached GetRoom throughput with 100,000 rooms ÷ with 100 | ≥ 0.9 |
 //! | P6 | UpdateRoom through the service ÷ straight through the SDK (5 ms upstream) | ≤ 1.1 |
+//! | P7 | three replicas on one Postgres, each offered 10× the rate: most UpdateRoom calls in any 1 s ÷ rate; calls per second ÷ rate | ≤ 1; ≥ 0.9 |
+//!
+//! P2 prints a second line, the same cold reads spread over three replicas
+//! sharing Postgres (target 1). P2's second line and P7 need a Postgres:
+//! `IVSCHAT_ROOMS_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), on which each makes a
+//! database of its own and drops it after.
 //!
 //! Lines starting with `# ` are context: absolute rates, latencies, the
 //! counts used. `--quick` uses smaller counts (P4: 2,000 watchers, P5:
@@ -61,7 +68,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-const MEASURES: [&str; 6] = ["P1", "P2", "P3", "P4", "P5", "P6"];
+const MEASURES: [&str; 7] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"];
 
 /// The upstream budget the service allows per operation by default (AWS's
 /// 5 TPS): P3's target.
@@ -146,6 +153,7 @@ fn run_measure(id: &str, scale: Scale) {
             }
             "P5" => p5_many_rooms(&scale).await,
             "P6" => p6_update_overhead(&scale).await,
+            "P7" => p7_fleet_budget(&scale).await,
             other => panic!("unknown measure {other}"),
         }
     });
@@ -314,6 +322,159 @@ async fn p2_cold_gets_coalesce(scale: &Scale) {
         scale.cold_gets
     );
     service.stop().await;
+
+    // The same over three replicas sharing Postgres: a room's turn is taken
+    // across replicas, so the second and third find the cache filled.
+    let db = TempDb::postgres().await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Service::start(serve_config(&db.url, &emulator_url, &[])).await);
+    }
+    let arn = sdk(&emulator_url)
+        .create_room()
+        .name("p2-fleet")
+        .send()
+        .await
+        .expect("CreateRoom in the emulator")
+        .arn
+        .expect("a room ARN");
+    let mut channels = Vec::new();
+    for replica in &replicas {
+        channels.extend(connect_many(&replica.uri(), 4).await);
+    }
+    let before = emulator.calls(Operation::GetRoom);
+    let started = Instant::now();
+    let reads: Vec<_> = (0..scale.cold_gets)
+        .map(|i| {
+            let mut client = RoomServiceClient::new(channels[i % channels.len()].clone());
+            let request = cached_get(&arn);
+            tokio::spawn(async move { client.get_room(request).await })
+        })
+        .collect();
+    for read in reads {
+        read.await
+            .expect("a GetRoom task")
+            .expect("P2: every cold GetRoom over three replicas must succeed");
+    }
+    let upstream = emulator.calls(Operation::GetRoom) - before;
+    println!(
+        "# P2 {} cold GetRoom over 3 replicas sharing Postgres took {} ms",
+        scale.cold_gets,
+        started.elapsed().as_millis()
+    );
+    println!(
+        "P2 upstream_get_calls_for_{}_cold_gets_3_replicas {upstream}",
+        scale.cold_gets
+    );
+    for replica in replicas {
+        replica.stop().await;
+    }
+}
+
+/// P7: three replicas sharing Postgres, each offered 10× AWS's rate of
+/// UpdateRoom with 1 s deadlines, the emulator at AWS's rates: the most
+/// calls IVS Chat receives in any 1 s window ÷ the rate, and the calls per
+/// second it receives ÷ the rate (after a second of ramp-up).
+async fn p7_fleet_budget(scale: &Scale) {
+    let (emulator, emulator_url) = emulator(Faults::default()).await;
+    let sdk = sdk(&emulator_url);
+    let mut arns = Vec::new();
+    for i in 0..30 {
+        let room = sdk
+            .create_room()
+            .name(format!("p7-{i}"))
+            .send()
+            .await
+            .expect("CreateRoom in the emulator");
+        arns.push(room.arn.expect("a room ARN"));
+    }
+    let db = TempDb::postgres().await;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(Service::start(serve_config(&db.url, &emulator_url, &[])).await);
+    }
+    emulator.set_faults(Faults {
+        tps_limit: Some(ivschat_rooms::emulator::TpsLimit::Aws),
+        ..Faults::default()
+    });
+    let rate = Operation::UpdateRoom.aws_rate().get() as f64;
+    let offered = 10 * Operation::UpdateRoom.aws_rate().get();
+    let load = scale.overload;
+    let started = Instant::now();
+    let mut generators = Vec::new();
+    for (r, replica) in replicas.iter().enumerate() {
+        let channel = connect(&replica.uri()).await;
+        let arns = arns.clone();
+        generators.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / offered);
+            let end = tokio::time::Instant::now() + load;
+            let mut calls = Vec::new();
+            let mut ok = 0usize;
+            for i in 0usize.. {
+                tick.tick().await;
+                if tokio::time::Instant::now() >= end {
+                    break;
+                }
+                let mut client = RoomServiceClient::new(channel.clone());
+                let mut request = Request::new(proto::UpdateRoomRequest {
+                    identifier: arns[(i * 3 + r) % arns.len()].clone(),
+                    name: Some(format!("p7-{r}-{i}")),
+                    ..Default::default()
+                });
+                request.set_timeout(Duration::from_secs(1));
+                calls.push(tokio::spawn(async move { client.update_room(request).await }));
+            }
+            for call in calls {
+                ok += usize::from(call.await.expect("an UpdateRoom task").is_ok());
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for generator in generators {
+        ok += generator.await.expect("a load generator");
+    }
+    let ramp = Duration::from_secs(1);
+    let times: Vec<Instant> = emulator
+        .call_times(Operation::UpdateRoom)
+        .into_iter()
+        .filter(|t| *t >= started)
+        .collect();
+    let steady = times
+        .iter()
+        .filter(|t| **t >= started + ramp && **t < started + load)
+        .count() as f64
+        / (load - ramp).as_secs_f64();
+    let most = most_in_one_second(&times);
+    println!(
+        "# P7 3 replicas, {offered}/s UpdateRoom offered to each for {} s: {} answered OK, {} reached IVS Chat, {steady:.2}/s",
+        load.as_secs(),
+        ok,
+        times.len()
+    );
+    println!(
+        "P7 fleet_budget {:.2} {:.2}",
+        most as f64 / rate,
+        steady / rate
+    );
+    for replica in replicas {
+        replica.stop().await;
+    }
+}
+
+/// The most of `times` in any window [t, t + 1 s).
+fn most_in_one_second(times: &[Instant]) -> usize {
+    let mut times = times.to_vec();
+    times.sort();
+    (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// P3: with clients pushing 10× the budget on three operations at once, the
@@ -1146,7 +1307,9 @@ impl tonic::codec::Decoder for NoticeDecoder {
 /// A database of the measure's own, removed when dropped.
 struct TempDb {
     url: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
+    /// A Postgres database to drop: the server's URL and the name.
+    postgres: Option<(String, String)>,
 }
 
 impl TempDb {
@@ -1154,7 +1317,57 @@ impl TempDb {
         let dir = tempfile::tempdir().expect("temporary directory");
         TempDb {
             url: format!("sqlite://{}", dir.path().join("cache.db").display()),
-            _dir: dir,
+            _dir: Some(dir),
+            postgres: None,
+        }
+    }
+
+    /// A fresh database on the Postgres of `IVSCHAT_ROOMS_TEST_POSTGRES_URL`
+    /// (default: the local one); the measure cannot run without it.
+    async fn postgres() -> TempDb {
+        use sqlx::Connection as _;
+        let admin = std::env::var("IVSCHAT_ROOMS_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("ivschat_rooms_bench_{}", std::process::id());
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("this measure needs Postgres at {admin}: {e}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("create the measure's database");
+        let base = admin.rsplit_once('/').expect("a database in the URL").0;
+        TempDb {
+            url: format!("{base}/{name}"),
+            _dir: None,
+            postgres: Some((admin, name)),
+        }
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.postgres.take() {
+            // Drop runs inside the measure's runtime: a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    use sqlx::Connection as _;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
+                    }
+                });
+            })
+            .join();
         }
     }
 }

@@ -6,7 +6,7 @@
 //! one conditional statement that moves it on by the interval only if the
 //! slot lies before the user's deadline; then it sleeps until the slot and
 //! sends. So, summed over every replica, slots are spaced at least
-//! `1.02 / rate` apart, a replica alone gets the whole rate, and a refused
+//! `1.04 / rate` apart, a replica alone gets the whole rate, and a refused
 //! request holds nothing. A background caller takes a slot only if it is free
 //! now: any user waiting on any replica holds a slot ahead of now, so
 //! background work never takes a slot a user could have had. A

@@ -165,6 +165,8 @@ async fn handle(
     op: Operation,
     run: impl FnOnce(&mut Rooms) -> Result<Response, Reply> + Send + 'static,
 ) -> Response {
+    // When IVS Chat receives the call: what AWS's per-second limit counts.
+    let arrived = std::time::Instant::now();
     let faults = em.active_faults();
     let over_limit = faults.over_limit(op);
     let fault = if over_limit { None } else { faults.draw() };
@@ -181,7 +183,7 @@ async fn handle(
             }
         }
     };
-    em.record_call(op);
+    em.record_call(op, arrived);
     let slow = match fault {
         Some(InjectedFault::Slow(by)) => by,
         _ => Duration::ZERO,

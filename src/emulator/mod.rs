@@ -59,8 +59,8 @@ struct Shared {
     state: Mutex<State>,
     faults: RwLock<Arc<ActiveFaults>>,
     calls: [AtomicU64; Operation::ALL.len()],
-    /// When the newest calls of each operation were handled, oldest first, at
-    /// most `CALL_TIMES_KEPT` per operation.
+    /// When the newest calls of each operation arrived (in the order they
+    /// were handled), at most `CALL_TIMES_KEPT` per operation.
     call_times: Mutex<[VecDeque<Instant>; Operation::ALL.len()]>,
     call_made: Notify,
     /// Operations whose responses wait for a `HeldResponses` to be released.
@@ -277,14 +277,14 @@ impl Emulator {
         self.shared.faults.read().expect("faults lock").clone()
     }
 
-    fn record_call(&self, op: Operation) {
+    fn record_call(&self, op: Operation, arrived: Instant) {
         {
             let mut times = self.shared.call_times.lock().expect("call times lock");
             let times = &mut times[op.index()];
             if times.len() == CALL_TIMES_KEPT {
                 times.pop_front();
             }
-            times.push_back(Instant::now());
+            times.push_back(arrived);
         }
         self.shared.calls[op.index()].fetch_add(1, Ordering::SeqCst);
         self.shared.call_made.notify_waiters();

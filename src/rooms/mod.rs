@@ -527,7 +527,9 @@ impl Rooms {
                         rooms.inner.upstream.tag_room(&arn, &tags, caller).await,
                     )
                     .await?;
-                rooms.read_tags_back(&arn, caller).await
+                rooms
+                    .read_tags_back(&arn, caller, |cached| cached.extend(tags.clone()))
+                    .await
             };
             rooms.in_write_turn(&arn, None, caller, write).await
         })
@@ -545,7 +547,13 @@ impl Rooms {
                         rooms.inner.upstream.untag_room(&arn, &keys, caller).await,
                     )
                     .await?;
-                rooms.read_tags_back(&arn, caller).await
+                rooms
+                    .read_tags_back(&arn, caller, |cached| {
+                        for key in &keys {
+                            cached.remove(key);
+                        }
+                    })
+                    .await
             };
             rooms.in_write_turn(&arn, None, caller, write).await
         })
@@ -557,11 +565,30 @@ impl Rooms {
     /// them to the cached room, logged as ours; a room the cache does not
     /// hold is read whole with GetRoom. Tagging does not move updateTime, so
     /// the tags are what changed. Call in the room's write turn.
-    async fn read_tags_back(&self, arn: &RoomArn, caller: Caller) -> Result<Room> {
+    async fn read_tags_back(
+        &self,
+        arn: &RoomArn,
+        caller: Caller,
+        ours: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> Result<Room> {
         let asked_at = Timestamp::now();
-        let tags = self
-            .gone_if_not_found(arn, self.inner.upstream.list_tags(arn, caller).await)
-            .await?;
+        let tags = match self.inner.upstream.list_tags(arn, caller).await {
+            Err(Error::NotFound { .. }) => {
+                return self.gone_if_not_found(arn, Err(Error::room_not_found(arn.as_str()))).await;
+            }
+            Ok(tags) => tags,
+            // The change is made, but IVS Chat could not say what the tags
+            // are now (its budget, a fault): the cached tags with our change.
+            Err(e) => {
+                tracing::warn!(error = %e, %arn, "could not read a room's tags back: caching the change made");
+                let Some(cached) = self.inner.store.get(arn).await?.filter(|c| !c.deleted) else {
+                    return Err(e);
+                };
+                let mut tags = cached.room.tags;
+                ours(&mut tags);
+                tags
+            }
+        };
         match self
             .inner
             .store
