@@ -422,7 +422,9 @@ async fn p7_fleet_budget(scale: &Scale) {
                     ..Default::default()
                 });
                 request.set_timeout(Duration::from_secs(1));
-                calls.push(tokio::spawn(async move { client.update_room(request).await }));
+                calls.push(tokio::spawn(
+                    async move { client.update_room(request).await },
+                ));
             }
             for call in calls {
                 ok += usize::from(call.await.expect("an UpdateRoom task").is_ok());

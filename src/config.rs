@@ -387,7 +387,11 @@ pub struct EmulatorArgs {
     /// Calls per second allowed per operation: `aws` for AWS's published
     /// rates (5 for room calls, 10 for tag calls), or one number for every
     /// operation; over it, ThrottlingException. Default: no limit.
-    #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_TPS_LIMIT", value_name = "aws|RATE")]
+    #[arg(
+        long,
+        env = "IVSCHAT_ROOMS_EMULATOR_TPS_LIMIT",
+        value_name = "aws|RATE"
+    )]
     pub tps_limit: Option<TpsLimit>,
 }
 

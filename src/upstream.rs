@@ -67,7 +67,10 @@ impl Upstream {
     /// AWS, configured by aws-config's standard chain: environment, profile,
     /// IMDS; `AWS_ENDPOINT_URL_IVSCHAT` / `AWS_ENDPOINT_URL` override the
     /// endpoint. Its calls spend `budget`'s for the region configured.
-    pub async fn aws(settings: UpstreamSettings, budget: BudgetFor<'_>) -> anyhow::Result<Upstream> {
+    pub async fn aws(
+        settings: UpstreamSettings,
+        budget: BudgetFor<'_>,
+    ) -> anyhow::Result<Upstream> {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::disabled())
             .timeout_config(timeout_config(&settings))

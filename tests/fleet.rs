@@ -229,12 +229,7 @@ async fn every_slot_used(db: &str, emulator: &Emulator) -> Vec<(String, i64)> {
 }
 
 /// Calls of `op` the emulator received in `[from, to)`.
-fn received(
-    emulator: &Emulator,
-    op: Operation,
-    from: Instant,
-    to: Instant,
-) -> Vec<Instant> {
+fn received(emulator: &Emulator, op: Operation, from: Instant, to: Instant) -> Vec<Instant> {
     emulator
         .call_times(op)
         .into_iter()
@@ -301,7 +296,9 @@ async fn three_replicas_share_one_budget() {
             let most = max_per_second(&times);
             let steady = received(&emulator, op, start + RAMP, end).len() as f64
                 / (LOAD - RAMP).as_secs_f64();
-            eprintln!("{loaded} replica(s) loaded, {op}: at most {most} in a second, {steady:.2}/s");
+            eprintln!(
+                "{loaded} replica(s) loaded, {op}: at most {most} in a second, {steady:.2}/s"
+            );
             assert!(most as f64 <= RATE, "{op}: {most} calls in one second");
             assert!(
                 steady >= 0.9 * RATE,
@@ -312,7 +309,11 @@ async fn three_replicas_share_one_budget() {
         every_slot_used(&db.url, &emulator).await;
     }
     for server in &servers {
-        assert_eq!(throttles(server).await, 0.0, "IVS Chat never throttled the fleet");
+        assert_eq!(
+            throttles(server).await,
+            0.0,
+            "IVS Chat never throttled the fleet"
+        );
     }
     let granted = every_slot_used(&db.url, &emulator).await;
     assert!(
@@ -412,8 +413,11 @@ async fn users_before_background_across_replicas() {
     // Users read rooms IVS Chat does not have (NOT_FOUND costs a GetRoom all
     // the same), each rarely, so no read waits for another's turn: every
     // user waiting holds a slot of the budget.
-    let arns: Arc<Vec<String>> =
-        Arc::new((0..400).map(|n| common::room_arn(&format!("user{n:05}"))).collect());
+    let arns: Arc<Vec<String>> = Arc::new(
+        (0..400)
+            .map(|n| common::room_arn(&format!("user{n:05}")))
+            .collect(),
+    );
     // The first replica leads the reconciler (it started first).
     let flags = ["--reconcile-interval", "200ms"];
     let leader = replicas(1, &db.url, &url, &flags).await.remove(0);
@@ -442,7 +446,10 @@ async fn users_before_background_across_replicas() {
     .await;
     let outcomes = load.await.unwrap();
     let users_done = common::load::list_all(&mut watch).await.1;
-    assert!(outcomes.exhausted > 0, "the users wanted more than the rate");
+    assert!(
+        outcomes.exhausted > 0,
+        "the users wanted more than the rate"
+    );
     assert!(outcomes.other.is_empty(), "{:?}", outcomes.other);
     // Nothing of the reconciler's reached the cache while users waited.
     let events = common::load::log_through(&mut watch, users_done).await;
@@ -451,9 +458,7 @@ async fn users_before_background_across_replicas() {
         .filter(|e| new_rooms.contains(&e.room.as_ref().unwrap().arn))
         .filter(|e| {
             let at = e.observed_at.unwrap();
-            std::time::UNIX_EPOCH
-                + Duration::new(at.seconds as u64, at.nanos as u32)
-                < loaded_until
+            std::time::UNIX_EPOCH + Duration::new(at.seconds as u64, at.nanos as u32) < loaded_until
         })
         .collect();
     assert!(
@@ -693,7 +698,10 @@ async fn changes_through_the_service_are_logged_api() {
         "{writes} writes through the service, {} events, {by_reconciler} by the reconciler",
         log.len() - start as usize
     );
-    assert!(by_reconciler > 0, "the reconciler found the changes behind our back");
+    assert!(
+        by_reconciler > 0,
+        "the reconciler found the changes behind our back"
+    );
     assert!(
         mislabelled.is_empty(),
         "{} of our changes logged as the reconciler's: {:#?}",

@@ -94,10 +94,8 @@ impl SharedBudget {
         ];
         metrics::counter!(telemetry::BUDGET_TOKENS, "operation" => shared.name.clone())
             .increment(1);
-        metrics::gauge!(telemetry::BUDGET_FLEET_SLOTS, &labels)
-            .set(slot.granted as f64);
-        metrics::gauge!(telemetry::BUDGET_FLEET_BOOKED, &labels)
-            .set(slot.booked.as_secs_f64());
+        metrics::gauge!(telemetry::BUDGET_FLEET_SLOTS, &labels).set(slot.granted as f64);
+        metrics::gauge!(telemetry::BUDGET_FLEET_BOOKED, &labels).set(slot.booked.as_secs_f64());
         tokio::time::sleep(slot.delay).await;
         Ok(true)
     }
@@ -155,7 +153,10 @@ impl Budget for SharedBudget {
     async fn succeeded(&self, op: Operation) {
         let shared = &self.ops[op.index()];
         if shared.pausing.swap(false, Ordering::Relaxed)
-            && let Err(e) = self.store.end_budget_pauses(&self.region, &shared.name).await
+            && let Err(e) = self
+                .store
+                .end_budget_pauses(&self.region, &shared.name)
+                .await
         {
             shared.pausing.store(true, Ordering::Relaxed);
             tracing::warn!(operation = %op, error = %e, "could not end the fleet's throttling pauses");

@@ -43,9 +43,9 @@ impl Operation {
             | Operation::UpdateRoom
             | Operation::DeleteRoom
             | Operation::ListRooms => 5,
-            Operation::TagResource
-            | Operation::UntagResource
-            | Operation::ListTagsForResource => 10,
+            Operation::TagResource | Operation::UntagResource | Operation::ListTagsForResource => {
+                10
+            }
         };
         NonZeroU32::new(rate).expect("a published rate is not zero")
     }

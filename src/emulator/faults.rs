@@ -229,7 +229,10 @@ mod tests {
         assert!("fast".parse::<TpsLimit>().is_err());
         assert_eq!(TpsLimit::Aws.of(Operation::GetRoom).get(), 5);
         assert_eq!(TpsLimit::Aws.of(Operation::TagResource).get(), 10);
-        assert_eq!(TpsLimit::PerOperation(five).of(Operation::TagResource), five);
+        assert_eq!(
+            TpsLimit::PerOperation(five).of(Operation::TagResource),
+            five
+        );
     }
 
     /// `aws` lets each operation through at its own published rate.

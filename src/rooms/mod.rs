@@ -295,7 +295,8 @@ impl Rooms {
                         answer: answer(&row),
                     };
                 }
-                Ok(_) => {}
+                // The database is down: IVS Chat may answer, or memory.
+                Ok(_) | Err(Error::Unavailable(_)) => {}
                 Err(e) => return Read::failed(e),
             }
         }
@@ -304,7 +305,7 @@ impl Rooms {
             Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
                 // Anything the cache still holds, within the hard limit, beats
                 // no answer.
-                if let Ok(Some(row)) = self.cached(&arn).await
+                if let Some(row) = self.last_known(&arn).await
                     && row.validated_at.elapsed() <= self.inner.settings.stale_if_error
                 {
                     let status = if self.is_fresh(&row) {
@@ -574,7 +575,9 @@ impl Rooms {
         let asked_at = Timestamp::now();
         let tags = match self.inner.upstream.list_tags(arn, caller).await {
             Err(Error::NotFound { .. }) => {
-                return self.gone_if_not_found(arn, Err(Error::room_not_found(arn.as_str()))).await;
+                return self
+                    .gone_if_not_found(arn, Err(Error::room_not_found(arn.as_str())))
+                    .await;
             }
             Ok(tags) => tags,
             // The change is made, but IVS Chat could not say what the tags
@@ -904,6 +907,16 @@ impl Rooms {
             hot.fill(arn, &row, as_of);
             Arc::new(row)
         }))
+    }
+
+    /// The newest row this process can find for `arn`: the cache's, or,
+    /// while the database cannot be reached, the one in memory (never older
+    /// than a commit this process knows of).
+    async fn last_known(&self, arn: &RoomArn) -> Option<Arc<CachedRoom>> {
+        match self.cached(arn).await {
+            Ok(row) => row,
+            Err(_) => self.inner.hot.get(arn),
+        }
     }
 
     fn is_fresh(&self, row: &CachedRoom) -> bool {

@@ -99,7 +99,16 @@ impl PrivatePostgres {
         run(
             &self.bin,
             "pg_ctl",
-            &["-D", &self.data(), "-l", &log, "-o", &options, "-w", "start"],
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
         );
     }
 
