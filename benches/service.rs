@@ -1334,12 +1334,15 @@ impl TempDb {
         let mut conn = sqlx::PgConnection::connect(&admin)
             .await
             .unwrap_or_else(|e| panic!("this measure needs Postgres at {admin}: {e}"));
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-        )))
-        .execute(&mut conn)
-        .await
-        .expect("create the measure's database");
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&mut conn)
+                .await
+                .expect("create the measure's database");
+        }
         let base = admin.rsplit_once('/').expect("a database in the URL").0;
         TempDb {
             url: format!("{base}/{name}"),
