@@ -50,6 +50,20 @@ struct Shared {
     /// A run of throttling pauses is on, as far as this replica last saw: a
     /// success ends it (one more statement, only then).
     pausing: AtomicBool,
+    /// The end of the newest pause this replica knows of (its own throttles,
+    /// and what its slots said): a slot of its own that falls inside is not
+    /// used.
+    paused_until: std::sync::Mutex<Option<Instant>>,
+}
+
+/// What one try at a slot came to.
+enum Taken {
+    /// The slot has come: send.
+    Slot,
+    /// None in time.
+    None,
+    /// The slot came inside a pause learnt of meanwhile: unused.
+    Paused,
 }
 
 impl SharedBudget {
@@ -65,14 +79,15 @@ impl SharedBudget {
                     name: op.to_string(),
                     interval: settings.interval_of(op),
                     pausing: AtomicBool::new(false),
+                    paused_until: std::sync::Mutex::new(None),
                 })
                 .collect(),
             max_wait: settings.max_wait,
         }
     }
 
-    /// One try at a slot at most `within` from now.
-    async fn try_take(&self, shared: &Shared, within: Duration) -> Result<bool> {
+    /// One try at a slot at most `within` from now; sleeps until it.
+    async fn try_take(&self, shared: &Shared, within: Duration) -> Result<Taken> {
         let taken = tokio::time::timeout(
             DATABASE_WAIT,
             self.store
@@ -85,9 +100,10 @@ impl SharedBudget {
             Err(_) => return Err(unreachable(shared.op, "it did not answer in time")),
         };
         let Some(slot) = slot else {
-            return Ok(false);
+            return Ok(Taken::None);
         };
         shared.pausing.store(slot.pausing, Ordering::Relaxed);
+        shared.pause_until(Instant::now() + slot.paused_for);
         let labels = [
             ("operation", shared.name.clone()),
             ("region", self.region.clone()),
@@ -97,7 +113,29 @@ impl SharedBudget {
         metrics::gauge!(telemetry::BUDGET_FLEET_SLOTS, &labels).set(slot.granted as f64);
         metrics::gauge!(telemetry::BUDGET_FLEET_BOOKED, &labels).set(slot.booked.as_secs_f64());
         tokio::time::sleep(slot.delay).await;
-        Ok(true)
+        // Booked before a throttle this replica has heard of since: IVS Chat
+        // asked for a pause, so the slot goes unused.
+        if shared.paused_for() > Duration::ZERO {
+            return Ok(Taken::Paused);
+        }
+        Ok(Taken::Slot)
+    }
+}
+
+impl Shared {
+    fn pause_until(&self, until: Instant) {
+        let mut paused = self.paused_until.lock().expect("pause");
+        if paused.is_none_or(|p| p < until) {
+            *paused = Some(until);
+        }
+    }
+
+    fn paused_for(&self) -> Duration {
+        self.paused_until
+            .lock()
+            .expect("pause")
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
     }
 }
 
@@ -117,22 +155,25 @@ impl Budget for SharedBudget {
         let shared = &self.ops[op.index()];
         match caller {
             Caller::User { deadline } => {
-                let now = Instant::now();
-                let deadline = deadline.unwrap_or(now + self.max_wait);
-                let within = deadline.saturating_duration_since(now);
-                // Past its deadline already: no slot can serve it.
-                let taken = if within.is_zero() {
-                    Ok(false)
-                } else {
-                    let waiting = metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => shared.name.clone());
-                    waiting.increment(1);
-                    let taken = self.try_take(shared, within).await;
-                    waiting.decrement(1);
-                    taken
+                let deadline = deadline.unwrap_or(Instant::now() + self.max_wait);
+                let waiting =
+                    metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => shared.name.clone());
+                waiting.increment(1);
+                let taken = loop {
+                    let within = deadline.saturating_duration_since(Instant::now());
+                    // Past its deadline already: no slot can serve it.
+                    if within.is_zero() {
+                        break Ok(Taken::None);
+                    }
+                    match self.try_take(shared, within).await {
+                        Ok(Taken::Paused) => continue,
+                        other => break other,
+                    }
                 };
+                waiting.decrement(1);
                 match taken? {
-                    true => Ok(()),
-                    false => Err(exhausted(
+                    Taken::Slot => Ok(()),
+                    Taken::None | Taken::Paused => Err(exhausted(
                         op,
                         shared.interval,
                         true,
@@ -142,7 +183,7 @@ impl Budget for SharedBudget {
             }
             // Only a slot free now: a user waiting anywhere holds one ahead.
             Caller::Background => loop {
-                if self.try_take(shared, Duration::ZERO).await? {
+                if let Taken::Slot = self.try_take(shared, Duration::ZERO).await? {
                     return Ok(());
                 }
                 tokio::time::sleep(shared.interval.max(BACKGROUND_RECHECK)).await;
@@ -172,6 +213,7 @@ impl Budget for SharedBudget {
         {
             Ok(pause) => {
                 shared.pausing.store(true, Ordering::Relaxed);
+                shared.pause_until(Instant::now() + pause);
                 tracing::warn!(operation = %op, ?pause, "IVS Chat throttled a call: pausing the fleet's budget");
             }
             // The retry's slot will wait for the database too.

@@ -24,6 +24,8 @@ pub struct Slot {
     pub granted: u64,
     /// How far ahead of now the budget is booked, after this slot.
     pub booked: Duration,
+    /// How long from now a throttling pause still lasts (zero: none).
+    pub paused_for: Duration,
 }
 
 /// The database's clock in nanoseconds since the epoch (microsecond
@@ -72,7 +74,9 @@ impl Store {
              WHERE GREATEST(b.tat, b.paused_until, excluded.tat - $3) <= excluded.tat - $3 + $4 \
              RETURNING b.tat - ",
             db_now!(),
-            " AS ahead, b.next_pause, b.granted"
+            " AS ahead, b.next_pause, b.granted, b.paused_until - ",
+            db_now!(),
+            " AS paused_for"
         ))
         .bind(region)
         .bind(operation)
@@ -86,11 +90,13 @@ impl Store {
         let ahead: i64 = row.try_get(0)?;
         let next_pause: i64 = row.try_get(1)?;
         let granted: i64 = row.try_get(2)?;
+        let paused_for: i64 = row.try_get(3)?;
         Ok(Some(Slot {
             delay: duration(ahead.saturating_sub(nanos(interval))),
             pausing: next_pause > 0,
             granted: u64::try_from(granted).unwrap_or(0),
             booked: duration(ahead),
+            paused_for: duration(paused_for),
         }))
     }
 
