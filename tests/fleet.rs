@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::binary::{Server, WAIT, within};
 use common::load::Client;
 use common::pg::PrivatePostgres;
-use common::{TestDb, proto, sdk};
+use common::{TestDb, max_per_second, proto, sdk};
 use futures::future::join_all;
 use ivschat_rooms::emulator::{
     Emulator, EmulatorConfig, Faults, InjectedError, Operation, TpsLimit,
@@ -91,21 +91,6 @@ async fn listed(client: &mut Client) {
         }
     })
     .await;
-}
-
-/// The most instants of `times` in any window [t, t + 1 s).
-fn max_per_second(times: &[Instant]) -> usize {
-    let mut times = times.to_vec();
-    times.sort();
-    (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t < times[i] + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// A request with a deadline, as a gRPC client sets one.

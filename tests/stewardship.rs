@@ -9,7 +9,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestDb, TestServer, create, proto, sdk, serve_config, setup};
+use common::{TestDb, TestServer, create, max_per_second, proto, sdk, serve_config, setup};
 use futures::future::join_all;
 use ivschat_rooms::budget::{Budget, BudgetSettings, Caller, LocalBudget, Operation as Op};
 use ivschat_rooms::domain::{Error, RoomPatch};
@@ -37,21 +37,6 @@ fn spawn_get(
 
 fn header<'a>(metadata: &'a tonic::metadata::MetadataMap, name: &str) -> Option<&'a str> {
     metadata.get(name).and_then(|v| v.to_str().ok())
-}
-
-/// The most instants of `times` in any window [t, t + 1 s).
-fn max_per_second(times: &[Instant]) -> usize {
-    let mut times = times.to_vec();
-    times.sort();
-    (0..times.len())
-        .map(|i| {
-            times[i..]
-                .iter()
-                .take_while(|t| **t < times[i] + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 fn budget(rate: u32, max_wait: Duration) -> Arc<LocalBudget> {

@@ -323,3 +323,22 @@ pub fn room(id: &str, update_nanos: i64, name: &str) -> Room {
         logging_configuration_identifiers: Vec::new(),
     }
 }
+
+/// The most instants of `times` in any window [t, t + 1 s): the rate AWS's
+/// per-second limit sees.
+pub fn max_per_second<T>(times: &[T]) -> usize
+where
+    T: Copy + Ord + std::ops::Add<std::time::Duration, Output = T>,
+{
+    let mut times = times.to_vec();
+    times.sort();
+    (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + std::time::Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
