@@ -523,6 +523,152 @@ async fn throttling_on_one_replica_pauses_all() {
     );
 }
 
+/// Slots another replica booked before a throttle go unused: replica B has
+/// UpdateRoom slots booked for the next two seconds when replica A's call
+/// comes back throttled, and IVS Chat receives none of B's calls while the
+/// pause lasts (B hears of it through Postgres); B's requests are served
+/// after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn booked_slots_wait_out_another_replicas_throttle() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let Some(db) = TestDb::postgres("booked_slots_wait_out_another_replicas_throttle").await else {
+        return;
+    };
+    let (emulator, url) = aws_like_emulator().await;
+    let arns = rooms_upstream(&emulator, &url, 11, "booked").await;
+    let servers = replicas(2, &db.url, &url, &["--upstream-max-attempts", "1"]).await;
+    let (mut a, b) = (servers[0].client().await, servers[1].client().await);
+    let aws = Faults {
+        tps_limit: Some(TpsLimit::Aws),
+        ..Faults::default()
+    };
+    let before = emulator.calls(Operation::UpdateRoom);
+    // A's call is answered with a throttle, held back until B has booked.
+    emulator.set_faults(Faults {
+        error_rate: 1.0,
+        error: InjectedError::Throttling,
+        ..aws.clone()
+    });
+    let held = emulator.hold_responses(Operation::UpdateRoom);
+    let throttled = tokio::spawn(async move {
+        a.update_room(proto::UpdateRoomRequest {
+            identifier: arns[0].clone(),
+            name: Some("a".into()),
+            ..Default::default()
+        })
+        .await
+    });
+    emulator
+        .wait_for_calls(Operation::UpdateRoom, before + 1)
+        .await;
+    emulator.set_faults(aws);
+    let booked: Vec<_> = (1..11)
+        .map(|n| {
+            let mut b = b.clone();
+            let arn = rooms_arn(&emulator, n);
+            tokio::spawn(async move {
+                let request = proto::UpdateRoomRequest {
+                    identifier: arn,
+                    name: Some(format!("b{n}")),
+                    ..Default::default()
+                };
+                b.update_room(with_deadline(request, Duration::from_secs(8)))
+                    .await
+            })
+        })
+        .collect();
+    // B's first booked call has reached IVS Chat: all ten are booked.
+    emulator
+        .wait_for_calls(Operation::UpdateRoom, before + 2)
+        .await;
+    let released = Instant::now();
+    held.release();
+    let throttled = throttled.await.unwrap().unwrap_err();
+    assert_eq!(throttled.code(), Code::Unavailable, "{throttled:?}");
+    for call in join_all(booked).await {
+        call.unwrap().expect("served after the pause");
+    }
+    let during_pause = received(
+        &emulator,
+        Operation::UpdateRoom,
+        released + Duration::from_millis(100),
+        released + Duration::from_millis(900),
+    );
+    assert!(
+        during_pause.is_empty(),
+        "{} of B's booked calls reached IVS Chat during A's pause",
+        during_pause.len()
+    );
+}
+
+/// The ARN of the emulator's room named `booked-{n}`.
+fn rooms_arn(emulator: &Emulator, n: usize) -> String {
+    emulator
+        .rooms()
+        .into_iter()
+        .find(|r| r.name == format!("booked-{n}"))
+        .expect("the room")
+        .arn
+}
+
+/// A room created through one replica, whose answer is slow to come back,
+/// while the other replica reconciles and lists it: the reconciler leaves
+/// it alone (a creation is in flight on the fleet), and its creation is
+/// logged `API`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_on_one_replica_is_logged_api_on_the_other() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let Some(db) = TestDb::postgres("a_creation_on_one_replica_is_logged_api_on_the_other").await
+    else {
+        return;
+    };
+    let emulator = Emulator::new(EmulatorConfig::default()).expect("emulator");
+    let url = emulator
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let flags = [
+        "--upstream-rate",
+        "1000",
+        "--reconcile-interval",
+        "20ms",
+        "--resync-interval",
+        "100ms",
+    ];
+    // The first replica started leads the reconciler.
+    let reconciling = replicas(1, &db.url, &url, &flags).await.remove(0);
+    let serving = replicas(1, &db.url, &url, &flags).await.remove(0);
+    let mut client = serving.client().await;
+    let held = emulator.hold_responses(Operation::CreateRoom);
+    let created = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.create_room(common::create("slow-answer")).await }
+    });
+    emulator.wait_for_calls(Operation::CreateRoom, 1).await;
+    // IVS Chat has the room; the reconciler lists it, twice, full listings
+    // included, while the creation's answer is held back.
+    let listings = emulator.calls(Operation::ListRooms);
+    emulator
+        .wait_for_calls(Operation::ListRooms, listings + 6)
+        .await;
+    held.release();
+    let room = created.await.unwrap().expect("created").into_inner();
+    let (_, through) = common::load::list_all(&mut client).await;
+    let log = common::load::log_through(&mut client, through).await;
+    let created: Vec<_> = log
+        .iter()
+        .filter(|e| e.room.as_ref().unwrap().arn == room.arn)
+        .collect();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    assert_eq!(
+        created[0].source,
+        proto::EventSource::Api as i32,
+        "the creation is ours: {:#?}",
+        created[0]
+    );
+    drop(reconciling);
+}
+
 /// 1,000 concurrent cold GetRoom of one room spread over three replicas cost
 /// one GetRoom; STRONG reads still each see IVS Chat after they arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,6 +788,24 @@ async fn changes_through_the_service_are_logged_api() {
             n
         })
     });
+    // Rooms created through the serving replica while the other lists.
+    let creator = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let end = Instant::now() + load_for;
+            let mut made = Vec::new();
+            while Instant::now() < end {
+                let room = client
+                    .create_room(common::create(&format!("made-{}", made.len())))
+                    .await
+                    .expect("a create through the service")
+                    .into_inner();
+                made.push(room.arn);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            made
+        })
+    };
     let behind = {
         let emulator = emulator.clone();
         let theirs = theirs.clone();
@@ -667,9 +831,10 @@ async fn changes_through_the_service_are_logged_api() {
         .map(Result::unwrap)
         .sum();
     behind.await.unwrap();
+    let made = creator.await.unwrap();
     let (_, through) = common::load::list_all(&mut client).await;
     let log = common::load::log_through(&mut client, through).await;
-    let ours: BTreeSet<_> = ours.into_iter().collect();
+    let ours: BTreeSet<_> = ours.into_iter().chain(made.iter().cloned()).collect();
     let mislabelled: Vec<_> = log[start as usize..]
         .iter()
         .filter(|e| ours.contains(&e.room.as_ref().unwrap().arn))
@@ -680,7 +845,8 @@ async fn changes_through_the_service_are_logged_api() {
         .filter(|e| e.source == proto::EventSource::Reconciler as i32)
         .count();
     eprintln!(
-        "{writes} writes through the service, {} events, {by_reconciler} by the reconciler",
+        "{writes} writes and {} creates through the service, {} events, {by_reconciler} by the reconciler",
+        made.len(),
         log.len() - start as usize
     );
     assert!(
@@ -715,7 +881,7 @@ async fn faults_never_break_the_rate_or_lose_anything() {
     let db = pg.url();
     let (emulator, url) = aws_like_emulator().await;
     let arns = Arc::new(rooms_upstream(&emulator, &url, 10, "faults").await);
-    let mut servers = replicas(3, &db, &url, &[]).await;
+    let mut servers = replicas(3, &db, &url, &["--max-staleness", "2s"]).await;
     let start = Instant::now();
 
     // Load on every replica while one is killed.
@@ -751,19 +917,47 @@ async fn faults_never_break_the_rate_or_lose_anything() {
         .expect("a cached read");
     }
     pg.stop();
-    for arn in arns.iter() {
-        let read = a
-            .get_room(with_deadline(
-                proto::GetRoomRequest {
-                    identifier: arn.clone(),
-                    consistency: proto::ReadConsistency::Cached as i32,
-                },
-                Duration::from_secs(3),
-            ))
-            .await
-            .expect("cached reads are answered while the database is down");
-        assert_eq!(read.get_ref().arn, *arn);
-    }
+    let stopped = Instant::now();
+    let read_all = |a: Client| {
+        let arns = arns.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for arn in arns.iter() {
+                let read = a
+                    .clone()
+                    .get_room(with_deadline(
+                        proto::GetRoomRequest {
+                            identifier: arn.clone(),
+                            consistency: proto::ReadConsistency::Cached as i32,
+                        },
+                        Duration::from_secs(2),
+                    ))
+                    .await
+                    .expect("cached reads are answered while the database is down");
+                assert_eq!(read.get_ref().arn, *arn);
+                statuses.push(
+                    read.metadata()
+                        .get("x-cache")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+            statuses
+        }
+    };
+    read_all(a.clone()).await;
+    // Past --max-staleness (2 s) the rows are served stale, from memory,
+    // before the requests' deadlines.
+    tokio::time::sleep(
+        (stopped + Duration::from_millis(2500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    let statuses = read_all(a.clone()).await;
+    assert!(
+        statuses.iter().all(|s| s == "stale"),
+        "served stale while the database is down: {statuses:?}"
+    );
     // Writes fail retryably, and send nothing.
     let calls = emulator.calls(Operation::UpdateRoom);
     let write = a

@@ -18,3 +18,13 @@ CREATE TABLE upstream_budgets (
     granted BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (region, operation)
 );
+
+-- CreateRoom calls in flight on any replica (Postgres only), so that the
+-- replica that reconciles leaves a brand-new room it finds in IVS Chat for
+-- its next pass while some replica may be about to cache it as its own
+-- creation. A row lives from before the call until the room is cached;
+-- one left by a crash runs out at `until` (the database's clock, ns).
+CREATE TABLE creations_in_flight (
+    id TEXT PRIMARY KEY,
+    until BIGINT NOT NULL
+);

@@ -11,7 +11,9 @@
 //! now: any user waiting on any replica holds a slot ahead of now, so
 //! background work never takes a slot a user could have had. A
 //! ThrottlingException moves the row's pause on, so no replica gets a slot
-//! before it ends.
+//! before it ends, and announces it (Postgres NOTIFY): a replica that hears
+//! of a pause, or its own throttle, leaves the slots it booked before it
+//! unused and takes new ones after it.
 //!
 //! Faults: a replica killed while holding slots wastes those slots, nothing
 //! more. While the database cannot be reached, no slot is given at all
@@ -20,6 +22,7 @@
 //! answered then (stale-if-error), and the next call that reaches the
 //! database takes slots again.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -39,7 +42,7 @@ const DATABASE_WAIT: Duration = Duration::from_secs(5);
 pub struct SharedBudget {
     store: Store,
     region: String,
-    ops: Vec<Shared>,
+    ops: Arc<Vec<Shared>>,
     max_wait: Duration,
 }
 
@@ -68,11 +71,10 @@ enum Taken {
 
 impl SharedBudget {
     /// The budgets of `region` in `store`, which must be shared (Postgres).
+    /// Call within a tokio runtime: it hears other replicas' pauses.
     pub fn new(store: Store, region: &str, settings: &BudgetSettings) -> SharedBudget {
-        SharedBudget {
-            store,
-            region: region.to_owned(),
-            ops: Operation::ALL
+        let ops: Arc<Vec<Shared>> = Arc::new(
+            Operation::ALL
                 .into_iter()
                 .map(|op| Shared {
                     op,
@@ -82,6 +84,33 @@ impl SharedBudget {
                     paused_until: std::sync::Mutex::new(None),
                 })
                 .collect(),
+        );
+        // Pauses other replicas were throttled into: slots booked here
+        // before it are not used. Ends with the store.
+        let mut pauses = store.budget_pauses();
+        let heard = Arc::downgrade(&ops);
+        let region_heard = region.to_owned();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let pause = match pauses.recv().await {
+                    Ok(pause) => pause,
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return,
+                };
+                let Some(ops) = heard.upgrade() else { return };
+                if pause.region == region_heard
+                    && let Some(shared) = ops.iter().find(|s| s.name == pause.operation)
+                {
+                    shared.pause_until(Instant::now() + pause.lasts);
+                    shared.pausing.store(true, Ordering::Relaxed);
+                }
+            }
+        });
+        SharedBudget {
+            store,
+            region: region.to_owned(),
+            ops,
             max_wait: settings.max_wait,
         }
     }

@@ -29,7 +29,7 @@ use crate::domain::validate::{MAX_ROOM_RESULTS, REQUEST_ID_TAG};
 use crate::domain::{Error, EventSource, ListQuery, NewRoom, Result, Room, RoomArn, Timestamp};
 use crate::store::Claim;
 
-use super::{Creating, Rooms};
+use super::Rooms;
 
 /// How often a call waiting for another's claim looks again, at first and
 /// at most.
@@ -160,8 +160,7 @@ impl Rooms {
                 }
             }
         };
-        let work = async {
-            let _creating = Creating::start(&self.inner.creating);
+        let work = self.creating(async {
             if let Some(since) = search_since {
                 match self.find_created(&request_id, since, caller).await {
                     Ok(Some(room)) => return Ok(room),
@@ -210,7 +209,7 @@ impl Rooms {
                     Err(failure.error)
                 }
             }
-        };
+        });
         let room = tokio::select! {
             biased;
             room = work => room?,

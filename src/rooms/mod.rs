@@ -272,10 +272,13 @@ impl Rooms {
             return self.create_once(request_id, new, caller).await;
         }
         self.exchange(|rooms| async move {
-            let _creating = Creating::start(&rooms.inner.creating);
-            let asked_at = Timestamp::now();
-            let room = rooms.inner.upstream.create_room(&new, caller).await?;
-            Ok(rooms.keep(room, asked_at, EventSource::Api).await)
+            rooms
+                .creating(async {
+                    let asked_at = Timestamp::now();
+                    let room = rooms.inner.upstream.create_room(&new, caller).await?;
+                    Ok(rooms.keep(room, asked_at, EventSource::Api).await)
+                })
+                .await
         })
         .await
     }
@@ -287,26 +290,48 @@ impl Rooms {
             Ok(arn) => arn,
             Err(e) => return Read::failed(e),
         };
+        // A cached read with a deadline is answered by it: what the cache (or
+        // memory) holds, when IVS Chat or the database cannot answer in time.
+        let deadline = match (consistency, caller) {
+            (Consistency::Cached, Caller::User { deadline }) => deadline,
+            _ => None,
+        };
+        let answer_by = deadline.map(|d| {
+            let now = tokio::time::Instant::now();
+            let margin = (d.saturating_duration_since(now) / 10).max(ANSWER_MARGIN);
+            d.checked_sub(margin).unwrap_or(now).max(now)
+        });
+        // Whether there is something to answer with if IVS Chat cannot be
+        // asked in time; only then is waiting for it cut short.
+        let mut fallback = false;
         if consistency == Consistency::Cached {
-            match self.cached(&arn).await {
+            match by(answer_by, self.cached(&arn)).await {
                 Ok(Some(row)) if self.is_fresh(&row) => {
                     return Read {
                         cache: Some(CacheInfo::of(CacheStatus::Hit, &row)),
                         answer: answer(&row),
                     };
                 }
+                Ok(row) => fallback = row.is_some_and(|row| self.may_serve_stale(&row)),
                 // The database is down: IVS Chat may answer, or memory.
-                Ok(_) | Err(Error::Unavailable(_)) => {}
+                Err(Error::Unavailable(_)) => {
+                    fallback = self
+                        .inner
+                        .hot
+                        .get(&arn)
+                        .is_some_and(|row| self.may_serve_stale(&row));
+                }
                 Err(e) => return Read::failed(e),
             }
         }
-        let fetched = self.fetch(&arn, consistency, caller).await;
+        let fetch = self.fetch(&arn, consistency, caller);
+        let fetched = by(answer_by.filter(|_| fallback), fetch).await;
         match fetched {
             Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
                 // Anything the cache still holds, within the hard limit, beats
                 // no answer.
-                if let Some(row) = self.last_known(&arn).await
-                    && row.validated_at.elapsed() <= self.inner.settings.stale_if_error
+                if let Some(row) = self.last_known(&arn, deadline).await
+                    && self.may_serve_stale(&row)
                 {
                     let status = if self.is_fresh(&row) {
                         CacheStatus::Hit
@@ -723,16 +748,18 @@ impl Rooms {
             for summary in &page.rooms {
                 report.listed += 1;
                 let arn = RoomArn::parse("arn", &summary.arn)?;
-                match self.inner.store.get(&arn).await? {
+                let cached = self.inner.store.get(&arn).await?;
+                let creating = cached.is_none() && self.may_be_creating(summary).await?;
+                match cached {
                     Some(cached) if !cached.deleted && summary.shows(&cached.room) => {
                         self.inner
                             .store
                             .confirm(&arn, summary.update_time, started)
                             .await?;
                     }
-                    // Perhaps being created through this process, which
+                    // Perhaps being created through the service, which
                     // caches it; a later pass picks it up otherwise.
-                    None if self.may_be_creating(summary) => complete = false,
+                    None if creating => complete = false,
                     _ => {
                         if self.fetch_listed(&arn, summary).await? {
                             report.fetched += 1;
@@ -801,14 +828,15 @@ impl Rooms {
                 report.listed += 1;
                 let arn = RoomArn::parse("arn", &summary.arn)?;
                 let cached = self.inner.store.get(&arn).await?;
+                let creating = cached.is_none() && self.may_be_creating(summary).await?;
                 let (newer, differs) = match &cached {
                     Some(c) if !c.deleted => (
                         summary.update_time > c.room.update_time,
                         // Same version, other content: a tag-only change.
                         summary.update_time == c.room.update_time && !summary.shows(&c.room),
                     ),
-                    // Perhaps being created through this process: next pass.
-                    None if self.may_be_creating(summary) => {
+                    // Perhaps being created through the service: next pass.
+                    None if creating => {
                         complete = false;
                         continue;
                     }
@@ -872,12 +900,28 @@ impl Rooms {
         fetched
     }
 
-    /// Whether a room the cache has never seen may be one a CreateRoom of
-    /// this process is about to cache: one is in flight and the room is
+    /// Runs a CreateRoom exchange (the call and the cache write), counted
+    /// as in flight meanwhile: in this process, and on Postgres for every
+    /// replica. Nothing is sent if it cannot be counted.
+    async fn creating<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
+        let _creating = Creating::start(&self.inner.creating);
+        let mark = self.inner.store.begin_creation(CREATION_WINDOW).await?;
+        let result = work.await;
+        self.inner.store.end_creation(mark).await;
+        result
+    }
+
+    /// Whether a room the cache has never seen may be one a CreateRoom
+    /// (of any replica) is about to cache: one is in flight and the room is
     /// recent. Older rooms (created in IVS Chat directly) are never held back.
-    fn may_be_creating(&self, summary: &RoomSummary) -> bool {
-        self.inner.creating.load(Ordering::SeqCst) > 0
-            && summary.create_time.elapsed() < CREATION_WINDOW
+    async fn may_be_creating(&self, summary: &RoomSummary) -> Result<bool> {
+        if summary.create_time.elapsed() >= CREATION_WINDOW {
+            return Ok(false);
+        }
+        if self.inner.creating.load(Ordering::SeqCst) > 0 {
+            return Ok(true);
+        }
+        self.inner.store.creations_in_flight().await
     }
 
     /// Records that every room IVS Chat listed with an updateTime up to `top`
@@ -909,14 +953,23 @@ impl Rooms {
         }))
     }
 
-    /// The newest row this process can find for `arn`: the cache's, or,
-    /// while the database cannot be reached, the one in memory (never older
-    /// than a commit this process knows of).
-    async fn last_known(&self, arn: &RoomArn) -> Option<Arc<CachedRoom>> {
-        match self.cached(arn).await {
+    /// The newest row this process can find for `arn` by `deadline`: the
+    /// cache's, or, while the database cannot answer in time, the one in
+    /// memory (never older than a commit this process knows of).
+    async fn last_known(
+        &self,
+        arn: &RoomArn,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Option<Arc<CachedRoom>> {
+        match by(deadline, self.cached(arn)).await {
             Ok(row) => row,
             Err(_) => self.inner.hot.get(arn),
         }
+    }
+
+    /// Whether `row` may answer while IVS Chat cannot be asked.
+    fn may_serve_stale(&self, row: &CachedRoom) -> bool {
+        row.validated_at.elapsed() <= self.inner.settings.stale_if_error
     }
 
     fn is_fresh(&self, row: &CachedRoom) -> bool {
@@ -976,6 +1029,27 @@ fn answer(cached: &CachedRoom) -> Result<Room> {
         Err(Error::room_not_found(&cached.room.arn))
     } else {
         Ok(cached.room.clone())
+    }
+}
+
+/// How long before its deadline, at least, a cached read gives up on IVS
+/// Chat and the database, to answer from what it has.
+const ANSWER_MARGIN: Duration = Duration::from_millis(50);
+
+/// `work`, or UNAVAILABLE if it has not finished by `at` (if given); the
+/// work itself goes on where it runs in an exchange.
+async fn by<T>(
+    at: Option<tokio::time::Instant>,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match at {
+        Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
+            Err(Error::Unavailable(
+                "neither IVS Chat nor the cache database answered before the request's deadline"
+                    .into(),
+            ))
+        }),
+        None => work.await,
     }
 }
 

@@ -28,6 +28,31 @@ pub struct Slot {
     pub paused_for: Duration,
 }
 
+/// A throttling pause of one budget, announced by the replica that was
+/// throttled (Postgres NOTIFY): it lasts `lasts` from when it is heard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetPause {
+    pub region: String,
+    pub operation: String,
+    pub lasts: Duration,
+}
+
+impl BudgetPause {
+    fn encode(&self) -> String {
+        format!("{}\t{}\t{}", self.region, self.operation, nanos(self.lasts))
+    }
+
+    pub(super) fn decode(payload: &str) -> Option<BudgetPause> {
+        let mut parts = payload.split('\t');
+        let (region, operation, lasts) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(BudgetPause {
+            region: region.to_owned(),
+            operation: operation.to_owned(),
+            lasts: duration(lasts.parse().ok()?),
+        })
+    }
+}
+
 /// The database's clock in nanoseconds since the epoch (microsecond
 /// precision), a macro so statements stay `&'static str`.
 macro_rules! db_now {
@@ -35,6 +60,7 @@ macro_rules! db_now {
         "((EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT * 1000)"
     };
 }
+pub(super) use db_now;
 
 fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
@@ -131,7 +157,25 @@ impl Store {
         .bind(nanos(max))
         .fetch_optional(&self.pool)
         .await?;
-        Ok(duration(pause.unwrap_or(0)))
+        let pause = duration(pause.unwrap_or(0));
+        // Replicas holding slots booked before it stop using them.
+        let announced = BudgetPause {
+            region: region.to_owned(),
+            operation: operation.to_owned(),
+            lasts: pause,
+        };
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(super::BUDGET_CHANNEL)
+            .bind(announced.encode())
+            .execute(&self.pool)
+            .await?;
+        Ok(pause)
+    }
+
+    /// Throttling pauses of the fleet's budget, as any replica (this one
+    /// included) announces them, while [`Store::listen`] runs.
+    pub fn budget_pauses(&self) -> tokio::sync::broadcast::Receiver<BudgetPause> {
+        self.pauses.subscribe()
     }
 
     /// Ends a run of throttling pauses of `region`'s `operation` once no

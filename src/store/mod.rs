@@ -15,7 +15,7 @@
 mod budget;
 mod requests;
 
-pub use budget::Slot;
+pub use budget::{BudgetPause, Slot};
 pub use requests::Claim;
 
 use std::path::Path;
@@ -39,6 +39,10 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations
 /// The Postgres channel a commit with events is announced on (payload: the
 /// newest revision), so that replicas sharing the database learn of it.
 const EVENTS_CHANNEL: &str = "ivschat_rooms_events";
+
+/// The Postgres channel a throttling pause of the fleet's budget is
+/// announced on (`store::budget`), so replicas stop using slots they booked.
+const BUDGET_CHANNEL: &str = "ivschat_rooms_budget_pauses";
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub struct Store {
     /// The newest revision this process knows to be committed: raised by its
     /// own commits, and on Postgres by other replicas' notifications.
     committed: Arc<watch::Sender<u64>>,
+    /// Throttling pauses of the fleet's budget, as replicas announce them.
+    pauses: tokio::sync::broadcast::Sender<BudgetPause>,
 }
 
 /// The Postgres advisory lock held by the replica that reconciles ("ivsr").
@@ -241,6 +247,7 @@ impl Store {
             backend,
             url: url.into(),
             committed: Arc::new(watch::Sender::new(0)),
+            pauses: tokio::sync::broadcast::Sender::new(64),
         };
         let revision = store.revision().await?;
         store.committed.send_replace(revision);
@@ -501,7 +508,9 @@ impl Store {
         while !stop.is_cancelled() {
             let listener = async {
                 let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
-                listener.listen(EVENTS_CHANNEL).await?;
+                listener
+                    .listen_all([EVENTS_CHANNEL, BUDGET_CHANNEL])
+                    .await?;
                 Ok::<_, sqlx::Error>(listener)
             };
             let mut listener = match tokio::select! {
@@ -530,6 +539,12 @@ impl Store {
                     n = listener.try_recv() => n,
                 };
                 match notification {
+                    Ok(Some(n)) if n.channel() == BUDGET_CHANNEL => {
+                        if let Some(pause) = BudgetPause::decode(n.payload()) {
+                            // Nobody listening (no shared budget): nothing to do.
+                            let _ = self.pauses.send(pause);
+                        }
+                    }
                     Ok(Some(n)) => {
                         if let Ok(revision) = n.payload().parse() {
                             self.saw_committed(revision);

@@ -183,3 +183,59 @@ impl Store {
         Ok(result.rows_affected())
     }
 }
+
+/// CreateRoom calls in flight on any replica sharing the database (Postgres;
+/// a SQLite cache serves one process, which counts its own): see
+/// `creations_in_flight` in the migrations.
+impl Store {
+    /// Records a CreateRoom about to be sent, for at most `lasts`; returns
+    /// its mark (`None` on SQLite).
+    pub async fn begin_creation(&self, lasts: std::time::Duration) -> Result<Option<String>> {
+        if !self.is_shared() {
+            return Ok(None);
+        }
+        let id = format!("{:032x}", rand::random::<u128>());
+        sqlx::query(concat!(
+            "INSERT INTO creations_in_flight (id, until) VALUES ($1, ",
+            super::budget::db_now!(),
+            " + $2)"
+        ))
+        .bind(&id)
+        .bind(i64::try_from(lasts.as_nanos()).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(Some(id))
+    }
+
+    /// The CreateRoom of `mark` is over (its room cached, or it failed);
+    /// marks a crash left behind that ran out go too.
+    pub async fn end_creation(&self, mark: Option<String>) {
+        let Some(id) = mark else { return };
+        let ended = sqlx::query(concat!(
+            "DELETE FROM creations_in_flight WHERE id = $1 OR until < ",
+            super::budget::db_now!()
+        ))
+        .bind(&id)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = ended {
+            // It runs out by itself.
+            tracing::warn!(error = %e, "could not record the end of a CreateRoom");
+        }
+    }
+
+    /// Whether a CreateRoom may be in flight on another replica.
+    pub async fn creations_in_flight(&self) -> Result<bool> {
+        if !self.is_shared() {
+            return Ok(false);
+        }
+        let any: bool = sqlx::query_scalar(concat!(
+            "SELECT EXISTS (SELECT 1 FROM creations_in_flight WHERE until > ",
+            super::budget::db_now!(),
+            ")"
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(any)
+    }
+}
