@@ -366,6 +366,49 @@ async fn p2_cold_gets_coalesce(scale: &Scale) {
         "P2 upstream_get_calls_for_{}_cold_gets_3_replicas {upstream}",
         scale.cold_gets
     );
+
+    // Connections: the same number of cold reads, each of another room (the
+    // worst case: every read a flight holding a room's turn), over the three
+    // replicas, with the database's sessions counted meanwhile.
+    let peak = Arc::new(AtomicUsize::new(0));
+    let counting = tokio::spawn({
+        let (admin, peak) = (db.admin_url(), peak.clone());
+        let name = db.name();
+        async move {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect");
+            loop {
+                let sessions: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                        .bind(&name)
+                        .fetch_one(&mut conn)
+                        .await
+                        .expect("pg_stat_activity");
+                peak.fetch_max(usize::try_from(sessions).unwrap_or(0), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let reads: Vec<_> = (0..scale.cold_gets)
+        .map(|i| {
+            let mut client = RoomServiceClient::new(channels[i % channels.len()].clone());
+            let request = cached_get(&format!(
+                "arn:aws:ivschat:us-east-1:123456789012:room/p2cold{i:07}"
+            ));
+            tokio::spawn(async move { client.get_room(request).await })
+        })
+        .collect();
+    let mut answered = 0;
+    for read in reads {
+        answered += usize::from(read.await.expect("a GetRoom task").is_ok());
+    }
+    counting.abort();
+    println!(
+        "# P2 {} cold GetRoom of as many rooms over 3 replicas: at most {} database sessions \
+         (default pools: at most 26 per replica, 78 in all); {answered} answered before the budget refused the rest",
+        scale.cold_gets,
+        peak.load(Ordering::Relaxed)
+    );
     for replica in replicas {
         replica.stop().await;
     }
@@ -1349,6 +1392,24 @@ impl TempDb {
             _dir: None,
             postgres: Some((admin, name)),
         }
+    }
+
+    /// The Postgres server's URL (its `postgres` database).
+    fn admin_url(&self) -> String {
+        self.postgres
+            .as_ref()
+            .expect("a Postgres database")
+            .0
+            .clone()
+    }
+
+    /// The Postgres database's name.
+    fn name(&self) -> String {
+        self.postgres
+            .as_ref()
+            .expect("a Postgres database")
+            .1
+            .clone()
     }
 }
 

@@ -299,6 +299,14 @@ async fn three_replicas_share_one_budget() {
             0.0,
             "IVS Chat never throttled the fleet"
         );
+        // Each replica shows the fleet's use of the budget.
+        let fleet = server
+            .metric(
+                "ivschat_rooms_budget_fleet_slots",
+                &[("operation", "UpdateRoom"), ("region", "us-east-1")],
+            )
+            .await;
+        assert!(fleet > 0.0, "the fleet's UpdateRoom slots: {fleet}");
     }
     let granted = every_slot_used(&db.url, &emulator).await;
     assert!(

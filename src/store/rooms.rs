@@ -1,0 +1,343 @@
+//! The cached rooms: reads, the update-time rule's upserts, tombstones and
+//! the full listing's state.
+
+use super::*;
+
+pub(super) const FULL_LISTING_AT: &str = "full_listing_at";
+
+impl Store {
+    /// The cached row for `arn`, tombstones included.
+    pub async fn get(&self, arn: &RoomArn) -> Result<Option<CachedRoom>> {
+        let mut conn = self.pool.acquire().await?;
+        get_row(&mut conn, arn).await
+    }
+
+    /// The cached row for `arn` and the change-log revision it reflects, read
+    /// in one transaction.
+    pub async fn get_at_revision(&self, arn: &RoomArn) -> Result<(Option<CachedRoom>, u64)> {
+        let mut tx = self.begin_read().await?;
+        let revision = revision_in(&mut tx).await?;
+        let row = get_row(&mut tx, arn).await?;
+        tx.commit().await?;
+        Ok((row, revision))
+    }
+
+    /// Up to `limit` cached rows (tombstones included), most recently
+    /// confirmed first, and the revision they reflect, read in one transaction.
+    pub async fn rows_at_revision(&self, limit: usize) -> Result<(Vec<CachedRoom>, u64)> {
+        let mut tx = self.begin_read().await?;
+        let revision = revision_in(&mut tx).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM rooms ORDER BY validated_at DESC LIMIT $1"
+        ))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let rows = rows.iter().map(cached_room).collect::<Result<_>>()?;
+        Ok((rows, revision))
+    }
+
+    /// Stores `room` as IVS Chat returned it to a call that started at
+    /// `validated_at`, unless the cache holds a newer version, the same version
+    /// observed later, or a tombstone recorded after that call started. A
+    /// visible change is logged, in the same transaction, as an event from
+    /// `source`. Returns the row the cache holds afterwards.
+    pub async fn put(
+        &self,
+        room: &Room,
+        validated_at: Timestamp,
+        source: EventSource,
+    ) -> Result<CachedRoom> {
+        let mut tx = self.begin_write().await?;
+        let (before, after) = upsert(&mut tx, room, validated_at).await?;
+        let revision = self
+            .append_event(&mut tx, before.as_ref(), Some(&after), source)
+            .await?;
+        self.commit(tx, revision).await?;
+        Ok(after)
+    }
+
+    /// [`Store::put`] for many rooms in one transaction (one commit, each
+    /// change its own event): for bulk loads.
+    pub async fn put_many(
+        &self,
+        rooms: &[Room],
+        validated_at: Timestamp,
+        source: EventSource,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let mut newest = None;
+        for room in rooms {
+            let (before, after) = upsert(&mut tx, room, validated_at).await?;
+            newest = self
+                .append_event(&mut tx, before.as_ref(), Some(&after), source)
+                .await?
+                .or(newest);
+        }
+        self.commit(tx, newest).await
+    }
+
+    /// Sets the tags of the cached room `arn` to `tags`, as IVS Chat listed
+    /// them to a call that started at `asked_at`, unless the cache holds no
+    /// live row for it (`None`: read the room whole) or a call that started
+    /// later has observed the room since (its tags are newer: kept). The
+    /// row's other fields, and when they were confirmed, stay as they are. A
+    /// change is logged, in the same transaction, as an event from `source`.
+    pub async fn put_tags(
+        &self,
+        arn: &RoomArn,
+        tags: &std::collections::BTreeMap<String, String>,
+        asked_at: Timestamp,
+        source: EventSource,
+    ) -> Result<Option<CachedRoom>> {
+        let mut tx = self.begin_write().await?;
+        let Some(before) = get_row(&mut tx, arn).await?.filter(|row| !row.deleted) else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE rooms SET tags = $1 \
+             WHERE arn = $2 AND deleted_at IS NULL AND validated_at <= $3",
+        )
+        .bind(serde_json::to_string(tags).context("could not encode tags")?)
+        .bind(arn.as_str())
+        .bind(asked_at.as_nanos())
+        .execute(&mut *tx)
+        .await?;
+        let after = get_row(&mut tx, arn).await?;
+        let revision = self
+            .append_event(&mut tx, Some(&before), after.as_ref(), source)
+            .await?;
+        self.commit(tx, revision).await?;
+        Ok(after)
+    }
+
+    /// Records that IVS Chat said at `at` that the room is gone, unless a call
+    /// that started after `at` has seen it since. A room the cache never held
+    /// gets a tombstone too (with empty content), so that a slow answer from
+    /// another replica cannot bring it in. Deleting a live room logs a DELETED
+    /// event from `source`.
+    pub async fn mark_deleted(
+        &self,
+        arn: &RoomArn,
+        at: Timestamp,
+        source: EventSource,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let before = get_row(&mut tx, arn).await?;
+        sqlx::query(concat!(
+            "INSERT INTO rooms (",
+            columns!(),
+            ") VALUES ($1, $2, '', 0, 0, 0, 0, NULL, NULL, '{}', '[]', $3, $3) \
+             ON CONFLICT (arn) DO UPDATE SET \
+               deleted_at = excluded.deleted_at, validated_at = excluded.validated_at \
+             WHERE rooms.validated_at <= excluded.validated_at"
+        ))
+        .bind(arn.as_str())
+        .bind(arn.id())
+        .bind(at.as_nanos())
+        .execute(&mut *tx)
+        .await?;
+        let after = get_row(&mut tx, arn).await?;
+        let revision = self
+            .append_event(&mut tx, before.as_ref(), after.as_ref(), source)
+            .await?;
+        self.commit(tx, revision).await
+    }
+
+    /// One page of live rooms, newest `update_time` first, as ListRooms pages,
+    /// the revision of the change log it reflects, and when IVS Chat last
+    /// confirmed the least recently confirmed room on it.
+    pub async fn list(
+        &self,
+        query: &ListQuery,
+    ) -> Result<(ListedPage<Room>, u64, Option<Timestamp>)> {
+        let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => Some(PageCursor::decode(token)?),
+            None => None,
+        };
+        let limit = query.limit();
+        let mut tx = self.begin_read().await?;
+        let revision = revision_in(&mut tx).await?;
+        // Filters left out bind NULL and match everything. The logging filter
+        // looks for the quoted ARN in the JSON array (the quotes keep an ARN that
+        // is a prefix of another from matching it). Not with LIKE: SQLite's LIKE
+        // ignores ASCII case, and identifiers differing only in case are
+        // distinct; REPLACE compares exactly on both backends.
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM rooms \
+             WHERE deleted_at IS NULL \
+               AND ($1 IS NULL OR name = $1) \
+               AND ($2 IS NULL OR COALESCE(review_handler_uri, '') = $2) \
+               AND ($3 IS NULL OR REPLACE(logging_configuration_identifiers, $3, '') \
+                                  <> logging_configuration_identifiers) \
+               AND ($4 IS NULL OR update_time < $4 OR (update_time = $4 AND arn > $5)) \
+             ORDER BY update_time DESC, arn \
+             LIMIT $6"
+        ))
+        .bind(query.name.as_deref())
+        .bind(query.message_review_handler_uri.as_deref())
+        .bind(
+            query
+                .logging_configuration_identifier
+                .as_ref()
+                // The identifier as a JSON string, exactly as the array holds it.
+                .map(|id| serde_json::Value::from(id.as_str()).to_string()),
+        )
+        .bind(after.as_ref().map(|c| c.update_time.as_nanos()))
+        .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
+        // One more than asked, to know whether there is a next page.
+        .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut rows = rows.iter().map(cached_room).collect::<Result<Vec<_>>>()?;
+        rows.truncate(limit + 1);
+        let validated_at = rows.iter().take(limit).map(|c| c.validated_at).min();
+        let mut rooms: Vec<Room> = rows.into_iter().map(|c| c.room).collect();
+        let next_token = if rooms.len() > limit {
+            rooms.truncate(limit);
+            rooms.last().map(|last| {
+                PageCursor {
+                    update_time: last.update_time,
+                    key: last.arn.clone(),
+                }
+                .encode()
+            })
+        } else {
+            None
+        };
+        Ok((ListedPage { rooms, next_token }, revision, validated_at))
+    }
+
+    /// Live rooms not confirmed by IVS Chat since `before`: after a full listing
+    /// that started at `before`, the rooms IVS Chat no longer has.
+    pub async fn live_rooms_unconfirmed_since(&self, before: Timestamp) -> Result<Vec<RoomArn>> {
+        let rows =
+            sqlx::query("SELECT arn FROM rooms WHERE deleted_at IS NULL AND validated_at < $1")
+                .bind(before.as_nanos())
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
+            .collect()
+    }
+
+    /// Marks `arn` as confirmed at `at` without changing it (a listing showed
+    /// the same version).
+    pub async fn confirm(
+        &self,
+        arn: &RoomArn,
+        update_time: Timestamp,
+        at: Timestamp,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE rooms SET validated_at = $1 \
+             WHERE arn = $2 AND update_time = $3 AND deleted_at IS NULL AND validated_at < $1",
+        )
+        .bind(at.as_nanos())
+        .bind(arn.as_str())
+        .bind(update_time.as_nanos())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// When a full listing of IVS Chat last completed, if ever: until then the
+    /// cache cannot answer ListRooms.
+    pub async fn full_listing_at(&self) -> Result<Option<Timestamp>> {
+        let value: Option<i64> = sqlx::query_scalar("SELECT value FROM cache_state WHERE key = $1")
+            .bind(FULL_LISTING_AT)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(value.map(Timestamp::from_nanos))
+    }
+
+    pub async fn set_full_listing_at(&self, at: Timestamp) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO cache_state (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(FULL_LISTING_AT)
+        .bind(at.as_nanos())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The upsert of [`Store::put`], under its rules; returns the row before and after.
+pub(super) async fn upsert(
+    tx: &mut Transaction<'static, Any>,
+    room: &Room,
+    validated_at: Timestamp,
+) -> Result<(Option<CachedRoom>, CachedRoom)> {
+    let (uri, fallback) = match &room.message_review_handler {
+        Some(h) => (Some(h.uri.as_str()), Some(h.fallback_result.as_str())),
+        None => (None, None),
+    };
+    let arn = room.arn();
+    let before = get_row(tx, &arn).await?;
+    // A live row: replace when newer; when equal (content may differ, e.g.
+    // tags), when observed no earlier, so validated_at never moves back. A
+    // tombstone: only an answer to a call that started after it.
+    let stored = sqlx::query(concat!(
+        "INSERT INTO rooms (",
+        columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL) \
+         ON CONFLICT (arn) DO UPDATE SET \
+           name = excluded.name, create_time = excluded.create_time, \
+           update_time = excluded.update_time, \
+           maximum_message_rate_per_second = excluded.maximum_message_rate_per_second, \
+           maximum_message_length = excluded.maximum_message_length, \
+           review_handler_uri = excluded.review_handler_uri, \
+           review_handler_fallback = excluded.review_handler_fallback, \
+           tags = excluded.tags, \
+           logging_configuration_identifiers = excluded.logging_configuration_identifiers, \
+           validated_at = excluded.validated_at, deleted_at = NULL \
+         WHERE (rooms.deleted_at IS NULL \
+                AND (excluded.update_time > rooms.update_time \
+                     OR (excluded.update_time = rooms.update_time \
+                         AND excluded.validated_at >= rooms.validated_at))) \
+            OR (rooms.deleted_at IS NOT NULL AND excluded.validated_at > rooms.deleted_at) \
+         RETURNING ",
+        columns!()
+    ))
+    .bind(room.arn.as_str())
+    .bind(room.id.as_str())
+    .bind(room.name.as_str())
+    .bind(room.create_time.as_nanos())
+    .bind(room.update_time.as_nanos())
+    .bind(i64::from(room.maximum_message_rate_per_second))
+    .bind(i64::from(room.maximum_message_length))
+    .bind(uri)
+    .bind(fallback)
+    .bind(serde_json::to_string(&room.tags).context("could not encode tags")?)
+    .bind(
+        serde_json::to_string(&room.logging_configuration_identifiers)
+            .context("could not encode logging configuration identifiers")?,
+    )
+    .bind(validated_at.as_nanos())
+    .fetch_optional(&mut **tx)
+    .await?;
+    // No row returned: the rules kept what was there.
+    let after = match stored {
+        Some(row) => cached_room(&row)?,
+        None => before
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("room {arn} was neither stored nor there"))?,
+    };
+    Ok((before, after))
+}
+
+pub(super) async fn get_row(conn: &mut AnyConnection, arn: &RoomArn) -> Result<Option<CachedRoom>> {
+    let row = sqlx::query(concat!("SELECT ", columns!(), " FROM rooms WHERE arn = $1"))
+        .bind(arn.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|row| cached_room(&row)).transpose()
+}
