@@ -30,16 +30,16 @@
 //!
 //! `read.rs` holds the read paths (fresh, stale, flights, ListRooms),
 //! `write.rs` the writes to a room, `create.rs` CreateRoom with a
-//! request_id, `turns.rs` rooms' turns, `passes.rs` the reconciling passes;
+//! request_id, `turns.rs` rooms' turns, `found.rs` what the reconciler may do to the
+//! cache (its passes are `reconciler::passes`);
 //! this file the types, the exchanges and the cache steps they share.
 
 mod create;
-mod passes;
+mod found;
 mod read;
 mod turns;
 mod write;
 
-pub use passes::ListingReport;
 use read::Flight;
 use turns::RoomLocks;
 
@@ -87,9 +87,6 @@ pub struct RoomsSettings {
     pub max_staleness: Duration,
     /// How long ListRooms waits for the first full listing before UNAVAILABLE.
     pub listing_wait: Duration,
-    /// How much later than its updateTime a change may first show in IVS
-    /// Chat's listing: incremental passes look back this much further.
-    pub listing_lag: Duration,
     /// How long after IVS Chat last confirmed it a row may still be served,
     /// marked stale, while IVS Chat cannot be asked (zero: never).
     pub stale_if_error: Duration,
@@ -171,11 +168,6 @@ pub struct Listing {
     pub cache: CacheInfo,
 }
 
-impl RoomsSettings {
-    /// The default for `listing_lag`.
-    pub const LISTING_LAG: Duration = Duration::from_secs(5);
-}
-
 /// The room service's policy, shared by every request. Cheap to clone.
 #[derive(Clone)]
 pub struct Rooms {
@@ -195,9 +187,6 @@ struct Inner {
     listed: watch::Sender<bool>,
     /// Exchanges with IVS Chat under way, detached from their requests.
     exchanges: TaskTracker,
-    /// The newest updateTime the last complete reconciling pass listed: rooms
-    /// IVS Chat lists no newer than this have been examined since.
-    reconciled_through: Mutex<Option<Timestamp>>,
     /// CreateRoom exchanges under way in this process.
     creating: AtomicUsize,
 }
@@ -238,7 +227,6 @@ impl Rooms {
                 next_flight: AtomicU64::new(0),
                 listed: watch::Sender::new(listed),
                 exchanges: TaskTracker::new(),
-                reconciled_through: Mutex::new(None),
                 creating: AtomicUsize::new(0),
             }),
         })
@@ -313,7 +301,12 @@ impl Rooms {
         let _creating = Creating::start(&self.inner.creating);
         let mark = self.inner.store.begin_creation(CREATION_WINDOW).await?;
         let result = work.await;
-        self.inner.store.end_creation(mark).await;
+        // Off the request's path: the end is retried while the database is
+        // away (an exchange, so shutdown waits for it within its grace).
+        let store = self.inner.store.clone();
+        self.inner
+            .exchanges
+            .spawn(async move { store.end_creation(mark).await });
         result
     }
 

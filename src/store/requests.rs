@@ -208,19 +208,34 @@ impl Store {
     }
 
     /// The CreateRoom of `mark` is over (its room cached, or it failed);
-    /// marks a crash left behind that ran out go too.
+    /// marks a crash left behind that ran out go too. Retried for a while
+    /// when the database is away: a mark left standing holds new rooms back
+    /// from the reconciler until it runs out.
     pub async fn end_creation(&self, mark: Option<String>) {
         let Some(id) = mark else { return };
-        let ended = sqlx::query(concat!(
-            "DELETE FROM creations_in_flight WHERE id = $1 OR until < ",
-            super::budget::db_now!()
-        ))
-        .bind(&id)
-        .execute(&self.pool)
-        .await;
-        if let Err(e) = ended {
-            // It runs out by itself.
-            tracing::warn!(error = %e, "could not record the end of a CreateRoom");
+        let mut backoff = std::time::Duration::from_millis(100);
+        let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let ended = sqlx::query(concat!(
+                "DELETE FROM creations_in_flight WHERE id = $1 OR until < ",
+                super::budget::db_now!()
+            ))
+            .bind(&id)
+            .execute(&self.pool)
+            .await;
+            match ended {
+                Ok(_) => return,
+                Err(e) if tokio::time::Instant::now() + backoff < give_up => {
+                    tracing::debug!(error = %e, "could not record the end of a CreateRoom yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(e) => {
+                    // It runs out by itself.
+                    tracing::warn!(error = %e, "could not record the end of a CreateRoom");
+                    return;
+                }
+            }
         }
     }
 
