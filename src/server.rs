@@ -23,7 +23,7 @@ use crate::grpc::{
     AccessLogLayer, Authenticated, EdgeLimits, RoomService, Tokens, Unvectored, proto,
 };
 use crate::hot::HotRooms;
-use crate::reconciler::{self, ReconcileSettings};
+use crate::reconciler::{self, Passes, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamSettings};
@@ -72,11 +72,10 @@ pub async fn run(
     let rooms = Rooms::new(
         store.clone(),
         hot.clone(),
-        upstream,
+        upstream.clone(),
         RoomsSettings {
             max_staleness: config.max_staleness,
             listing_wait: config.listing_wait,
-            listing_lag: RoomsSettings::LISTING_LAG,
             stale_if_error: config.stale_if_error,
             request_id_retention: config.request_id_retention,
             request_id_lease: config.request_id_lease,
@@ -101,7 +100,12 @@ pub async fn run(
     .context("could not read the change log")?;
     let stop_reconciler = CancellationToken::new();
     let reconciler = tokio::spawn(reconciler::run(
-        rooms.clone(),
+        Passes::new(
+            rooms.clone(),
+            store.clone(),
+            upstream,
+            ReconcileSettings::LISTING_LAG,
+        ),
         store.clone(),
         ReconcileSettings {
             interval: config.reconcile_interval,

@@ -373,6 +373,18 @@ impl Upstream {
         })
     }
 
+    /// IVS Chat's listing for `query` (newest updateTime first), page by
+    /// page, each page one ListRooms call as `caller`: the one paging loop
+    /// of the reconciler's passes and of the search for a created room.
+    pub fn pages(&self, query: ListQuery, caller: Caller) -> Pages<'_> {
+        Pages {
+            upstream: self,
+            query,
+            caller,
+            done: false,
+        }
+    }
+
     pub async fn tag_room(
         &self,
         arn: &RoomArn,
@@ -418,6 +430,29 @@ impl Upstream {
             })
             .await?;
         Ok(out.tags.into_iter().collect())
+    }
+}
+
+/// The pages of one listing; see [`Upstream::pages`].
+pub struct Pages<'a> {
+    upstream: &'a Upstream,
+    query: ListQuery,
+    caller: Caller,
+    done: bool,
+}
+
+impl Pages<'_> {
+    /// The next page, or `None` after the last one.
+    pub async fn next(&mut self) -> Result<Option<ListedPage<RoomSummary>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self.upstream.list_rooms(&self.query, self.caller).await?;
+        match &page.next_token {
+            Some(token) => self.query.next_token = Some(token.clone()),
+            None => self.done = true,
+        }
+        Ok(Some(page))
     }
 }
 

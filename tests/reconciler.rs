@@ -13,11 +13,14 @@ use ivschat_rooms::domain::{EventKind, EventSource, RoomArn, RoomPatch, Timestam
 use ivschat_rooms::emulator::{Emulator, Operation};
 use ivschat_rooms::feed::{Feed, FeedSettings, WatchItem, WatchRequest};
 use ivschat_rooms::hot::HotRooms;
+use ivschat_rooms::reconciler::Passes;
 use ivschat_rooms::rooms::{Rooms, RoomsSettings};
 use ivschat_rooms::store::Store;
 use ivschat_rooms::upstream::{Upstream, UpstreamSettings};
 
-async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
+/// The room policy over a fresh store and the emulator at `url`, and the
+/// reconciler's passes over them.
+async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Passes, Store) {
     let store = Store::open(&db.url).await.expect("store");
     let upstream = Upstream::at_endpoint(
         url,
@@ -34,13 +37,10 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
     let rooms = Rooms::new(
         store.clone(),
         HotRooms::off(),
-        upstream,
+        upstream.clone(),
         RoomsSettings {
             max_staleness: Duration::from_secs(3600),
             listing_wait: Duration::from_secs(5),
-            // Rooms here are all seconds old: no look-back, so that the
-            // watermark's effect on paging shows.
-            listing_lag: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             request_id_retention: Duration::from_secs(3600),
             request_id_lease: Duration::from_secs(10),
@@ -48,7 +48,10 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Store) {
     )
     .await
     .expect("rooms");
-    (rooms, store)
+    // Rooms here are all seconds old: no look-back, so that the watermark's
+    // effect on paging shows.
+    let passes = Passes::new(rooms.clone(), store.clone(), upstream, Duration::ZERO);
+    (rooms, passes, store)
 }
 
 fn rename(name: &str) -> RoomPatch {
@@ -60,12 +63,12 @@ fn rename(name: &str) -> RoomPatch {
 
 /// Runs one incremental pass: the rooms it fetched, and the ListRooms and
 /// GetRoom calls the emulator answered meanwhile.
-async fn incremental_pass(rooms: &Rooms, emulator: &Emulator) -> (usize, u64, u64) {
+async fn incremental_pass(passes: &Passes, emulator: &Emulator) -> (usize, u64, u64) {
     let (list, get) = (
         emulator.calls(Operation::ListRooms),
         emulator.calls(Operation::GetRoom),
     );
-    let report = rooms.reconcile_recent().await.unwrap();
+    let report = passes.reconcile_recent().await.unwrap();
     (
         report.fetched,
         emulator.calls(Operation::ListRooms) - list,
@@ -94,13 +97,13 @@ async fn incremental_pass_pages_only_down_to_what_the_last_pass_saw(db: TestDb) 
             .await
             .unwrap();
     }
-    let (rooms, store) = rooms_on(&db, &url).await;
-    let report = rooms.full_listing().await.unwrap();
+    let (_, passes, store) = rooms_on(&db, &url).await;
+    let report = passes.full_listing().await.unwrap();
     assert_eq!((report.listed, report.fetched), (120, 120));
     let after_listing = store.revision().await.unwrap();
     assert_eq!(after_listing, 120, "one CREATED per room");
 
-    assert_eq!(incremental_pass(&rooms, &emulator).await, (0, 1, 0));
+    assert_eq!(incremental_pass(&passes, &emulator).await, (0, 1, 0));
     assert_eq!(
         store.revision().await.unwrap(),
         after_listing,
@@ -111,7 +114,7 @@ async fn incremental_pass_pages_only_down_to_what_the_last_pass_saw(db: TestDb) 
     emulator
         .update_room(&all[7].arn, &rename("changed"))
         .unwrap();
-    assert_eq!(incremental_pass(&rooms, &emulator).await, (1, 1, 1));
+    assert_eq!(incremental_pass(&passes, &emulator).await, (1, 1, 1));
     let events = store.events_after(after_listing, 10).await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -126,7 +129,7 @@ async fn incremental_pass_pages_only_down_to_what_the_last_pass_saw(db: TestDb) 
             .unwrap();
     }
     // 50 newer, then 10 newer and 40 listed before: the last pass saw those.
-    assert_eq!(incremental_pass(&rooms, &emulator).await, (60, 2, 60));
+    assert_eq!(incremental_pass(&passes, &emulator).await, (60, 2, 60));
     assert_eq!(store.revision().await.unwrap(), after_listing + 61);
 }
 
@@ -138,8 +141,8 @@ async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
     let aws = sdk(&url);
     let kept = aws.create_room().name("kept").send().await.unwrap();
     let gone = aws.create_room().name("gone").send().await.unwrap();
-    let (rooms, store) = rooms_on(&db, &url).await;
-    rooms.full_listing().await.unwrap();
+    let (rooms, passes, store) = rooms_on(&db, &url).await;
+    passes.full_listing().await.unwrap();
     let before = store.revision().await.unwrap();
 
     aws.delete_room()
@@ -147,7 +150,7 @@ async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
         .send()
         .await
         .unwrap();
-    let report = rooms.full_listing().await.unwrap();
+    let report = passes.full_listing().await.unwrap();
     assert_eq!((report.listed, report.deleted), (1, 1));
     let events = store.events_after(before, 10).await.unwrap();
     assert_eq!(events.len(), 1);
@@ -159,7 +162,7 @@ async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
     assert_eq!(event.room.arn, gone.arn().unwrap());
     assert_eq!(event.room.name, "gone");
 
-    let again = rooms.full_listing().await.unwrap();
+    let again = passes.full_listing().await.unwrap();
     assert_eq!((again.fetched, again.deleted), (0, 0));
     assert_eq!(store.revision().await.unwrap(), before + 1);
     let listing = rooms

@@ -239,12 +239,12 @@ impl Rooms {
         caller: Caller,
     ) -> Result<Option<Room>> {
         let oldest = since.saturating_sub(CLOCK_MARGIN);
-        let mut query = ListQuery {
+        let query = ListQuery {
             max_results: Some(MAX_ROOM_RESULTS.max),
             ..ListQuery::default()
         };
-        loop {
-            let page = self.inner.upstream.list_rooms(&query, caller).await?;
+        let mut pages = self.inner.upstream.pages(query, caller);
+        while let Some(page) = pages.next().await? {
             let found = page
                 .rooms
                 .iter()
@@ -257,13 +257,12 @@ impl Rooms {
                 turn.release().await;
                 return found.map(Some);
             }
-            match page.next_token {
-                Some(token) if page.rooms.last().is_some_and(|r| r.update_time >= oldest) => {
-                    query.next_token = Some(token);
-                }
-                _ => return Ok(None),
+            // Newest first: past the claim, the room cannot be further down.
+            if page.rooms.last().is_none_or(|r| r.update_time < oldest) {
+                break;
             }
         }
+        Ok(None)
     }
 }
 

@@ -10,12 +10,15 @@
 //! IVS Chat allows 5 calls per second per operation, shared with users: an
 //! incremental pass costs one ListRooms plus one GetRoom per changed room.
 
+mod passes;
+
+pub use passes::{ListingReport, Passes};
+
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::rooms::Rooms;
 use crate::store::{Leadership, Store};
 
 /// After a failed pass, the first and the longest wait before the next
@@ -31,8 +34,19 @@ pub struct ReconcileSettings {
     pub resync_interval: Duration,
 }
 
+impl ReconcileSettings {
+    /// How much later than its updateTime a change may first show in IVS
+    /// Chat's listing (incremental passes look back this much further).
+    pub const LISTING_LAG: Duration = Duration::from_secs(5);
+}
+
 /// Reconciles whenever this replica leads, until `stop`.
-pub async fn run(rooms: Rooms, store: Store, settings: ReconcileSettings, stop: CancellationToken) {
+pub async fn run(
+    passes: Passes,
+    store: Store,
+    settings: ReconcileSettings,
+    stop: CancellationToken,
+) {
     loop {
         let mut leadership = loop {
             match store.try_lead().await {
@@ -63,7 +77,7 @@ pub async fn run(rooms: Rooms, store: Store, settings: ReconcileSettings, stop: 
                     leadership.resign().await;
                     break;
                 }
-                pass = one_pass(&rooms, full) => pass,
+                pass = one_pass(&passes, full) => pass,
             };
             let wait = match pass {
                 Ok(()) => {
@@ -94,8 +108,8 @@ pub async fn run(rooms: Rooms, store: Store, settings: ReconcileSettings, stop: 
 }
 
 /// One full listing or one incremental pass, logged.
-async fn one_pass(rooms: &Rooms, full: bool) -> crate::domain::Result<()> {
-    let result = pass(rooms, full).await;
+async fn one_pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
+    let result = pass(passes, full).await;
     metrics::counter!(
         crate::telemetry::RECONCILE_RUNS,
         "kind" => if full { "full" } else { "recent" },
@@ -105,9 +119,9 @@ async fn one_pass(rooms: &Rooms, full: bool) -> crate::domain::Result<()> {
     result
 }
 
-async fn pass(rooms: &Rooms, full: bool) -> crate::domain::Result<()> {
+async fn pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
     if full {
-        let report = rooms.full_listing().await?;
+        let report = passes.full_listing().await?;
         tracing::info!(
             listed = report.listed,
             fetched = report.fetched,
@@ -115,7 +129,7 @@ async fn pass(rooms: &Rooms, full: bool) -> crate::domain::Result<()> {
             "full listing of IVS Chat complete"
         );
     } else {
-        let report = rooms.reconcile_recent().await?;
+        let report = passes.reconcile_recent().await?;
         if report.fetched > 0 {
             tracing::info!(
                 listed = report.listed,

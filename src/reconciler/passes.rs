@@ -1,9 +1,19 @@
-//! The reconciling passes: the full listing, and the incremental pass over
-//! the most recently updated rooms.
+//! The reconciling passes over one IVS Chat (one region): the full listing,
+//! and the incremental pass over the most recently updated rooms, with the
+//! watermark that lets the incremental pass stop early. They read IVS Chat's
+//! listing through one pager (`Upstream::pages`) and change the cache only
+//! through `Rooms`, in the rooms' turns.
 
-use super::*;
+use std::sync::Mutex;
+use std::time::Duration;
 
-/// What one full listing found.
+use crate::budget::Caller;
+use crate::domain::{ListQuery, Result, RoomArn, Timestamp, validate};
+use crate::rooms::Rooms;
+use crate::store::Store;
+use crate::upstream::Upstream;
+
+/// What one pass found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ListingReport {
     /// Rooms IVS Chat listed.
@@ -14,7 +24,39 @@ pub struct ListingReport {
     pub deleted: usize,
 }
 
-impl Rooms {
+/// The passes of one IVS Chat, and what they remember between them.
+pub struct Passes {
+    rooms: Rooms,
+    store: Store,
+    upstream: Upstream,
+    /// How much later than its updateTime a change may first show in IVS
+    /// Chat's listing: incremental passes look back this much further.
+    listing_lag: Duration,
+    /// The newest updateTime the last complete pass listed: rooms IVS Chat
+    /// lists no newer than this have been examined since.
+    reconciled_through: Mutex<Option<Timestamp>>,
+}
+
+/// The pages the passes ask for: the largest IVS Chat allows.
+fn whole_pages() -> ListQuery {
+    ListQuery {
+        max_results: Some(validate::MAX_ROOM_RESULTS.max),
+        ..ListQuery::default()
+    }
+}
+
+impl Passes {
+    /// Passes over `upstream` that bring `rooms` (cached in `store`) in line.
+    pub fn new(rooms: Rooms, store: Store, upstream: Upstream, listing_lag: Duration) -> Passes {
+        Passes {
+            rooms,
+            store,
+            upstream,
+            listing_lag,
+            reconciled_through: Mutex::new(None),
+        }
+    }
+
     /// Lists every room in IVS Chat and brings the cache in line: new and newer
     /// rooms are read whole (a listing shows summaries), rooms IVS Chat no longer
     /// lists are checked one by one and forgotten if gone. Changes found are
@@ -23,28 +65,19 @@ impl Rooms {
     pub async fn full_listing(&self) -> Result<ListingReport> {
         let started = Timestamp::now();
         let mut report = ListingReport::default();
-        let mut query = ListQuery {
-            max_results: Some(validate::MAX_ROOM_RESULTS.max),
-            ..ListQuery::default()
-        };
         let mut top = None;
         let mut complete = true;
-        loop {
-            let page = self
-                .inner
-                .upstream
-                .list_rooms(&query, Caller::Background)
-                .await?;
+        let mut pages = self.upstream.pages(whole_pages(), Caller::Background);
+        while let Some(page) = pages.next().await? {
             top = top.or(page.rooms.first().map(|r| r.update_time));
             for summary in &page.rooms {
                 report.listed += 1;
                 let arn = RoomArn::parse("arn", &summary.arn)?;
-                let cached = self.inner.store.get(&arn).await?;
-                let creating = cached.is_none() && self.may_be_creating(summary).await?;
+                let cached = self.store.get(&arn).await?;
+                let creating = cached.is_none() && self.rooms.may_be_creating(summary).await?;
                 match cached {
                     Some(cached) if !cached.deleted && summary.shows(&cached.room) => {
-                        self.inner
-                            .store
+                        self.store
                             .confirm(&arn, summary.update_time, started)
                             .await?;
                     }
@@ -52,38 +85,21 @@ impl Rooms {
                     // caches it; a later pass picks it up otherwise.
                     None if creating => complete = false,
                     _ => {
-                        if self.fetch_listed(&arn, summary).await? {
+                        if self.rooms.examine_listed(&arn, summary).await? {
                             report.fetched += 1;
                         }
                     }
                 }
             }
-            match page.next_token {
-                Some(token) => query.next_token = Some(token),
-                None => break,
-            }
         }
         // Rooms updated while we paged move to the front of the listing and may
         // have been missed: ask for each before forgetting it.
-        for arn in self
-            .inner
-            .store
-            .live_rooms_unconfirmed_since(started)
-            .await?
-        {
-            let turn = self.turn(&arn).await?;
-            let refreshed = self
-                .refresh(&arn, EventSource::Reconciler, Caller::Background)
-                .await;
-            turn.release().await;
-            match refreshed {
-                Ok(_) => {}
-                Err(Error::NotFound { .. }) => report.deleted += 1,
-                Err(e) => return Err(e),
+        for arn in self.store.live_rooms_unconfirmed_since(started).await? {
+            if self.rooms.recheck_unlisted(&arn).await? {
+                report.deleted += 1;
             }
         }
-        self.inner.store.set_full_listing_at(started).await?;
-        self.inner.listed.send_replace(true);
+        self.rooms.full_listing_completed(started).await?;
         if complete {
             self.advance_watermark(top);
         }
@@ -99,27 +115,19 @@ impl Rooms {
     /// logged as RECONCILER.
     pub async fn reconcile_recent(&self) -> Result<ListingReport> {
         let started = Timestamp::now();
-        let covered = *self.inner.reconciled_through.lock().expect("watermark");
+        let covered = *self.reconciled_through.lock().expect("watermark");
         let mut top = None;
         let mut complete = true;
         let mut report = ListingReport::default();
-        let mut query = ListQuery {
-            max_results: Some(validate::MAX_ROOM_RESULTS.max),
-            ..ListQuery::default()
-        };
-        loop {
-            let page = self
-                .inner
-                .upstream
-                .list_rooms(&query, Caller::Background)
-                .await?;
+        let mut pages = self.upstream.pages(whole_pages(), Caller::Background);
+        while let Some(page) = pages.next().await? {
             top = top.or(page.rooms.first().map(|r| r.update_time));
             let mut newer_on_page = false;
             for summary in &page.rooms {
                 report.listed += 1;
                 let arn = RoomArn::parse("arn", &summary.arn)?;
-                let cached = self.inner.store.get(&arn).await?;
-                let creating = cached.is_none() && self.may_be_creating(summary).await?;
+                let cached = self.store.get(&arn).await?;
+                let creating = cached.is_none() && self.rooms.may_be_creating(summary).await?;
                 let (newer, differs) = match &cached {
                     Some(c) if !c.deleted => (
                         summary.update_time > c.room.update_time,
@@ -136,12 +144,11 @@ impl Rooms {
                 };
                 newer_on_page |= newer;
                 if newer || differs {
-                    if self.fetch_listed(&arn, summary).await? {
+                    if self.rooms.examine_listed(&arn, summary).await? {
                         report.fetched += 1;
                     }
                 } else if cached.is_some() {
-                    self.inner
-                        .store
+                    self.store
                         .confirm(&arn, summary.update_time, started)
                         .await?;
                 }
@@ -151,9 +158,8 @@ impl Rooms {
                 Some(covered) => oldest_on_page.is_some_and(|oldest| oldest > covered),
                 None => newer_on_page,
             };
-            match page.next_token {
-                Some(token) if more => query.next_token = Some(token),
-                _ => break,
+            if !more {
+                break;
             }
         }
         if complete {
@@ -162,57 +168,16 @@ impl Rooms {
         Ok(report)
     }
 
-    /// Reads a room a listing showed as new or changed into the cache (as a
-    /// RECONCILER change), unless by the time it has the room's turn the cache
-    /// already holds that version or a newer one (a request of ours got there
-    /// first). Returns whether it called GetRoom.
-    pub(super) async fn fetch_listed(&self, arn: &RoomArn, summary: &RoomSummary) -> Result<bool> {
-        // A write of ours (on any replica) between IVS Chat's answer and its
-        // cache write holds the turn: once it is ours, that write is cached.
-        let turn = self.turn(arn).await?;
-        let fetched = async {
-            if let Some(c) = self.inner.store.get(arn).await?
-                && !c.deleted
-                && (c.room.update_time > summary.update_time || summary.shows(&c.room))
-            {
-                return Ok(false);
-            }
-            // Gone since it was listed: refresh has forgotten it.
-            match self
-                .refresh(arn, EventSource::Reconciler, Caller::Background)
-                .await
-            {
-                Ok(_) | Err(Error::NotFound { .. }) => Ok(true),
-                Err(e) => Err(e),
-            }
-        }
-        .await;
-        turn.release().await;
-        fetched
-    }
-
-    /// Whether a room the cache has never seen may be one a CreateRoom
-    /// (of any replica) is about to cache: one is in flight and the room is
-    /// recent. Older rooms (created in IVS Chat directly) are never held back.
-    pub(super) async fn may_be_creating(&self, summary: &RoomSummary) -> Result<bool> {
-        if summary.create_time.elapsed() >= CREATION_WINDOW {
-            return Ok(false);
-        }
-        if self.inner.creating.load(Ordering::SeqCst) > 0 {
-            return Ok(true);
-        }
-        self.inner.store.creations_in_flight().await
-    }
-
     /// Records that every room IVS Chat listed with an updateTime up to `top`
     /// (less a margin, for a write IVS Chat lists a little late) has been
     /// examined.
-    pub(super) fn advance_watermark(&self, top: Option<Timestamp>) {
-        let mut covered = self.inner.reconciled_through.lock().expect("watermark");
+    fn advance_watermark(&self, top: Option<Timestamp>) {
+        let mut covered = self.reconciled_through.lock().expect("watermark");
         if let Some(top) = top {
-            let top = Timestamp::from_nanos(top.as_nanos().saturating_sub(
-                i64::try_from(self.inner.settings.listing_lag.as_nanos()).unwrap_or(i64::MAX),
-            ));
+            let top = Timestamp::from_nanos(
+                top.as_nanos()
+                    .saturating_sub(i64::try_from(self.listing_lag.as_nanos()).unwrap_or(i64::MAX)),
+            );
             *covered = Some(covered.map_or(top, |c| c.max(top)));
         }
     }
