@@ -5,20 +5,25 @@
 //! A request flows one way: `grpc` → `rooms` → (`store`, `upstream`) → `domain`.
 //!
 //! - [`config`]: the one clap struct; every flag is also an `IVSCHAT_ROOMS_*` variable.
-//! - [`server`]: wiring. Builds the store, the upstream client (or the embedded
-//!   emulator) and the gRPC server, and serves until shutdown.
+//! - [`server`]: wiring. Builds the store, the budget (shared by the fleet on
+//!   Postgres, the process's own on SQLite), the upstream client (or the
+//!   embedded emulator) and the gRPC server, and serves until shutdown.
 //! - [`grpc`]: the only home of protobuf types: the tonic service, conversions
 //!   between wire and domain types, and the one mapping from errors to `Status`.
-//! - [`rooms`]: cache policy: read-through with bounded staleness, write-through,
-//!   the update-time rule, full and incremental listings of IVS Chat.
+//! - [`rooms`]: cache policy on the request paths: read-through with bounded
+//!   staleness, write-through, rooms' turns (across replicas too).
 //! - [`reconciler`]: finds changes made in IVS Chat behind our back, on one
-//!   replica at a time.
+//!   replica at a time: its passes (full and incremental listings) and
+//!   their watermark.
+//! - [`budget`]: the upstream budget's contract and its two implementations.
+//! - [`hot`]: the exact in-memory layer in front of the store.
 //! - [`feed`]: the change log delivered to watchers, in revision order.
 //! - [`store`]: the only home of SQL (SQLite or Postgres through sqlx): the
 //!   cache and its change log, written in one transaction.
 //! - [`upstream`]: the only home of `aws-sdk-ivschat` types.
 //! - [`emulator`]: an IVS Chat stand-in that the real SDKs talk to.
 //! - [`domain`]: rooms, patches, the model's constraints, the error type.
+//! - [`telemetry`]: Prometheus metrics and their endpoint.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
