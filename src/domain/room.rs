@@ -104,6 +104,21 @@ impl RoomArn {
             .map(|(_, id)| id)
             .unwrap_or_default()
     }
+
+    /// The region the room lives in (`arn:aws:ivschat:REGION:...`).
+    pub fn region(&self) -> &str {
+        self.part(3)
+    }
+
+    /// The AWS account that owns the room (`...:ACCOUNT:room/ID`).
+    pub fn account(&self) -> &str {
+        self.part(4)
+    }
+
+    /// The `n`-th colon-separated part (a parsed ARN has all six).
+    fn part(&self, n: usize) -> &str {
+        self.0.split(':').nth(n).unwrap_or_default()
+    }
 }
 
 impl fmt::Display for RoomArn {
@@ -312,5 +327,27 @@ impl PageCursor {
             update_time: Timestamp::from_nanos(nanos.parse().map_err(|_| invalid())?),
             key: key.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_arn_names_its_region_account_and_id() {
+        let arn = RoomArn::parse(
+            "identifier",
+            "arn:aws:ivschat:eu-west-1:123456789012:room/AbCdEfGh1234",
+        )
+        .unwrap();
+        assert_eq!(arn.region(), "eu-west-1");
+        assert_eq!(arn.account(), "123456789012");
+        assert_eq!(arn.id(), "AbCdEfGh1234");
+        let made = RoomArn::new("us-west-2", "210987654321", "x1");
+        assert_eq!(
+            (made.region(), made.account(), made.id()),
+            ("us-west-2", "210987654321", "x1")
+        );
     }
 }
