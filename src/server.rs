@@ -20,7 +20,8 @@ use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
 use crate::grpc::{
-    AccessLogLayer, Authenticated, EdgeLimits, RoomService, Tokens, Unvectored, proto,
+    AccessLogLayer, Authenticated, EdgeLimits, RoomService, RoomServiceRoutes, Tokens, Unvectored,
+    proto,
 };
 use crate::hot::HotRooms;
 use crate::reconciler::{self, Passes, ReconcileSettings};
@@ -194,7 +195,7 @@ pub async fn run(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(Authenticated::new(
-            RoomService::new(
+            RoomServiceRoutes::new(
                 rooms.clone(),
                 feed.clone(),
                 EdgeLimits {
@@ -202,8 +203,7 @@ pub async fn run(
                     max_connection_age: config.max_connection_age,
                     max_connection_age_grace: config.max_connection_age_grace,
                 },
-            )
-            .into_server(),
+            ),
             tokens,
         ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown.clone());

@@ -27,7 +27,7 @@ pub mod proto {
 pub use access::AccessLogLayer;
 pub use auth::{Access, Authenticated, Tokens};
 pub use io::Unvectored;
-pub use service::{EdgeLimits, RoomService};
+pub use service::RoomService;
 pub use status::to_status;
-pub use watch::RoomServiceRoutes;
+pub use watch::{EdgeLimits, RoomServiceRoutes};
 pub use watch_client::watch;

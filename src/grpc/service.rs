@@ -4,56 +4,27 @@ use std::pin::Pin;
 
 use std::time::Duration;
 
-use futures::{Stream, StreamExt as _};
+use futures::Stream;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::budget::Caller;
 use crate::domain::Result;
-use crate::feed::{Feed, WatchItem};
 use crate::rooms::{CacheInfo, Rooms};
 
 use super::access::record_room;
-use super::io::Connection;
 use super::proto::room_service_server as server;
-use super::watch::RoomServiceRoutes;
 use super::{convert, proto, to_status};
 
 /// The tonic service. Each method converts, calls [`Rooms`], converts back.
 #[derive(Clone)]
 pub struct RoomService {
     rooms: Rooms,
-    feed: Feed,
-    limits: EdgeLimits,
-}
-
-/// Limits the gRPC edge applies.
-#[derive(Debug, Clone, Copy)]
-pub struct EdgeLimits {
-    /// Request messages larger than this are refused before decoding.
-    pub max_request_size: usize,
-    /// The server's maximum connection age, if any, and its grace period.
-    /// Watch streams end (UNAVAILABLE, saying where to resume) half way
-    /// through the grace period: after the GOAWAY, so that the client resumes
-    /// on a new connection, and before the connection is cut.
-    pub max_connection_age: Option<Duration>,
-    pub max_connection_age_grace: Duration,
 }
 
 impl RoomService {
-    pub fn new(rooms: Rooms, feed: Feed, limits: EdgeLimits) -> RoomService {
-        RoomService {
-            rooms,
-            feed,
-            limits,
-        }
-    }
-
-    /// The tonic server for this service (WatchRooms served from encoded
-    /// messages: see `grpc::watch`).
-    pub fn into_server(self) -> RoomServiceRoutes {
-        let (feed, limits) = (self.feed.clone(), self.limits);
-        RoomServiceRoutes::new(self, feed, limits)
+    pub fn new(rooms: Rooms) -> RoomService {
+        RoomService { rooms }
     }
 }
 
@@ -111,44 +82,20 @@ fn cache_headers(metadata: &mut MetadataMap, cache: CacheInfo) {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchRoomsResponse, Status>> + Send>>;
 
-/// The items of a WatchRooms stream, or why it cannot start. The streams of
-/// one connection share a wake group (see `WatchRequest::wake_group`) and,
-/// with a maximum connection age, end half way through its grace period.
-pub(super) async fn watch_items(
-    feed: &Feed,
-    limits: EdgeLimits,
-    request: Request<proto::WatchRoomsRequest>,
-) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static, Status> {
-    use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
-    let connection = Connection::of(&request).cloned();
-    let result = async {
-        let mut watch = convert::watch_request(request.into_inner())?;
-        if let Some(connection) = connection {
-            watch.wake_group = connection.remote.map_or(0, |addr| {
-                BuildHasherDefault::<DefaultHasher>::default().hash_one(addr)
-            });
-            watch.end_at = limits
-                .max_connection_age
-                .map(|age| connection.accepted_at + age + limits.max_connection_age_grace / 2);
-        }
-        feed.watch(watch).await
-    };
-    result.await.map_err(to_status)
-}
-
 #[tonic::async_trait]
 impl server::RoomService for RoomService {
     type WatchRoomsStream = WatchStream;
 
-    /// As the generated server would serve it; `into_server` serves
-    /// WatchRooms from encoded messages instead (`grpc::watch`).
+    /// Never called: the service as served (`grpc::watch::RoomServiceRoutes`)
+    /// answers WatchRooms itself, from encoded messages, before the
+    /// generated server sees the request.
     async fn watch_rooms(
         &self,
-        request: Request<proto::WatchRoomsRequest>,
+        _request: Request<proto::WatchRoomsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let items = watch_items(&self.feed, self.limits, request).await?;
-        let messages = items.map(|item| item.map(convert::watch_item).map_err(to_status));
-        Ok(Response::new(Box::pin(messages)))
+        Err(Status::unimplemented(
+            "WatchRooms is served by grpc::watch, not by the generated server",
+        ))
     }
 
     async fn create_room(

@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
@@ -21,14 +22,30 @@ use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
+use crate::domain::Result as DomainResult;
 use crate::feed::{Feed, WatchItem};
+use crate::rooms::Rooms;
 
 use super::codec::MessageDecoder;
+use super::io::Connection;
 use super::proto::room_service_server::{self as server, RoomServiceServer};
-use super::service::{EdgeLimits, RoomService, watch_items};
+use super::service::RoomService;
 use super::{convert, proto, to_status};
 
 const WATCH_ROOMS: &str = "/ivschat.rooms.v1.RoomService/WatchRooms";
+
+/// Limits the gRPC edge applies.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    /// Request messages larger than this are refused before decoding.
+    pub max_request_size: usize,
+    /// The server's maximum connection age, if any, and its grace period.
+    /// Watch streams end (UNAVAILABLE, saying where to resume) half way
+    /// through the grace period: after the GOAWAY, so that the client resumes
+    /// on a new connection, and before the connection is cut.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
+}
 
 /// RoomService as served: WatchRooms from encoded messages, the rest by the
 /// generated server.
@@ -40,9 +57,10 @@ pub struct RoomServiceRoutes {
 }
 
 impl RoomServiceRoutes {
-    pub(super) fn new(service: RoomService, feed: Feed, limits: EdgeLimits) -> RoomServiceRoutes {
+    /// RoomService over `rooms`, its watch streams from `feed`.
+    pub fn new(rooms: Rooms, feed: Feed, limits: EdgeLimits) -> RoomServiceRoutes {
         RoomServiceRoutes {
-            generated: RoomServiceServer::new(service)
+            generated: RoomServiceServer::new(RoomService::new(rooms))
                 .max_decoding_message_size(limits.max_request_size),
             feed,
             limits,
@@ -79,6 +97,31 @@ where
                 .await)
         })
     }
+}
+
+/// The items of a WatchRooms stream, or why it cannot start. The streams of
+/// one connection share a wake group (see `WatchRequest::wake_group`) and,
+/// with a maximum connection age, end half way through its grace period.
+async fn watch_items(
+    feed: &Feed,
+    limits: EdgeLimits,
+    request: Request<proto::WatchRoomsRequest>,
+) -> Result<impl Stream<Item = DomainResult<WatchItem>> + Send + 'static, Status> {
+    use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+    let connection = Connection::of(&request).cloned();
+    let result = async {
+        let mut watch = convert::watch_request(request.into_inner())?;
+        if let Some(connection) = connection {
+            watch.wake_group = connection.remote.map_or(0, |addr| {
+                BuildHasherDefault::<DefaultHasher>::default().hash_one(addr)
+            });
+            watch.end_at = limits
+                .max_connection_age
+                .map(|age| connection.accepted_at + age + limits.max_connection_age_grace / 2);
+        }
+        feed.watch(watch).await
+    };
+    result.await.map_err(to_status)
 }
 
 /// The WatchRooms method, answering with encoded messages.
