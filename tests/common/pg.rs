@@ -12,25 +12,28 @@ pub struct PrivatePostgres {
     pub port: u16,
 }
 
-/// Runs a Postgres program as the `postgres` user when we are root (Postgres
-/// refuses to run as root).
-fn run(bin: &Path, program: &str, args: &[&str]) {
+/// A Postgres program, run as the `postgres` user when we are root
+/// (Postgres refuses to run as root).
+fn command(bin: &Path, program: &str) -> Command {
     let path = bin.join(program);
-    let root = std::env::var("USER").is_ok_and(|u| u == "root")
-        || Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    let output = if root {
-        Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(&path)
-            .args(args)
-            .output()
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(path);
+        command
     } else {
-        Command::new(&path).args(args).output()
+        Command::new(path)
     }
-    .unwrap_or_else(|e| panic!("could not run {}: {e}", path.display()));
+}
+
+fn run(bin: &Path, program: &str, args: &[&str]) {
+    let output = command(bin, program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {program}: {e}"));
     assert!(
         output.status.success(),
         "{program} {args:?} failed: {}{}",
@@ -135,9 +138,7 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
+        let _ = command(&self.bin, "pg_ctl")
             .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
             .output();
     }

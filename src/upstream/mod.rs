@@ -1,0 +1,18 @@
+//! IVS Chat, through the real `aws-sdk-ivschat`: the only home of SDK types.
+//!
+//! Whether it talks to AWS or to the embedded emulator, this is the same client
+//! and the same code path; only the endpoint and credentials differ.
+//!
+//! Every attempt, retries included, first takes a slot from the [`Budget`]:
+//! the SDK's own retries are off, because they would bypass it. Retries here
+//! back off exponentially; a ThrottlingException also pauses the budget.
+//!
+//! `client.rs`: one IVS Chat's calls and the conversions of their answers;
+//! `errors.rs`: SDK errors as `domain::Error`.
+//!
+//! [`Budget`]: crate::budget::Budget
+
+mod client;
+mod errors;
+
+pub use client::{BudgetFor, Pages, SendFailure, Upstream, UpstreamSettings};
