@@ -33,6 +33,10 @@ pub const BUDGET_WAITING: &str = "ivschat_rooms_budget_waiting";
 /// budget, by `operation` and `region`, as this replica last saw it (a
 /// counter in all but type: take its `rate()`).
 pub const BUDGET_FLEET_SLOTS: &str = "ivschat_rooms_budget_fleet_slots";
+/// With a shared budget: slots this replica took but left unused, by
+/// `operation` and `reason` (`paused`: a throttle came after it was booked;
+/// `late`: the replica woke too late to send in it).
+pub const BUDGET_UNUSED: &str = "ivschat_rooms_budget_slots_unused_total";
 /// With a shared budget: how far ahead of now the fleet has booked each
 /// budget, in seconds, as this replica last saw it.
 pub const BUDGET_FLEET_BOOKED: &str = "ivschat_rooms_budget_fleet_booked_seconds";
@@ -97,6 +101,10 @@ fn describe() {
         "requests refused for want of a budget token in time"
     );
     describe_gauge!(BUDGET_WAITING, "requests waiting for a budget token");
+    describe_counter!(
+        BUDGET_UNUSED,
+        "slots of the shared budget left unused: a pause came, or the replica woke late"
+    );
     describe_gauge!(
         BUDGET_FLEET_SLOTS,
         "slots of the shared budget taken by every replica so far, as last seen"

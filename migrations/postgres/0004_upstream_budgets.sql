@@ -2,7 +2,7 @@
 -- one process, whose budget lives in memory). One row per IVS Chat region
 -- and operation, a GCRA: `tat` is the theoretical arrival time, the instant
 -- from which the next slot is free. A slot is taken by one conditional
--- upsert that moves `tat` on by the interval (1.04 / rate), so the slots
+-- upsert that moves `tat` on by the interval (1.06 / rate), so the slots
 -- handed to every replica together are spaced at least that far apart.
 -- Times are nanoseconds since the Unix epoch on the database's clock, so
 -- replicas' clocks need not agree.

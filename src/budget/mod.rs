@@ -9,7 +9,7 @@
 //!
 //! AWS allows 5 calls per second per room operation (10 for the tag calls)
 //! per account and region, and will not raise it. Calls of one operation are
-//! spaced `1.04 / rate` apart, a little wider than AWS's rate so that network
+//! spaced `1.06 / rate` apart, a little wider than AWS's rate so that network
 //! jitter cannot put one call too many into one of AWS's one-second windows.
 //! Every attempt sent upstream, retries included, takes a slot first.
 //!
@@ -110,10 +110,10 @@ impl BudgetSettings {
 
 /// How much wider than `1 / rate` calls are spaced: IVS Chat counts calls
 /// when they arrive, and calls sent 200 ms apart can arrive closer. At 5 per
-/// second, six calls then span at least 1.04 s: any one call may arrive up to
-/// 40 ms later than its slot (a busy host, the network) without a sixth in
-/// one of AWS's seconds, and 96 % of the rate is used.
-const HEADROOM: f64 = 1.04;
+/// second, six calls then span at least 1.06 s: any one call may arrive up to
+/// 60 ms later than its slot (a busy host, the network) without a sixth in
+/// one of AWS's seconds, and 94 % of the rate is used.
+const HEADROOM: f64 = 1.06;
 
 /// How long an operation pauses after the first ThrottlingException; it
 /// doubles with each one that follows, up to [`MAX_PAUSE`].

@@ -6,7 +6,7 @@
 //! one conditional statement that moves it on by the interval only if the
 //! slot lies before the user's deadline; then it sleeps until the slot and
 //! sends. So, summed over every replica, slots are spaced at least
-//! `1.04 / rate` apart, a replica alone gets the whole rate, and a refused
+//! `1.06 / rate` apart, a replica alone gets the whole rate, and a refused
 //! request holds nothing. A background caller takes a slot only if it is free
 //! now: any user waiting on any replica holds a slot ahead of now, so
 //! background work never takes a slot a user could have had. A
@@ -65,9 +65,15 @@ enum Taken {
     Slot,
     /// None in time.
     None,
-    /// The slot came inside a pause learnt of meanwhile: unused.
-    Paused,
+    /// The slot came inside a pause learnt of meanwhile, or this replica
+    /// woke too late for it: unused.
+    Unused,
 }
+
+/// How late after its slot a replica may still send: a call sent later
+/// could arrive closer than the interval to the next slot's (another
+/// replica's, on time), so the slot goes unused and another is taken.
+const LATE_WAKE: Duration = Duration::from_millis(30);
 
 impl SharedBudget {
     /// The budgets of `region` in `store`, which must be shared (Postgres).
@@ -117,6 +123,7 @@ impl SharedBudget {
 
     /// One try at a slot at most `within` from now; sleeps until it.
     async fn try_take(&self, shared: &Shared, within: Duration) -> Result<Taken> {
+        let asked = Instant::now();
         let taken = tokio::time::timeout(
             DATABASE_WAIT,
             self.store
@@ -141,17 +148,39 @@ impl SharedBudget {
             .increment(1);
         metrics::gauge!(telemetry::BUDGET_FLEET_SLOTS, &labels).set(slot.granted as f64);
         metrics::gauge!(telemetry::BUDGET_FLEET_BOOKED, &labels).set(slot.booked.as_secs_f64());
-        tokio::time::sleep(slot.delay).await;
+        // The slot is `delay` after the database answered, which was between
+        // asking and now: sleep until the latest it can be (never early), and
+        // judge lateness from the earliest (a busy process reads the answer
+        // late too).
+        let at = Instant::now() + slot.delay;
+        let earliest = asked + slot.delay;
+        tokio::time::sleep_until(at).await;
         // Booked before a throttle this replica has heard of since: IVS Chat
         // asked for a pause, so the slot goes unused.
         if shared.paused_for() > Duration::ZERO {
-            return Ok(Taken::Paused);
+            return Ok(shared.unused("paused"));
+        }
+        // A busy host woke this replica late: sent now, the call could come
+        // too close to the next slot's.
+        if Instant::now().saturating_duration_since(earliest) > LATE_WAKE {
+            return Ok(shared.unused("late"));
         }
         Ok(Taken::Slot)
     }
 }
 
 impl Shared {
+    /// A slot given up, counted (`reason`: `paused` or `late`).
+    fn unused(&self, reason: &'static str) -> Taken {
+        metrics::counter!(
+            telemetry::BUDGET_UNUSED,
+            "operation" => self.name.clone(),
+            "reason" => reason,
+        )
+        .increment(1);
+        Taken::Unused
+    }
+
     fn pause_until(&self, until: Instant) {
         let mut paused = self.paused_until.lock().expect("pause");
         if paused.is_none_or(|p| p < until) {
@@ -195,14 +224,14 @@ impl Budget for SharedBudget {
                         break Ok(Taken::None);
                     }
                     match self.try_take(shared, within).await {
-                        Ok(Taken::Paused) => continue,
+                        Ok(Taken::Unused) => continue,
                         other => break other,
                     }
                 };
                 waiting.decrement(1);
                 match taken? {
                     Taken::Slot => Ok(()),
-                    Taken::None | Taken::Paused => Err(exhausted(
+                    Taken::None | Taken::Unused => Err(exhausted(
                         op,
                         shared.interval,
                         true,

@@ -37,6 +37,8 @@ impl Rooms {
         // Whether there is something to answer with if IVS Chat cannot be
         // asked in time; only then is waiting for it cut short.
         let mut fallback = false;
+        // The database did not answer this request: memory answers for it.
+        let mut database_away = false;
         if consistency == Consistency::Cached {
             match by(answer_by, self.cached(&arn)).await {
                 Ok(Some(row)) if self.is_fresh(&row) => {
@@ -48,6 +50,7 @@ impl Rooms {
                 Ok(row) => fallback = row.is_some_and(|row| self.may_serve_stale(&row)),
                 // The database is down: IVS Chat may answer, or memory.
                 Err(Error::Unavailable(_)) => {
+                    database_away = true;
                     fallback = self
                         .inner
                         .hot
@@ -63,7 +66,12 @@ impl Rooms {
             Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
                 // Anything the cache still holds, within the hard limit, beats
                 // no answer.
-                if let Some(row) = self.last_known(&arn, deadline).await
+                let row = if database_away {
+                    self.inner.hot.get(&arn)
+                } else {
+                    self.last_known(&arn, deadline).await
+                };
+                if let Some(row) = row
                     && self.may_serve_stale(&row)
                 {
                     let status = if self.is_fresh(&row) {
