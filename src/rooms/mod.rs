@@ -13,11 +13,11 @@
 //!   within `stale_if_error`, and says so; STRONG reads and writes fail.
 //! - Writes go to IVS Chat first; the cache then takes the result, under the
 //!   store's update-time rule, so a slow answer never overwrites a newer one.
-//! - Within this process, calls that reach IVS Chat for the same room take turns
-//!   (a per-room lock), so a read that started before a write cannot land after
-//!   it, and concurrent misses of one room wait for the first to fill the cache.
-//!   Writes also take the room's turn among replicas (`Store::lock_room`), in
-//!   which a conditional write reads IVS Chat and compares update_time first.
+//! - Calls that reach IVS Chat for the same room take turns (a per-room lock,
+//!   then on Postgres `Store::lock_room` among replicas), so a read that
+//!   started before a write cannot land after it, and concurrent misses of one
+//!   room, on any replica, wait for the first to fill the cache. In its turn a
+//!   conditional write reads IVS Chat and compares update_time first.
 //! - A CreateRoom with a request_id creates at most one room (`create`).
 //! - ListRooms is answered from the cache once a full listing of IVS Chat has
 //!   completed (the reconciler's first pass, on whichever replica leads;
@@ -68,7 +68,8 @@ use crate::upstream::Upstream;
 const LISTED_RECHECK: Duration = Duration::from_millis(250);
 
 /// How long after its creation a room may still be on its way into the cache
-/// from a CreateRoom of this process (more than an upstream call takes).
+/// from a CreateRoom of any replica (more than an upstream call takes); also
+/// how long a replica's record of a creation in flight lasts after a crash.
 const CREATION_WINDOW: Duration = Duration::from_secs(60);
 
 /// How fresh a read must be.
