@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
@@ -37,73 +37,97 @@ pub(super) fn router(emulator: Emulator) -> Router {
         .with_state(emulator)
 }
 
-async fn create_room(State(em): State<Emulator>, body: Bytes) -> Response {
-    handle(&em, Operation::CreateRoom, move |rooms| {
-        let input: CreateRoomIn = parse(&body)?;
-        let new = NewRoom {
-            name: input.name.unwrap_or_default(),
-            maximum_message_rate_per_second: input.maximum_message_rate_per_second.map(int),
-            maximum_message_length: input.maximum_message_length.map(int),
-            message_review_handler: input
-                .message_review_handler
-                .map(HandlerIn::parse)
-                .transpose()?,
-            tags: input.tags.unwrap_or_default(),
-            logging_configuration_identifiers: input
-                .logging_configuration_identifiers
-                .unwrap_or_default(),
-        };
-        Ok(ok_json(WireRoom::from(&rooms.create(new)?)))
-    })
+async fn create_room(State(em): State<Emulator>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(
+        &em,
+        &headers,
+        Operation::CreateRoom,
+        move |rooms, region| {
+            let input: CreateRoomIn = parse(&body)?;
+            let new = NewRoom {
+                name: input.name.unwrap_or_default(),
+                maximum_message_rate_per_second: input.maximum_message_rate_per_second.map(int),
+                maximum_message_length: input.maximum_message_length.map(int),
+                message_review_handler: input
+                    .message_review_handler
+                    .map(HandlerIn::parse)
+                    .transpose()?,
+                tags: input.tags.unwrap_or_default(),
+                logging_configuration_identifiers: input
+                    .logging_configuration_identifiers
+                    .unwrap_or_default(),
+            };
+            Ok(ok_json(WireRoom::from(&rooms.create(region, new)?)))
+        },
+    )
     .await
 }
 
-async fn get_room(State(em): State<Emulator>, body: Bytes) -> Response {
-    handle(&em, Operation::GetRoom, move |rooms| {
+async fn get_room(State(em): State<Emulator>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(&em, &headers, Operation::GetRoom, move |rooms, region| {
         let input: IdentifierIn = parse(&body)?;
-        Ok(ok_json(WireRoom::from(&rooms.get(&input.required()?)?)))
+        Ok(ok_json(WireRoom::from(
+            &rooms.get(region, &input.required()?)?,
+        )))
     })
     .await
 }
 
-async fn update_room(State(em): State<Emulator>, body: Bytes) -> Response {
-    handle(&em, Operation::UpdateRoom, move |rooms| {
-        let input: UpdateRoomIn = parse(&body)?;
-        let identifier = required("identifier", input.identifier)?;
-        let patch = RoomPatch {
-            name: input.name,
-            maximum_message_rate_per_second: input.maximum_message_rate_per_second.map(int),
-            maximum_message_length: input.maximum_message_length.map(int),
-            message_review_handler: input
-                .message_review_handler
-                .map(HandlerIn::parse)
-                .transpose()?,
-            logging_configuration_identifiers: input.logging_configuration_identifiers,
-        };
-        Ok(ok_json(WireRoom::from(&rooms.update(&identifier, &patch)?)))
-    })
+async fn update_room(State(em): State<Emulator>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(
+        &em,
+        &headers,
+        Operation::UpdateRoom,
+        move |rooms, region| {
+            let input: UpdateRoomIn = parse(&body)?;
+            let identifier = required("identifier", input.identifier)?;
+            let patch = RoomPatch {
+                name: input.name,
+                maximum_message_rate_per_second: input.maximum_message_rate_per_second.map(int),
+                maximum_message_length: input.maximum_message_length.map(int),
+                message_review_handler: input
+                    .message_review_handler
+                    .map(HandlerIn::parse)
+                    .transpose()?,
+                logging_configuration_identifiers: input.logging_configuration_identifiers,
+            };
+            Ok(ok_json(WireRoom::from(&rooms.update(
+                region,
+                &identifier,
+                &patch,
+            )?)))
+        },
+    )
     .await
 }
 
-async fn delete_room(State(em): State<Emulator>, body: Bytes) -> Response {
-    handle(&em, Operation::DeleteRoom, move |rooms| {
-        let input: IdentifierIn = parse(&body)?;
-        rooms.delete(&input.required()?)?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
+async fn delete_room(State(em): State<Emulator>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(
+        &em,
+        &headers,
+        Operation::DeleteRoom,
+        move |rooms, region| {
+            let input: IdentifierIn = parse(&body)?;
+            rooms.delete(region, &input.required()?)?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        },
+    )
     .await
 }
 
-async fn list_rooms(State(em): State<Emulator>, body: Bytes) -> Response {
-    handle(&em, Operation::ListRooms, move |rooms| {
+async fn list_rooms(State(em): State<Emulator>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(&em, &headers, Operation::ListRooms, move |rooms, region| {
         let input: ListRoomsIn = parse(&body)?;
-        let page = rooms.list(&ListQuery {
-            name: input.name,
-            message_review_handler_uri: input.message_review_handler_uri,
-            logging_configuration_identifier: input.logging_configuration_identifier,
-            max_results: input.max_results.map(int),
-            next_token: input.next_token,
-        })?;
+        let page = rooms.list(
+            region,
+            &ListQuery {
+                name: input.name,
+                message_review_handler_uri: input.message_review_handler_uri,
+                logging_configuration_identifier: input.logging_configuration_identifier,
+                max_results: input.max_results.map(int),
+                next_token: input.next_token,
+            },
+        )?;
         let summaries: Vec<WireSummary> = page.rooms.iter().map(WireSummary::from).collect();
         let mut out = json!({ "rooms": summaries });
         if let Some(token) = page.next_token {
@@ -116,37 +140,60 @@ async fn list_rooms(State(em): State<Emulator>, body: Bytes) -> Response {
 
 async fn tag_resource(
     State(em): State<Emulator>,
+    headers: HeaderMap,
     Path(resource_arn): Path<String>,
     body: Bytes,
 ) -> Response {
-    handle(&em, Operation::TagResource, move |rooms| {
-        let input: TagIn = parse(&body)?;
-        rooms.tag(&resource_arn, required("tags", input.tags)?)?;
-        Ok(ok_json(json!({})))
-    })
+    handle(
+        &em,
+        &headers,
+        Operation::TagResource,
+        move |rooms, region| {
+            let input: TagIn = parse(&body)?;
+            rooms.tag(region, &resource_arn, required("tags", input.tags)?)?;
+            Ok(ok_json(json!({})))
+        },
+    )
     .await
 }
 
 async fn untag_resource(
     State(em): State<Emulator>,
+    headers: HeaderMap,
     Path(resource_arn): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    handle(&em, Operation::UntagResource, move |rooms| {
-        let keys: Vec<String> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-            .filter(|(k, _)| k == "tagKeys")
-            .map(|(_, v)| v.into_owned())
-            .collect();
-        rooms.untag(&resource_arn, &keys)?;
-        Ok(ok_json(json!({})))
-    })
+    handle(
+        &em,
+        &headers,
+        Operation::UntagResource,
+        move |rooms, region| {
+            let keys: Vec<String> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                .filter(|(k, _)| k == "tagKeys")
+                .map(|(_, v)| v.into_owned())
+                .collect();
+            rooms.untag(region, &resource_arn, &keys)?;
+            Ok(ok_json(json!({})))
+        },
+    )
     .await
 }
 
-async fn list_tags(State(em): State<Emulator>, Path(resource_arn): Path<String>) -> Response {
-    handle(&em, Operation::ListTagsForResource, move |rooms| {
-        Ok(ok_json(json!({ "tags": rooms.tags(&resource_arn)? })))
-    })
+async fn list_tags(
+    State(em): State<Emulator>,
+    headers: HeaderMap,
+    Path(resource_arn): Path<String>,
+) -> Response {
+    handle(
+        &em,
+        &headers,
+        Operation::ListTagsForResource,
+        move |rooms, region| {
+            Ok(ok_json(
+                json!({ "tags": rooms.tags(region, &resource_arn)? }),
+            ))
+        },
+    )
     .await
 }
 
@@ -158,16 +205,21 @@ async fn unknown_operation() -> Response {
     )
 }
 
-/// Applies the faults in force, runs `op` against the rooms, then delays the
-/// response by the configured latency and while a test holds it back.
+/// Applies the faults in force in the region the request was signed for,
+/// runs `op` against that region's rooms, then delays the response by the
+/// configured latency and while a test holds it back.
 async fn handle(
     em: &Emulator,
+    headers: &HeaderMap,
     op: Operation,
-    run: impl FnOnce(&mut Rooms) -> Result<Response, Reply> + Send + 'static,
+    run: impl FnOnce(&mut Rooms, &str) -> Result<Response, Reply> + Send + 'static,
 ) -> Response {
     // When IVS Chat receives the call: what AWS's per-second limit counts.
     let arrived = std::time::Instant::now();
-    let faults = em.active_faults();
+    let region = super::regions::signed_for(headers)
+        .unwrap_or(em.default_region())
+        .to_owned();
+    let faults = em.active_faults(&region);
     let over_limit = faults.over_limit(op);
     let fault = if over_limit { None } else { faults.draw() };
     let response = match fault {
@@ -177,13 +229,14 @@ async fn handle(
             // The state file is written (and synced) under the lock: off the
             // async workers.
             let state = em.clone();
-            match tokio::task::spawn_blocking(move || run(&mut state.state())).await {
+            let region = region.clone();
+            match tokio::task::spawn_blocking(move || run(&mut state.state(), &region)).await {
                 Ok(result) => result.unwrap_or_else(|reply| *reply.0),
                 Err(e) => error_response(Error::Internal(anyhow::anyhow!("handler panicked: {e}"))),
             }
         }
     };
-    em.record_call(op, arrived);
+    em.record_call(&region, op, arrived);
     let slow = match fault {
         Some(InjectedFault::Slow(by)) => by,
         _ => Duration::ZERO,

@@ -14,9 +14,10 @@ use crate::domain::{
     validate,
 };
 
-/// The rooms of one account in one region.
+/// The rooms of one account in every region, each region apart: an
+/// operation sees only the rooms of the region it was sent to (the region of
+/// the request's signature), as AWS's regional endpoints separate them.
 pub(crate) struct State {
-    region: String,
     account_id: String,
     rooms: HashMap<String, Room>,
     file: Option<PathBuf>,
@@ -31,12 +32,9 @@ struct Persisted {
 }
 
 impl State {
-    /// Loads `file` if it exists; a missing file is an empty account.
-    pub(crate) fn open(
-        region: &str,
-        account_id: &str,
-        file: Option<&Path>,
-    ) -> anyhow::Result<State> {
+    /// Loads `file` (every region's rooms) if it exists; a missing file is an
+    /// empty account.
+    pub(crate) fn open(account_id: &str, file: Option<&Path>) -> anyhow::Result<State> {
         let rooms = match file {
             Some(path) if path.exists() => {
                 let bytes = std::fs::read(path)
@@ -49,7 +47,6 @@ impl State {
             _ => Vec::new(),
         };
         Ok(State {
-            region: region.to_owned(),
             account_id: account_id.to_owned(),
             rooms: rooms.into_iter().map(|r| (r.id.clone(), r)).collect(),
             file: file.map(Path::to_path_buf),
@@ -57,7 +54,7 @@ impl State {
         })
     }
 
-    pub(crate) fn create(&mut self, new: NewRoom) -> Result<Room> {
+    pub(crate) fn create(&mut self, region: &str, new: NewRoom) -> Result<Room> {
         validate::new_room(&new)?;
         let id: String = loop {
             let id: String = rand::rng()
@@ -71,7 +68,7 @@ impl State {
         };
         let now = Timestamp::now().truncate_to_micros();
         let room = Room {
-            arn: RoomArn::new(&self.region, &self.account_id, &id).to_string(),
+            arn: RoomArn::new(region, &self.account_id, &id).to_string(),
             id: id.clone(),
             name: new.name,
             create_time: now,
@@ -92,15 +89,20 @@ impl State {
         Ok(room)
     }
 
-    pub(crate) fn get(&self, identifier: &str) -> Result<Room> {
+    pub(crate) fn get(&self, region: &str, identifier: &str) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
-        self.find(&arn).cloned()
+        self.find(region, &arn).cloned()
     }
 
-    pub(crate) fn update(&mut self, identifier: &str, patch: &RoomPatch) -> Result<Room> {
+    pub(crate) fn update(
+        &mut self,
+        region: &str,
+        identifier: &str,
+        patch: &RoomPatch,
+    ) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
         validate::room_patch(patch)?;
-        let room = self.find_mut(&arn)?;
+        let room = self.find_mut(region, &arn)?;
         patch.apply_to(room);
         // Strictly greater than before, even for back-to-back updates.
         let next = room
@@ -113,20 +115,24 @@ impl State {
         Ok(room)
     }
 
-    pub(crate) fn delete(&mut self, identifier: &str) -> Result<()> {
+    pub(crate) fn delete(&mut self, region: &str, identifier: &str) -> Result<()> {
         let arn = RoomArn::parse("identifier", identifier)?;
-        self.find(&arn)?;
+        self.find(region, &arn)?;
         self.rooms.remove(arn.id());
         self.save()
     }
 
-    pub(crate) fn list(&self, query: &ListQuery) -> Result<ListedPage<Room>> {
+    pub(crate) fn list(&self, region: &str, query: &ListQuery) -> Result<ListedPage<Room>> {
         validate::list_query(query)?;
         let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => Some(PageCursor::decode(token)?),
             None => None,
         };
-        let mut rooms: Vec<&Room> = self.rooms.values().filter(|r| query.matches(r)).collect();
+        let mut rooms: Vec<&Room> = self
+            .rooms
+            .values()
+            .filter(|r| in_region(r, region) && query.matches(r))
+            .collect();
         rooms.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
         let start = match &after {
             Some(after) => rooms.partition_point(|r| {
@@ -157,10 +163,15 @@ impl State {
         })
     }
 
-    pub(crate) fn tag(&mut self, resource_arn: &str, tags: BTreeMap<String, String>) -> Result<()> {
+    pub(crate) fn tag(
+        &mut self,
+        region: &str,
+        resource_arn: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<()> {
         let arn = self.resource(resource_arn)?;
         validate::tags("tags", &tags)?;
-        let room = self.find_mut(&arn)?;
+        let room = self.find_mut(region, &arn)?;
         let mut merged = room.tags.clone();
         merged.extend(tags);
         if merged.len() > validate::MAX_TAGS {
@@ -176,10 +187,15 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn untag(&mut self, resource_arn: &str, keys: &[String]) -> Result<()> {
+    pub(crate) fn untag(
+        &mut self,
+        region: &str,
+        resource_arn: &str,
+        keys: &[String],
+    ) -> Result<()> {
         let arn = self.resource(resource_arn)?;
         validate::tag_keys("tagKeys", keys)?;
-        let room = self.find_mut(&arn)?;
+        let room = self.find_mut(region, &arn)?;
         for key in keys {
             room.tags.remove(key);
         }
@@ -188,9 +204,13 @@ impl State {
         Ok(())
     }
 
-    pub(crate) fn tags(&self, resource_arn: &str) -> Result<BTreeMap<String, String>> {
+    pub(crate) fn tags(
+        &self,
+        region: &str,
+        resource_arn: &str,
+    ) -> Result<BTreeMap<String, String>> {
         let arn = self.resource(resource_arn)?;
-        Ok(self.find(&arn)?.tags.clone())
+        Ok(self.find(region, &arn)?.tags.clone())
     }
 
     /// Every room, in no order.
@@ -233,17 +253,19 @@ impl State {
         })
     }
 
-    fn find(&self, arn: &RoomArn) -> Result<&Room> {
+    /// Room `arn`, if it is one of `region`'s: another region's endpoint
+    /// does not know it.
+    fn find(&self, region: &str, arn: &RoomArn) -> Result<&Room> {
         self.rooms
             .get(arn.id())
-            .filter(|r| r.arn == arn.as_str())
+            .filter(|r| r.arn == arn.as_str() && arn.region() == region)
             .ok_or_else(|| Error::room_not_found(arn.id()))
     }
 
-    fn find_mut(&mut self, arn: &RoomArn) -> Result<&mut Room> {
+    fn find_mut(&mut self, region: &str, arn: &RoomArn) -> Result<&mut Room> {
         self.rooms
             .get_mut(arn.id())
-            .filter(|r| r.arn == arn.as_str())
+            .filter(|r| r.arn == arn.as_str() && arn.region() == region)
             .ok_or_else(|| Error::room_not_found(arn.id()))
     }
 
@@ -284,6 +306,11 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     Ok((path, file))
 }
 
+/// Whether `room` lives in `region`.
+fn in_region(room: &Room, region: &str) -> bool {
+    RoomArn::parse("arn", &room.arn).is_ok_and(|arn| arn.region() == region)
+}
+
 /// Newest first; ties broken by id so pages never overlap.
 fn order_key(room: &Room) -> (std::cmp::Reverse<Timestamp>, &str) {
     (std::cmp::Reverse(room.update_time), room.id.as_str())
@@ -295,17 +322,21 @@ mod tests {
 
     #[test]
     fn kept_versions_are_every_state_a_room_took() {
-        let mut state = State::open("us-east-1", "123456789012", None).unwrap();
+        let mut state = State::open("123456789012", None).unwrap();
         let before = state
-            .create(NewRoom {
-                name: "before".into(),
-                ..NewRoom::default()
-            })
+            .create(
+                "us-east-1",
+                NewRoom {
+                    name: "before".into(),
+                    ..NewRoom::default()
+                },
+            )
             .unwrap();
         assert!(state.versions().is_empty(), "not kept until asked");
         state.keep_versions();
         let renamed = state
             .update(
+                "us-east-1",
                 &before.arn,
                 &RoomPatch {
                     name: Some("renamed".into()),
@@ -314,11 +345,13 @@ mod tests {
             )
             .unwrap();
         state
-            .tag(&before.arn, [("k".into(), "v".into())].into())
+            .tag("us-east-1", &before.arn, [("k".into(), "v".into())].into())
             .unwrap();
-        let tagged = state.get(&before.arn).unwrap();
-        state.untag(&before.arn, &["k".into()]).unwrap();
-        state.delete(&before.arn).unwrap();
+        let tagged = state.get("us-east-1", &before.arn).unwrap();
+        state
+            .untag("us-east-1", &before.arn, &["k".into()])
+            .unwrap();
+        state.delete("us-east-1", &before.arn).unwrap();
         assert_eq!(state.versions(), [before, renamed.clone(), tagged, renamed]);
     }
 }
