@@ -183,13 +183,21 @@ pub struct ServeConfig {
     )]
     pub emulator_url: Option<String>,
 
-    /// The region the embedded emulator, or the one at --emulator-url, plays.
+    /// The region the embedded emulator, or the one at --emulator-url, plays
+    /// when --regions names none.
     #[arg(
         long,
         env = "IVSCHAT_ROOMS_EMULATOR_REGION",
-        default_value = "us-east-1"
+        default_value = "us-east-1",
+        value_parser = region
     )]
     pub emulator_region: String,
+
+    /// The IVS Chat regions served, comma-separated; the first is where a
+    /// CreateRoom that names no region goes. Default: the region of
+    /// aws-config's chain with --upstream aws, --emulator-region otherwise.
+    #[arg(long, env = "IVSCHAT_ROOMS_REGIONS", value_delimiter = ',', value_parser = region)]
+    pub regions: Vec<String>,
 
     /// Time limit for one attempt of an IVS Chat call.
     #[arg(long, env = "IVSCHAT_ROOMS_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -310,6 +318,22 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// The regions served as configured: empty with --upstream aws and no
+    /// --regions (aws-config's chain names the one region then).
+    pub fn configured_regions(&self) -> anyhow::Result<Vec<String>> {
+        for (i, region) in self.regions.iter().enumerate() {
+            anyhow::ensure!(
+                !self.regions[..i].contains(region),
+                "--regions names {region} twice"
+            );
+        }
+        Ok(match (self.regions.is_empty(), self.upstream) {
+            (false, _) => self.regions.clone(),
+            (true, UpstreamKind::Aws) => Vec::new(),
+            (true, _) => vec![self.emulator_region.clone()],
+        })
+    }
+
     /// The cache URL, defaulting to a SQLite file in the data directory.
     pub fn database_url(&self) -> String {
         self.database_url
@@ -347,11 +371,14 @@ pub struct EmulatorArgs {
     #[arg(long, env = "IVSCHAT_ROOMS_EMULATOR_STATE")]
     pub state: Option<PathBuf>,
 
-    /// Region in the ARNs handed out.
+    /// The region of a request whose signature names none. Every region a
+    /// request is signed for (its SigV4 credential scope) is served, each
+    /// with rooms, ARNs and TPS limits of its own.
     #[arg(
         long,
         env = "IVSCHAT_ROOMS_EMULATOR_REGION",
-        default_value = "us-east-1"
+        default_value = "us-east-1",
+        value_parser = region
     )]
     pub region: String,
 
@@ -428,6 +455,11 @@ pub struct WatchArgs {
     pub token: Option<Secret>,
 
     /// Print every matching room first (as SNAPSHOT lines), then changes.
+    /// Only rooms of these regions, comma-separated (default: every region
+    /// the server serves).
+    #[arg(long, value_delimiter = ',', value_parser = region)]
+    pub regions: Vec<String>,
+
     #[arg(long)]
     pub snapshot: bool,
 
@@ -516,6 +548,38 @@ mod tests {
             c.embedded_state_file(),
             PathBuf::from(".ivschat-rooms/rooms.db.emulator.json")
         );
+    }
+
+    #[test]
+    fn regions_default_to_the_one_region_played_or_configured() {
+        let Command::Serve(c) = parse(&[]) else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.configured_regions().unwrap(), ["us-east-1"]);
+        let Command::Serve(c) = parse(&["--emulator-region", "eu-west-1"]) else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.configured_regions().unwrap(), ["eu-west-1"]);
+        // With AWS, aws-config's chain names it.
+        let Command::Serve(c) = parse(&["--upstream", "aws"]) else {
+            panic!("expected serve")
+        };
+        assert!(c.configured_regions().unwrap().is_empty());
+        let Command::Serve(c) = parse(&["--upstream", "aws", "--regions", "eu-west-1,us-west-2"])
+        else {
+            panic!("expected serve")
+        };
+        assert_eq!(c.configured_regions().unwrap(), ["eu-west-1", "us-west-2"]);
+        let Command::Serve(c) = parse(&["--regions", "eu-west-1,eu-west-1"]) else {
+            panic!("expected serve")
+        };
+        let err = c.configured_regions().unwrap_err().to_string();
+        assert!(err.contains("twice"), "{err}");
+        let err = Cli::try_parse_from(["ivschat-rooms", "--regions", "us-east-1,US_WEST"])
+            .err()
+            .expect("a bad region name is refused")
+            .to_string();
+        assert!(err.contains("US_WEST") && err.contains("region"), "{err}");
     }
 
     #[test]
@@ -634,5 +698,22 @@ mod tests {
             panic!("expected serve")
         };
         assert_eq!(c.embedded_state_file(), PathBuf::from("/d/emulator.json"));
+    }
+}
+
+/// A region name: lowercase letters, digits and dashes, as in `us-east-1`.
+fn region(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a region name (lowercase letters, digits and dashes, as in us-east-1)"
+        ))
     }
 }

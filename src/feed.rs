@@ -83,6 +83,8 @@ pub struct WatchRequest {
     pub after_revision: Option<u64>,
     /// Start with the matching rooms as they are, then their changes.
     pub include_snapshot: bool,
+    /// Only rooms of these regions (by their ARNs); all regions when empty.
+    pub regions: Vec<String>,
     /// Watchers of one group are woken one after the other when events
     /// arrive, before the next group's. The gRPC edge groups the streams of
     /// one connection, so that their messages are all ready when the
@@ -333,7 +335,13 @@ impl Feed {
         let mut pending = VecDeque::new();
         let next = if request.include_snapshot && request.after_revision.is_none() {
             let snapshot = store.snapshot(&request.arns).await?;
-            pending.extend(snapshot.rooms.into_iter().map(WatchItem::Snapshot));
+            pending.extend(
+                snapshot
+                    .rooms
+                    .into_iter()
+                    .filter(|room| in_regions(&request.regions, &room.arn))
+                    .map(WatchItem::Snapshot),
+            );
             pending.push_back(WatchItem::Progress {
                 revision: snapshot.revision,
                 snapshot_complete: true,
@@ -365,6 +373,7 @@ impl Feed {
             _slot: slot,
             feed: self.clone(),
             arns: request.arns.iter().map(|a| a.as_str().to_owned()).collect(),
+            regions: request.regions,
             next,
             pending,
             tailed: self.subscribe(request.wake_group),
@@ -462,6 +471,8 @@ struct Watcher {
     feed: Feed,
     /// Room ARNs to pass; all when empty.
     arns: HashSet<String>,
+    /// Regions whose rooms pass; all when empty.
+    regions: Vec<String>,
     /// The next revision this watcher needs.
     next: u64,
     /// Items read but not yet sent.
@@ -588,10 +599,18 @@ impl Watcher {
                 return Err(compacted(self.next - 1, event.revision));
             }
             self.next = event.revision + 1;
-            if self.arns.is_empty() || self.arns.contains(&event.room.arn) {
+            if (self.arns.is_empty() || self.arns.contains(&event.room.arn))
+                && in_regions(&self.regions, &event.room.arn)
+            {
                 self.pending.push_back(WatchItem::Event(event));
             }
         }
         Ok(())
     }
+}
+
+/// Whether the room `arn` is in one of `regions` (all when empty).
+fn in_regions(regions: &[String], arn: &str) -> bool {
+    // arn:PARTITION:ivschat:REGION:ACCOUNT:room/ID
+    regions.is_empty() || arn.split(':').nth(3).is_some_and(|r| regions.iter().any(|x| x == r))
 }

@@ -27,7 +27,7 @@ use crate::hot::HotRooms;
 use crate::reconciler::{self, Passes, ReconcileSettings};
 use crate::rooms::{Rooms, RoomsSettings};
 use crate::store::Store;
-use crate::upstream::{Upstream, UpstreamSettings};
+use crate::upstream::{UpstreamSettings, Upstreams};
 
 /// Serves RoomService on `listener` until `shutdown` completes, then lets
 /// in-flight requests, and the exchanges with IVS Chat they started, finish
@@ -66,14 +66,21 @@ pub async fn run(
     ));
     // Also when startup fails below.
     let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
-    let (upstream, embedded) = upstream(&config, &store).await?;
+    let (upstreams, embedded) = upstreams(&config, &store).await?;
+    if let Some(region) = store
+        .adopt_one_region_state(upstreams.regions())
+        .await
+        .context("could not read the cache")?
+    {
+        tracing::debug!(region, "the cache's listing state is this region's");
+    }
     let hot = HotRooms::load(&store, config.memory_cache_rooms)
         .await
         .context("could not read the cache")?;
     let rooms = Rooms::new(
         store.clone(),
         hot.clone(),
-        upstream.clone(),
+        upstreams.clone(),
         RoomsSettings {
             max_staleness: config.max_staleness,
             listing_wait: config.listing_wait,
@@ -99,21 +106,27 @@ pub async fn run(
     )
     .await
     .context("could not read the change log")?;
+    // One reconciler per region: each leads, lists and fails on its own.
     let stop_reconciler = CancellationToken::new();
-    let reconciler = tokio::spawn(reconciler::run(
-        Passes::new(
-            rooms.clone(),
-            store.clone(),
-            upstream,
-            ReconcileSettings::LISTING_LAG,
-        ),
-        store.clone(),
-        ReconcileSettings {
-            interval: config.reconcile_interval,
-            resync_interval: config.resync_interval,
-        },
-        stop_reconciler.clone(),
-    ));
+    let reconcilers: Vec<_> = upstreams
+        .iter()
+        .map(|upstream| {
+            tokio::spawn(reconciler::run(
+                Passes::new(
+                    rooms.clone(),
+                    store.clone(),
+                    upstream.clone(),
+                    ReconcileSettings::LISTING_LAG,
+                ),
+                store.clone(),
+                ReconcileSettings {
+                    interval: config.reconcile_interval,
+                    resync_interval: config.resync_interval,
+                },
+                stop_reconciler.clone(),
+            ))
+        })
+        .collect();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -139,7 +152,7 @@ pub async fn run(
         client_certificates = config.tls_client_ca.is_some(),
         auth = tokens.is_some(),
         reflection = !config.no_reflection,
-        region = rooms.region(),
+        regions = upstreams.served(),
         budget = if store.is_shared() { "shared by the fleet" } else { "this process's" },
         "serving ivschat.rooms.v1.RoomService"
     );
@@ -227,7 +240,9 @@ pub async fn run(
         }
     };
     stop_reconciler.cancel();
-    let _ = reconciler.await;
+    for reconciler in reconcilers {
+        let _ = reconciler.await;
+    }
     feed.stop().await;
     feed_stopped.abort();
     // Exchanges with IVS Chat outlive their requests; let them reach the cache
@@ -312,36 +327,41 @@ fn budget(config: &ServeConfig, store: &Store, region: &str) -> Arc<dyn Budget> 
     if store.is_shared() {
         Arc::new(SharedBudget::new(store.clone(), region, &settings))
     } else {
-        Arc::new(LocalBudget::new(&settings))
+        Arc::new(LocalBudget::new(region, &settings))
     }
 }
 
-async fn upstream(
+/// The IVS Chat of every region served (`--regions`), each with its budget;
+/// with `--upstream embedded`, one emulator playing every region.
+async fn upstreams(
     config: &ServeConfig,
     store: &Store,
-) -> anyhow::Result<(Upstream, Option<Embedded>)> {
+) -> anyhow::Result<(Upstreams, Option<Embedded>)> {
     let settings = UpstreamSettings {
         timeout: config.upstream_timeout,
         max_attempts: config.upstream_max_attempts,
     };
     let budget_for = |region: &str| budget(config, store, region);
-    let region = config.emulator_region.as_str();
+    let regions = config.configured_regions()?;
     Ok(match config.upstream {
-        UpstreamKind::Aws => (Upstream::aws(settings, &budget_for).await?, None),
+        UpstreamKind::Aws => (
+            Upstreams::aws(settings, &regions, &budget_for).await?,
+            None,
+        ),
         UpstreamKind::Emulator => {
             let url = config
                 .emulator_url
                 .as_deref()
                 .context("--upstream emulator needs --emulator-url")?;
             (
-                Upstream::at_endpoint(url, region, settings, budget_for(region)),
+                Upstreams::at_endpoint(url, &regions, settings, &budget_for),
                 None,
             )
         }
         UpstreamKind::Embedded => {
             let state_file = config.embedded_state_file();
             let emulator = Emulator::new(EmulatorConfig {
-                region: config.emulator_region.clone(),
+                region: regions[0].clone(),
                 state_file: Some(state_file.clone()),
                 ..EmulatorConfig::default()
             })?;
@@ -358,7 +378,7 @@ async fn upstream(
                 "upstream is the embedded IVS Chat emulator: no AWS is being used (--upstream aws for AWS)"
             );
             (
-                Upstream::at_endpoint(&url, region, settings, budget_for(region)),
+                Upstreams::at_endpoint(&url, &regions, settings, &budget_for),
                 Some(Embedded { stop, task }),
             )
         }

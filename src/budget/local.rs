@@ -37,13 +37,15 @@ impl Clock for TokioClock {
 
 type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<std::time::Instant>>;
 
-/// The token buckets, one per operation. Share it behind an `Arc`.
+/// The token buckets of one region, one per operation. Share it behind an
+/// `Arc`.
 pub struct LocalBudget {
     buckets: Vec<Bucket>,
     max_wait: Duration,
 }
 
 struct Bucket {
+    region: String,
     op: Operation,
     limiter: Limiter,
     interval: Duration,
@@ -66,9 +68,13 @@ struct Pause {
 struct Waiting<'a>(&'a AtomicUsize, metrics::Gauge);
 
 impl Waiting<'_> {
-    fn new(count: &AtomicUsize, op: Operation) -> Waiting<'_> {
+    fn new<'a>(count: &'a AtomicUsize, region: &str, op: Operation) -> Waiting<'a> {
         count.fetch_add(1, Ordering::SeqCst);
-        let gauge = metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => op.to_string());
+        let gauge = metrics::gauge!(
+            telemetry::BUDGET_WAITING,
+            "operation" => op.to_string(),
+            "region" => region.to_owned(),
+        );
         gauge.increment(1);
         Waiting(count, gauge)
     }
@@ -82,13 +88,15 @@ impl Drop for Waiting<'_> {
 }
 
 impl LocalBudget {
-    pub fn new(settings: &BudgetSettings) -> LocalBudget {
+    /// The budget of `region`'s calls.
+    pub fn new(region: &str, settings: &BudgetSettings) -> LocalBudget {
         let buckets = Operation::ALL
             .into_iter()
             .map(|op| {
                 let interval = settings.interval_of(op);
                 let quota = Quota::with_period(interval).expect("a positive period");
                 Bucket {
+                    region: region.to_owned(),
                     op,
                     limiter: RateLimiter::direct_with_clock(quota, TokioClock),
                     interval,
@@ -133,13 +141,18 @@ impl Budget for LocalBudget {
         let length = pause.next.unwrap_or(FIRST_PAUSE);
         pause.until = Some(Instant::now() + length);
         pause.next = Some((length * 2).min(MAX_PAUSE));
-        tracing::warn!(operation = %bucket.op, pause = ?length, "IVS Chat throttled a call: pausing its budget");
+        tracing::warn!(
+            operation = %bucket.op,
+            region = bucket.region,
+            pause = ?length,
+            "IVS Chat throttled a call: pausing its budget"
+        );
     }
 }
 
 impl Bucket {
     async fn acquire_for_user(&self, deadline: Instant) -> Result<()> {
-        let waiting = Waiting::new(&self.waiting, self.op);
+        let waiting = Waiting::new(&self.waiting, &self.region, self.op);
         // Those ahead each take one interval; refuse now what cannot be
         // served in time.
         let ahead = u32::try_from(waiting.0.load(Ordering::SeqCst) - 1).unwrap_or(u32::MAX);
@@ -194,8 +207,12 @@ impl Bucket {
     }
 
     fn taken(&self) {
-        metrics::counter!(telemetry::BUDGET_TOKENS, "operation" => self.op.to_string())
-            .increment(1);
+        metrics::counter!(
+            telemetry::BUDGET_TOKENS,
+            "operation" => self.op.to_string(),
+            "region" => self.region.clone(),
+        )
+        .increment(1);
         *self.last_taken.lock().expect("last taken") = Some(Instant::now());
     }
 
@@ -218,6 +235,7 @@ impl Bucket {
 
     fn exhausted(&self, ahead: u32) -> Error {
         exhausted(
+            &self.region,
             self.op,
             self.interval,
             false,
@@ -231,7 +249,7 @@ mod tests {
     use super::*;
 
     fn budget(rate: u32) -> LocalBudget {
-        LocalBudget::new(&BudgetSettings {
+        LocalBudget::new("us-east-1", &BudgetSettings {
             rate: std::num::NonZeroU32::new(rate),
             ..BudgetSettings::default()
         })

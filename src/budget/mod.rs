@@ -125,11 +125,22 @@ const BACKGROUND_RECHECK: Duration = Duration::from_millis(5);
 
 /// The refusal of a user whose wait would outlast its deadline: the budget's
 /// own limit, not AWS's.
-fn exhausted(op: Operation, interval: Duration, fleet: bool, detail: &str) -> crate::domain::Error {
-    metrics::counter!(crate::telemetry::BUDGET_REFUSED, "operation" => op.to_string()).increment(1);
+fn exhausted(
+    region: &str,
+    op: Operation,
+    interval: Duration,
+    fleet: bool,
+    detail: &str,
+) -> crate::domain::Error {
+    metrics::counter!(
+        crate::telemetry::BUDGET_REFUSED,
+        "operation" => op.to_string(),
+        "region" => region.to_owned(),
+    )
+    .increment(1);
     crate::domain::Error::ResourceExhausted(format!(
-        "this service's budget for IVS Chat {op} ({:.1} calls per second{}) cannot serve \
-         this request before its deadline{detail}; retry later",
+        "this service's budget for IVS Chat {op} in {region} ({:.1} calls per second{}) \
+         cannot serve this request before its deadline{detail}; retry later",
         1.0 / interval.as_secs_f64(),
         if fleet {
             ", shared by every replica"

@@ -49,6 +49,7 @@ pub struct SharedBudget {
 struct Shared {
     op: Operation,
     name: String,
+    region: String,
     interval: Duration,
     /// A run of throttling pauses is on, as far as this replica last saw: a
     /// success ends it (one more statement, only then).
@@ -85,6 +86,7 @@ impl SharedBudget {
                 .map(|op| Shared {
                     op,
                     name: op.to_string(),
+                    region: region.to_owned(),
                     interval: settings.interval_of(op),
                     pausing: AtomicBool::new(false),
                     paused_until: std::sync::Mutex::new(None),
@@ -144,8 +146,7 @@ impl SharedBudget {
             ("operation", shared.name.clone()),
             ("region", self.region.clone()),
         ];
-        metrics::counter!(telemetry::BUDGET_TOKENS, "operation" => shared.name.clone())
-            .increment(1);
+        metrics::counter!(telemetry::BUDGET_TOKENS, &labels).increment(1);
         metrics::gauge!(telemetry::BUDGET_FLEET_SLOTS, &labels).set(slot.granted as f64);
         metrics::gauge!(telemetry::BUDGET_FLEET_BOOKED, &labels).set(slot.booked.as_secs_f64());
         // The slot is `delay` after the database answered, which was between
@@ -175,6 +176,7 @@ impl Shared {
         metrics::counter!(
             telemetry::BUDGET_UNUSED,
             "operation" => self.name.clone(),
+            "region" => self.region.clone(),
             "reason" => reason,
         )
         .increment(1);
@@ -215,7 +217,11 @@ impl Budget for SharedBudget {
             Caller::User { deadline } => {
                 let deadline = deadline.unwrap_or(Instant::now() + self.max_wait);
                 let waiting =
-                    metrics::gauge!(telemetry::BUDGET_WAITING, "operation" => shared.name.clone());
+                    metrics::gauge!(
+                        telemetry::BUDGET_WAITING,
+                        "operation" => shared.name.clone(),
+                        "region" => self.region.clone(),
+                    );
                 waiting.increment(1);
                 let taken = loop {
                     let within = deadline.saturating_duration_since(Instant::now());
@@ -232,6 +238,7 @@ impl Budget for SharedBudget {
                 match taken? {
                     Taken::Slot => Ok(()),
                     Taken::None | Taken::Unused => Err(exhausted(
+                        &self.region,
                         op,
                         shared.interval,
                         true,

@@ -100,6 +100,7 @@ pub(super) fn watch_request(req: proto::WatchRoomsRequest) -> Result<WatchReques
         arns,
         after_revision: req.after_revision,
         include_snapshot: req.include_snapshot,
+        regions: req.regions,
         ..WatchRequest::default()
     })
 }

@@ -106,8 +106,9 @@ impl server::RoomService for RoomService {
         let req = request.into_inner();
         let result = async {
             let request_id = (!req.request_id.is_empty()).then(|| req.request_id.clone());
+            let region = req.region.clone();
             self.rooms
-                .create(convert::new_room(req)?, request_id, caller)
+                .create(convert::new_room(req)?, &region, request_id, caller)
                 .await
         };
         let result = result.await;
@@ -171,8 +172,9 @@ impl server::RoomService for RoomService {
         &self,
         request: Request<proto::ListRoomsRequest>,
     ) -> Result<Response<proto::ListRoomsResponse>, Status> {
-        let query = convert::list_query(request.into_inner());
-        let listing = self.rooms.list(query).await;
+        let req = request.into_inner();
+        let region = req.region.clone();
+        let listing = self.rooms.list(convert::list_query(req), &region).await;
         let cache = listing.as_ref().ok().map(|l| l.cache);
         let mut reply = reply(listing, |listing| proto::ListRoomsResponse {
             rooms: listing.page.rooms.into_iter().map(convert::room).collect(),

@@ -22,9 +22,10 @@ use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
-use crate::domain::Result as DomainResult;
-use crate::feed::{Feed, WatchItem};
+use crate::domain::{Error, Result as DomainResult};
+use crate::feed::{Feed, WatchItem, WatchRequest};
 use crate::rooms::Rooms;
+use crate::upstream::Upstreams;
 
 use super::codec::MessageDecoder;
 use super::io::Connection;
@@ -53,6 +54,7 @@ pub struct EdgeLimits {
 pub struct RoomServiceRoutes {
     generated: RoomServiceServer<RoomService>,
     feed: Feed,
+    upstreams: Upstreams,
     limits: EdgeLimits,
 }
 
@@ -60,6 +62,7 @@ impl RoomServiceRoutes {
     /// RoomService over `rooms`, its watch streams from `feed`.
     pub fn new(rooms: Rooms, feed: Feed, limits: EdgeLimits) -> RoomServiceRoutes {
         RoomServiceRoutes {
+            upstreams: rooms.upstreams().clone(),
             generated: RoomServiceServer::new(RoomService::new(rooms))
                 .max_decoding_message_size(limits.max_request_size),
             feed,
@@ -90,10 +93,18 @@ where
             return self.generated.call(request);
         }
         let (feed, limits) = (self.feed.clone(), self.limits);
+        let upstreams = self.upstreams.clone();
         Box::pin(async move {
             let mut grpc = Grpc::new(WatchCodec).max_decoding_message_size(limits.max_request_size);
             Ok(grpc
-                .server_streaming(WatchRooms { feed, limits }, request)
+                .server_streaming(
+                    WatchRooms {
+                        feed,
+                        upstreams,
+                        limits,
+                    },
+                    request,
+                )
                 .await)
         })
     }
@@ -104,6 +115,7 @@ where
 /// with a maximum connection age, end half way through its grace period.
 async fn watch_items(
     feed: &Feed,
+    upstreams: &Upstreams,
     limits: EdgeLimits,
     request: Request<proto::WatchRoomsRequest>,
 ) -> Result<impl Stream<Item = DomainResult<WatchItem>> + Send + 'static, Status> {
@@ -111,6 +123,7 @@ async fn watch_items(
     let connection = Connection::of(&request).cloned();
     let result = async {
         let mut watch = convert::watch_request(request.into_inner())?;
+        served(&watch, upstreams)?;
         if let Some(connection) = connection {
             watch.wake_group = connection.remote.map_or(0, |addr| {
                 BuildHasherDefault::<DefaultHasher>::default().hash_one(addr)
@@ -125,8 +138,37 @@ async fn watch_items(
 }
 
 /// The WatchRooms method, answering with encoded messages.
+/// Refuses a watch of rooms or regions this service does not serve: nothing
+/// would ever arrive.
+fn served(watch: &WatchRequest, upstreams: &Upstreams) -> DomainResult<()> {
+    let mut violations = Vec::new();
+    for (i, arn) in watch.arns.iter().enumerate() {
+        if let Err(Error::InvalidArgument(v)) = upstreams.of_arn(&format!("identifiers[{i}]"), arn)
+        {
+            violations.extend(v);
+        }
+    }
+    for (i, region) in watch.regions.iter().enumerate() {
+        let field = format!("regions[{i}]");
+        let checked = if region.is_empty() {
+            Err(Error::invalid(field, "is empty: name a region, or send none for all"))
+        } else {
+            upstreams.of_region(&field, region).map(drop)
+        };
+        if let Err(Error::InvalidArgument(v)) = checked {
+            violations.extend(v);
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(violations))
+    }
+}
+
 struct WatchRooms {
     feed: Feed,
+    upstreams: Upstreams,
     limits: EdgeLimits,
 }
 
@@ -139,8 +181,9 @@ impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
 
     fn call(&mut self, request: Request<proto::WatchRoomsRequest>) -> Self::Future {
         let (feed, limits) = (self.feed.clone(), self.limits);
+        let upstreams = self.upstreams.clone();
         Box::pin(async move {
-            let items = watch_items(&feed, limits, request).await?;
+            let items = watch_items(&feed, &upstreams, limits, request).await?;
             let messages = items.map(|item| item.map(encode).map_err(to_status));
             let stream: EncodedStream = Box::pin(QueueConnection::new(Box::pin(messages)));
             Ok(Response::new(stream))

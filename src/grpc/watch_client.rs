@@ -48,6 +48,7 @@ pub async fn watch(args: WatchArgs, mut out: impl Write) -> anyhow::Result<()> {
             after_revision: last,
             // Once anything was seen, a resume continues the stream instead.
             include_snapshot: args.snapshot && last.is_none(),
+            regions: args.regions.clone(),
         });
         if let Some(authorization) = &authorization {
             request

@@ -1,7 +1,10 @@
 //! The reconciler: finds changes made in IVS Chat behind this service's back.
 //!
-//! One replica at a time reconciles (the store's leadership: a Postgres
-//! advisory lock, passed on when its holder dies; SQLite has one process).
+//! One reconciler runs per region served, each on its own: a region whose
+//! IVS Chat is down or throttling does not hold the others up. One replica
+//! at a time reconciles a region (the store's leadership: a Postgres advisory
+//! lock per region, passed on when its holder dies, so a fleet's regions may
+//! be led by different replicas; SQLite has one process).
 //! The leader starts with a full listing, then every `interval` looks at the
 //! most recently updated rooms (usually one ListRooms call), and every
 //! `resync_interval` lists everything again to find deletions, creations and
@@ -47,18 +50,21 @@ pub async fn run(
     settings: ReconcileSettings,
     stop: CancellationToken,
 ) {
+    let region = passes.region().to_owned();
     loop {
         let mut leadership = loop {
-            match store.try_lead().await {
+            match store.try_lead(&region).await {
                 Ok(Some(leadership)) => break leadership,
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "could not ask for the reconciler's turn"),
+                Err(e) => {
+                    tracing::warn!(error = %e, region, "could not ask for the reconciler's turn")
+                }
             }
             if pause(&stop, settings.interval).await.is_err() {
                 return;
             }
         };
-        tracing::info!("this replica reconciles the cache with IVS Chat");
+        tracing::info!(region, "this replica reconciles the cache with IVS Chat");
         let mut next_full = Instant::now();
         let mut backoff = FIRST_RETRY;
         loop {
@@ -73,7 +79,7 @@ pub async fn run(
                     return;
                 }
                 lost = watch_leadership(&mut leadership, settings.interval) => {
-                    tracing::warn!(error = %lost, "lost the reconciler's turn");
+                    tracing::warn!(error = %lost, region, "lost the reconciler's turn");
                     leadership.resign().await;
                     break;
                 }
@@ -88,7 +94,7 @@ pub async fn run(
                     settings.interval
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "reconciling with IVS Chat failed");
+                    tracing::warn!(error = %e, region, retry_in = ?backoff, "reconciling with IVS Chat failed");
                     let wait = backoff.min(settings.interval);
                     backoff = (backoff * 2).min(LAST_RETRY);
                     wait
@@ -99,7 +105,7 @@ pub async fn run(
                 return;
             }
             if let Err(e) = leadership.check().await {
-                tracing::warn!(error = %e, "lost the reconciler's turn");
+                tracing::warn!(error = %e, region, "lost the reconciler's turn");
                 leadership.resign().await;
                 break;
             }
@@ -112,6 +118,7 @@ async fn one_pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
     let result = pass(passes, full).await;
     metrics::counter!(
         crate::telemetry::RECONCILE_RUNS,
+        "region" => passes.region().to_owned(),
         "kind" => if full { "full" } else { "recent" },
         "result" => if result.is_ok() { "ok" } else { "error" },
     )
@@ -123,6 +130,7 @@ async fn pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
     if full {
         let report = passes.full_listing().await?;
         tracing::info!(
+            region = passes.region(),
             listed = report.listed,
             fetched = report.fetched,
             deleted = report.deleted,
@@ -132,6 +140,7 @@ async fn pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
         let report = passes.reconcile_recent().await?;
         if report.fetched > 0 {
             tracing::info!(
+                region = passes.region(),
                 listed = report.listed,
                 fetched = report.fetched,
                 "found rooms changed in IVS Chat"

@@ -1,4 +1,5 @@
-//! The reconciling passes over one IVS Chat (one region): the full listing,
+//! The reconciling passes over one IVS Chat (one region; a reconciler runs
+//! per region served): the full listing,
 //! and the incremental pass over the most recently updated rooms, with the
 //! watermark that lets the incremental pass stop early. They read IVS Chat's
 //! listing through one pager (`Upstream::pages`) and change the cache only
@@ -57,6 +58,11 @@ impl Passes {
         }
     }
 
+    /// The region these passes reconcile.
+    pub fn region(&self) -> &str {
+        self.upstream.region()
+    }
+
     /// Lists every room in IVS Chat and brings the cache in line: new and newer
     /// rooms are read whole (a listing shows summaries), rooms IVS Chat no longer
     /// lists are checked one by one and forgotten if gone. Changes found are
@@ -94,12 +100,13 @@ impl Passes {
         }
         // Rooms updated while we paged move to the front of the listing and may
         // have been missed: ask for each before forgetting it.
-        for arn in self.store.live_rooms_unconfirmed_since(started).await? {
+        let region = self.upstream.region();
+        for arn in self.store.live_rooms_unconfirmed_since(region, started).await? {
             if self.rooms.recheck_unlisted(&arn).await? {
                 report.deleted += 1;
             }
         }
-        self.rooms.full_listing_completed(started).await?;
+        self.rooms.full_listing_completed(region, started).await?;
         if complete {
             self.advance_watermark(top);
         }

@@ -47,6 +47,7 @@ impl Rooms {
         &self,
         request_id: String,
         new: NewRoom,
+        region: String,
         caller: Caller,
     ) -> Result<Room> {
         let fingerprint = fingerprint(&new);
@@ -56,6 +57,7 @@ impl Rooms {
                 request_id: request_id.clone(),
                 fingerprint: fingerprint.clone(),
                 new: new.clone(),
+                region: region.clone(),
             };
             // In an exchange: a client that gives up cannot leave a claim
             // that nobody works on.
@@ -91,6 +93,19 @@ impl Rooms {
             )
             .await?;
         let search_since = match claim {
+            // The fingerprint leaves the region out, as it did when one
+            // region was served (a retry across the upgrade still matches).
+            Claim::Done(room)
+                if RoomArn::parse("arn", &room.arn)?.region() != request.region =>
+            {
+                return Err(Error::invalid(
+                    "request_id",
+                    format!(
+                        "was used for a room in another region ({}): a retry must send the same request",
+                        room.arn
+                    ),
+                ));
+            }
             Claim::Done(room) => return Ok(Some(room)),
             Claim::OtherParameters => {
                 return Err(Error::invalid(
@@ -135,6 +150,7 @@ impl Rooms {
             request_id: request.request_id,
             owner,
             new: request.new,
+            region: request.region,
             search_since,
         };
         self.create_claimed(claim, caller).await.map(Some)
@@ -149,8 +165,10 @@ impl Rooms {
             request_id,
             owner,
             new,
+            region,
             search_since,
         } = claim;
+        let upstream = self.inner.upstreams.of_region("region", &region)?;
         let renew = |until: Timestamp| store.renew_request(&request_id, &owner, until);
         let heartbeat = async {
             loop {
@@ -162,7 +180,7 @@ impl Rooms {
         };
         let work = self.creating(async {
             if let Some(since) = search_since {
-                match self.find_created(&request_id, since, caller).await {
+                match self.find_created(upstream, &request_id, since, caller).await {
                     Ok(Some(room)) => return Ok(room),
                     Ok(None) => {}
                     Err(e) => {
@@ -187,11 +205,7 @@ impl Rooms {
                     ))
                 }
             };
-            match self
-                .inner
-                .upstream
-                .create_room_once(&new, caller, ready)
-                .await
+            match upstream.create_room_once(&new, caller, ready).await
             {
                 Ok(room) => Ok(self.keep(room, asked_at, EventSource::Api).await),
                 Err(failure) => {
@@ -234,6 +248,7 @@ impl Rooms {
     /// so paging stops at rooms older than that.
     async fn find_created(
         &self,
+        upstream: &crate::upstream::Upstream,
         request_id: &str,
         since: Timestamp,
         caller: Caller,
@@ -243,7 +258,7 @@ impl Rooms {
             max_results: Some(MAX_ROOM_RESULTS.max),
             ..ListQuery::default()
         };
-        let mut pages = self.inner.upstream.pages(query, caller);
+        let mut pages = upstream.pages(query, caller);
         while let Some(page) = pages.next().await? {
             let found = page
                 .rooms
@@ -272,6 +287,8 @@ struct Request {
     /// See [`fingerprint`].
     fingerprint: String,
     new: NewRoom,
+    /// Where the room is created: a served region.
+    region: String,
 }
 
 /// A claim this call holds, and what it is for.
@@ -279,6 +296,7 @@ struct Held {
     request_id: String,
     owner: String,
     new: NewRoom,
+    region: String,
     /// Set when taken over: look in IVS Chat for a room created since.
     search_since: Option<Timestamp>,
 }

@@ -68,12 +68,18 @@ impl Rooms {
         }
     }
 
-    /// A full listing that started at `started` has completed: ListRooms may
-    /// be answered from the cache (on every replica, which read it from the
-    /// store).
-    pub(crate) async fn full_listing_completed(&self, started: Timestamp) -> Result<()> {
-        self.inner.store.set_full_listing_at(started).await?;
-        self.inner.listed.send_replace(true);
+    /// A full listing of `region` that started at `started` has completed:
+    /// ListRooms may be answered from the cache for it (on every replica,
+    /// which read it from the store).
+    pub(crate) async fn full_listing_completed(
+        &self,
+        region: &str,
+        started: Timestamp,
+    ) -> Result<()> {
+        self.inner.store.set_full_listing_at(region, started).await?;
+        self.inner.listed.send_modify(|listed| {
+            listed.insert(region.to_owned());
+        });
         Ok(())
     }
 }

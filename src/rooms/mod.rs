@@ -43,7 +43,7 @@ mod write;
 use read::Flight;
 use turns::RoomLocks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,7 +61,7 @@ use crate::domain::{
 };
 use crate::hot::HotRooms;
 use crate::store::{CachedRoom, RoomLock, Store};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, Upstreams};
 
 /// How often ListRooms, waiting for the first full listing, checks whether
 /// another replica has completed it.
@@ -178,14 +178,16 @@ pub struct Rooms {
 struct Inner {
     store: Store,
     hot: HotRooms,
-    upstream: Upstream,
+    /// One IVS Chat per region served.
+    upstreams: Upstreams,
     settings: RoomsSettings,
     locks: RoomLocks,
     /// GetRoom calls to IVS Chat under way, which readers of the room join.
     flights: Mutex<HashMap<RoomArn, Flight>>,
     next_flight: AtomicU64,
-    /// Whether a full listing has ever completed, so ListRooms can use the cache.
-    listed: watch::Sender<bool>,
+    /// The regions whose full listing has ever completed, so ListRooms can
+    /// use the cache for them.
+    listed: watch::Sender<BTreeSet<String>>,
     /// Exchanges with IVS Chat under way, detached from their requests.
     exchanges: TaskTracker,
     /// CreateRoom exchanges under way in this process.
@@ -209,19 +211,25 @@ impl Drop for Creating<'_> {
 }
 
 impl Rooms {
-    /// The policy over `store` (read through `hot`) and IVS Chat.
+    /// The policy over `store` (read through `hot`) and the IVS Chat of
+    /// each region served.
     pub async fn new(
         store: Store,
         hot: HotRooms,
-        upstream: Upstream,
+        upstreams: Upstreams,
         settings: RoomsSettings,
     ) -> Result<Rooms> {
-        let listed = store.full_listing_at().await?.is_some();
+        let mut listed = BTreeSet::new();
+        for region in upstreams.regions() {
+            if store.full_listing_at(region).await?.is_some() {
+                listed.insert(region.to_owned());
+            }
+        }
         Ok(Rooms {
             inner: Arc::new(Inner {
                 store,
                 hot,
-                upstream,
+                upstreams,
                 settings,
                 locks: RoomLocks::default(),
                 flights: Mutex::default(),
@@ -233,29 +241,48 @@ impl Rooms {
         })
     }
 
-    /// The IVS Chat region this service fronts.
-    pub fn region(&self) -> &str {
-        self.inner.upstream.region()
+    /// The IVS Chat regions this service fronts, the default first.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.inner.upstreams
     }
 
-    /// Creates a room; with a `request_id`, at most once per request_id
-    /// within the retention window (see `create`).
+    /// The IVS Chat of `arn`'s region; INVALID_ARGUMENT on `field` when it
+    /// is not served.
+    fn scope(&self, field: &str, arn: &RoomArn) -> Result<&Upstream> {
+        self.inner.upstreams.of_arn(field, arn)
+    }
+
+    /// Creates a room in `region` (empty: the first served); with a
+    /// `request_id`, at most once per request_id within the retention window
+    /// (see `create`).
     pub async fn create(
         &self,
         new: NewRoom,
+        region: &str,
         request_id: Option<String>,
         caller: Caller,
     ) -> Result<Room> {
+        let region = self
+            .inner
+            .upstreams
+            .of_region("region", region)?
+            .region()
+            .to_owned();
         validate::new_room(&new)?;
         if let Some(request_id) = request_id {
             validate::request_id("request_id", &request_id, &new)?;
-            return self.create_once(request_id, new, caller).await;
+            return self.create_once(request_id, new, region, caller).await;
         }
         self.exchange(|rooms| async move {
             rooms
                 .creating(async {
                     let asked_at = Timestamp::now();
-                    let room = rooms.inner.upstream.create_room(&new, caller).await?;
+                    let room = rooms
+                        .inner
+                        .upstreams
+                        .of_region("region", &region)?
+                        .create_room(&new, caller)
+                        .await?;
                     Ok(rooms.keep(room, asked_at, EventSource::Api).await)
                 })
                 .await
@@ -316,7 +343,7 @@ impl Rooms {
     async fn refresh(&self, arn: &RoomArn, source: EventSource, caller: Caller) -> Result<Room> {
         let asked_at = Timestamp::now();
         let room = self
-            .gone_if_not_found(arn, self.inner.upstream.get_room(arn, caller).await)
+            .gone_if_not_found(arn, self.scope("identifier", arn)?.get_room(arn, caller).await)
             .await?;
         Ok(self.keep(room, asked_at, source).await)
     }

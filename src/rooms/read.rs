@@ -19,7 +19,9 @@ impl Rooms {
     /// A room, from the cache when it is fresh enough for `consistency`,
     /// otherwise from IVS Chat (one call shared by concurrent readers).
     pub async fn get(&self, identifier: &str, consistency: Consistency, caller: Caller) -> Read {
-        let arn = match RoomArn::parse("identifier", identifier) {
+        let arn = match RoomArn::parse("identifier", identifier)
+            .and_then(|arn| self.scope("identifier", &arn).map(|_| arn))
+        {
             Ok(arn) => arn,
             Err(e) => return Read::failed(e),
         };
@@ -188,25 +190,50 @@ impl Rooms {
         .shared()
     }
 
-    /// A page of cached rooms and the change-log revision it reflects; waits
-    /// (boundedly) for the first full listing, which may be another replica's.
-    /// Its age is the oldest confirmation on the page (of the last full
-    /// listing, for an empty page).
-    pub async fn list(&self, query: ListQuery) -> Result<Listing> {
+    /// A page of cached rooms of `region` (empty: of every region served,
+    /// merged newest first, one paging token across them) and the change-log
+    /// revision it reflects; waits (boundedly) for the first full listing of
+    /// each region listed, which may be another replica's. Its age is the
+    /// oldest confirmation on the page (of the oldest last full listing, for
+    /// an empty page).
+    pub async fn list(&self, query: ListQuery, region: &str) -> Result<Listing> {
+        let regions: Vec<String> = if region.is_empty() {
+            self.inner.upstreams.regions().map(str::to_owned).collect()
+        } else {
+            vec![
+                self.inner
+                    .upstreams
+                    .of_region("region", region)?
+                    .region()
+                    .to_owned(),
+            ]
+        };
         validate::list_query(&query)?;
+        let unlisted = |listed: &BTreeSet<String>| -> Vec<String> {
+            regions
+                .iter()
+                .filter(|r| !listed.contains(*r))
+                .cloned()
+                .collect()
+        };
         let wait = async {
             let mut listed = self.inner.listed.subscribe();
             let mut recheck = tokio::time::interval(LISTED_RECHECK);
             loop {
-                if *listed.borrow_and_update() {
+                let missing = unlisted(&listed.borrow_and_update());
+                if missing.is_empty() {
                     return Ok(());
                 }
                 tokio::select! {
                     _ = listed.changed() => {}
                     _ = recheck.tick() => {
                         // The reconciler may run on another replica.
-                        if self.inner.store.full_listing_at().await?.is_some() {
-                            self.inner.listed.send_replace(true);
+                        for region in missing {
+                            if self.inner.store.full_listing_at(&region).await?.is_some() {
+                                self.inner.listed.send_modify(|listed| {
+                                    listed.insert(region);
+                                });
+                            }
                         }
                     }
                 }
@@ -216,15 +243,23 @@ impl Rooms {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(Error::Unavailable(
-                    "the cache is still being filled by a first full listing of IVS Chat".into(),
-                ));
+                let missing = unlisted(&self.inner.listed.borrow()).join(", ");
+                return Err(Error::Unavailable(format!(
+                    "the cache is still being filled by a first full listing of IVS Chat in {missing}"
+                )));
             }
         }
-        let (page, revision, validated_at) = self.inner.store.list(&query).await?;
+        let only = (!region.is_empty()).then_some(regions[0].as_str());
+        let (page, revision, validated_at) = self.inner.store.list(&query, only).await?;
         let validated_at = match validated_at {
             Some(at) => Some(at),
-            None => self.inner.store.full_listing_at().await?,
+            None => {
+                let mut listed_at = Vec::new();
+                for region in &regions {
+                    listed_at.extend(self.inner.store.full_listing_at(region).await?);
+                }
+                listed_at.into_iter().min()
+            }
         };
         Ok(Listing {
             page,

@@ -13,6 +13,7 @@ impl Rooms {
         caller: Caller,
     ) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
+        self.scope("identifier", &arn)?;
         validate::room_patch(&patch)?;
         self.exchange(|rooms| async move {
             let write = async {
@@ -20,7 +21,7 @@ impl Rooms {
                 let room = rooms
                     .gone_if_not_found(
                         &arn,
-                        rooms.inner.upstream.update_room(&arn, &patch, caller).await,
+                        rooms.scope("identifier", &arn)?.update_room(&arn, &patch, caller).await,
                     )
                     .await?;
                 Ok(rooms.keep(room, asked_at, EventSource::Api).await)
@@ -39,10 +40,11 @@ impl Rooms {
         caller: Caller,
     ) -> Result<()> {
         let arn = RoomArn::parse("identifier", identifier)?;
+        self.scope("identifier", &arn)?;
         self.exchange(|rooms| async move {
             let write = async {
                 rooms
-                    .gone_if_not_found(&arn, rooms.inner.upstream.delete_room(&arn, caller).await)
+                    .gone_if_not_found(&arn, rooms.scope("identifier", &arn)?.delete_room(&arn, caller).await)
                     .await?;
                 rooms.forget(&arn, EventSource::Api).await;
                 Ok(())
@@ -91,13 +93,14 @@ impl Rooms {
         caller: Caller,
     ) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
+        self.scope("identifier", &arn)?;
         validate::tags("tags", &tags)?;
         self.exchange(|rooms| async move {
             let write = async {
                 rooms
                     .gone_if_not_found(
                         &arn,
-                        rooms.inner.upstream.tag_room(&arn, &tags, caller).await,
+                        rooms.scope("identifier", &arn)?.tag_room(&arn, &tags, caller).await,
                     )
                     .await?;
                 rooms
@@ -111,13 +114,14 @@ impl Rooms {
 
     pub async fn untag(&self, identifier: &str, keys: Vec<String>, caller: Caller) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
+        self.scope("identifier", &arn)?;
         validate::tag_keys("tagKeys", &keys)?;
         self.exchange(|rooms| async move {
             let write = async {
                 rooms
                     .gone_if_not_found(
                         &arn,
-                        rooms.inner.upstream.untag_room(&arn, &keys, caller).await,
+                        rooms.scope("identifier", &arn)?.untag_room(&arn, &keys, caller).await,
                     )
                     .await?;
                 rooms
@@ -145,7 +149,7 @@ impl Rooms {
         ours: impl FnOnce(&mut BTreeMap<String, String>),
     ) -> Result<Room> {
         let asked_at = Timestamp::now();
-        let tags = match self.inner.upstream.list_tags(arn, caller).await {
+        let tags = match self.scope("identifier", arn)?.list_tags(arn, caller).await {
             Err(Error::NotFound { .. }) => {
                 return self
                     .gone_if_not_found(arn, Err(Error::room_not_found(arn.as_str())))

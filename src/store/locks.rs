@@ -1,10 +1,11 @@
-//! Turns among replicas sharing Postgres: the reconciler's leadership (a
-//! session advisory lock) and rooms' turns (transaction-scoped advisory
-//! locks on connections of their own).
+//! Turns among replicas sharing Postgres: the reconcilers' leadership (a
+//! session advisory lock per region) and rooms' turns (transaction-scoped
+//! advisory locks on connections of their own).
 
 use super::*;
 
-/// The Postgres advisory lock held by the replica that reconciles ("ivsr").
+/// The Postgres advisory lock held by the replica that reconciled when one
+/// region was served ("ivsr"); kept apart from every other key.
 pub(super) const LEADER_LOCK: i64 = 0x6976_7372;
 
 /// How long a write waits for a connection to hold a room's turn, and then
@@ -65,11 +66,12 @@ impl RoomLock {
 }
 
 impl Store {
-    /// Tries to become the one replica that reconciles with IVS Chat. On
-    /// Postgres this is a session advisory lock on a connection of its own: it
-    /// is held while that connection lives, so it passes to another replica
-    /// when this one dies. SQLite serves one process: it always leads.
-    pub async fn try_lead(&self) -> Result<Option<Leadership>> {
+    /// Tries to become the one replica that reconciles `region`'s rooms with
+    /// its IVS Chat. On Postgres this is a session advisory lock (one per
+    /// region) on a connection of its own: it is held while that connection
+    /// lives, so it passes to another replica when this one dies. SQLite
+    /// serves one process: it always leads.
+    pub async fn try_lead(&self, region: &str) -> Result<Option<Leadership>> {
         if self.backend == Backend::Sqlite {
             return Ok(Some(Leadership { conn: None }));
         }
@@ -85,7 +87,7 @@ impl Store {
             .execute(&mut conn)
             .await?;
             let led: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
+                .bind(leader_lock_key(region))
                 .fetch_one(&mut conn)
                 .await?;
             Ok::<_, sqlx::Error>((conn, led))
@@ -130,8 +132,19 @@ impl Store {
 /// The advisory-lock key of a room's write turn: 63 bits of its ARN's
 /// SHA-256, kept apart from [`LEADER_LOCK`].
 pub(super) fn room_lock_key(arn: &RoomArn) -> i64 {
+    lock_key(arn.as_str())
+}
+
+/// The advisory-lock key of `region`'s reconciler: a hash of
+/// `reconciler:REGION` (an ARN never starts so, so it is no room's key).
+pub(super) fn leader_lock_key(region: &str) -> i64 {
+    lock_key(&format!("reconciler:{region}"))
+}
+
+/// 63 bits of `name`'s SHA-256, never [`LEADER_LOCK`].
+fn lock_key(name: &str) -> i64 {
     use sha2::{Digest as _, Sha256};
-    let digest = Sha256::digest(arn.as_str().as_bytes());
+    let digest = Sha256::digest(name.as_bytes());
     let key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) & i64::MAX;
     if key == LEADER_LOCK { key + 1 } else { key }
 }

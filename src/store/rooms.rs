@@ -5,6 +5,18 @@ use super::*;
 
 pub(super) const FULL_LISTING_AT: &str = "full_listing_at";
 
+/// The `cache_state` key of when `region`'s last full listing completed.
+fn full_listing_key(region: &str) -> String {
+    format!("{FULL_LISTING_AT}:{region}")
+}
+
+/// A LIKE pattern matching the ARNs of `region`'s rooms
+/// (`arn:PARTITION:ivschat:REGION:ACCOUNT:room/ID`). Region names hold no
+/// LIKE wildcard (`%`, `_`): lowercase letters, digits and dashes.
+fn arn_pattern(region: &str) -> String {
+    format!("arn:%:ivschat:{region}:%")
+}
+
 impl Store {
     /// The cached row for `arn`, tombstones included.
     pub async fn get(&self, arn: &RoomArn) -> Result<Option<CachedRoom>> {
@@ -150,9 +162,11 @@ impl Store {
     /// One page of live rooms, newest `update_time` first, as ListRooms pages,
     /// the revision of the change log it reflects, and when IVS Chat last
     /// confirmed the least recently confirmed room on it.
+    /// With `region`, only that region's rooms (by their ARNs).
     pub async fn list(
         &self,
         query: &ListQuery,
+        region: Option<&str>,
     ) -> Result<(ListedPage<Room>, u64, Option<Timestamp>)> {
         let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => Some(PageCursor::decode(token)?),
@@ -176,6 +190,7 @@ impl Store {
                AND ($3 IS NULL OR REPLACE(logging_configuration_identifiers, $3, '') \
                                   <> logging_configuration_identifiers) \
                AND ($4 IS NULL OR update_time < $4 OR (update_time = $4 AND arn > $5)) \
+               AND ($7 IS NULL OR arn LIKE $7) \
              ORDER BY update_time DESC, arn \
              LIMIT $6"
         ))
@@ -192,6 +207,7 @@ impl Store {
         .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
         // One more than asked, to know whether there is a next page.
         .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX))
+        .bind(region.map(arn_pattern))
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -214,14 +230,22 @@ impl Store {
         Ok((ListedPage { rooms, next_token }, revision, validated_at))
     }
 
-    /// Live rooms not confirmed by IVS Chat since `before`: after a full listing
-    /// that started at `before`, the rooms IVS Chat no longer has.
-    pub async fn live_rooms_unconfirmed_since(&self, before: Timestamp) -> Result<Vec<RoomArn>> {
-        let rows =
-            sqlx::query("SELECT arn FROM rooms WHERE deleted_at IS NULL AND validated_at < $1")
-                .bind(before.as_nanos())
-                .fetch_all(&self.pool)
-                .await?;
+    /// Live rooms of `region` not confirmed by IVS Chat since `before`: after
+    /// a full listing of the region that started at `before`, the rooms IVS
+    /// Chat no longer has there.
+    pub async fn live_rooms_unconfirmed_since(
+        &self,
+        region: &str,
+        before: Timestamp,
+    ) -> Result<Vec<RoomArn>> {
+        let rows = sqlx::query(
+            "SELECT arn FROM rooms \
+             WHERE deleted_at IS NULL AND validated_at < $1 AND arn LIKE $2",
+        )
+        .bind(before.as_nanos())
+        .bind(arn_pattern(region))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
             .collect()
@@ -247,26 +271,69 @@ impl Store {
         Ok(())
     }
 
-    /// When a full listing of IVS Chat last completed, if ever: until then the
-    /// cache cannot answer ListRooms.
-    pub async fn full_listing_at(&self) -> Result<Option<Timestamp>> {
+    /// When a full listing of `region`'s IVS Chat last completed, if ever:
+    /// until then the cache cannot answer ListRooms for it.
+    pub async fn full_listing_at(&self, region: &str) -> Result<Option<Timestamp>> {
         let value: Option<i64> = sqlx::query_scalar("SELECT value FROM cache_state WHERE key = $1")
-            .bind(FULL_LISTING_AT)
+            .bind(full_listing_key(region))
             .fetch_optional(&self.pool)
             .await?;
         Ok(value.map(Timestamp::from_nanos))
     }
 
-    pub async fn set_full_listing_at(&self, at: Timestamp) -> Result<()> {
+    pub async fn set_full_listing_at(&self, region: &str, at: Timestamp) -> Result<()> {
         sqlx::query(
             "INSERT INTO cache_state (key, value) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
-        .bind(FULL_LISTING_AT)
+        .bind(full_listing_key(region))
         .bind(at.as_nanos())
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Carries a cache written when one region was served (its listing state
+    /// under the key of no region) over to that region: the region of its
+    /// rooms' ARNs, if served. Returns the region it was carried to. The old
+    /// key stays, for replicas of the older release still running beside
+    /// this one; a region that has a listing state of its own keeps it. A
+    /// cache without rooms carries nothing over: its next full listing is
+    /// one call.
+    pub async fn adopt_one_region_state<'a>(
+        &self,
+        served: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<String>> {
+        let Some(listed_at) = sqlx::query_scalar::<_, i64>("SELECT value FROM cache_state WHERE key = $1")
+            .bind(FULL_LISTING_AT)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let Some(arn) = sqlx::query_scalar::<_, String>("SELECT arn FROM rooms LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let arn = RoomArn::parse("arn", &arn)?;
+        let region = arn.region();
+        if !served.into_iter().any(|r| r == region) {
+            tracing::warn!(
+                region,
+                "the cache's listing state is of a region not served: left alone"
+            );
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO cache_state (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(full_listing_key(region))
+        .bind(listed_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(Some(region.to_owned()))
     }
 }
 

@@ -59,29 +59,45 @@ pub struct Upstream {
 pub type BudgetFor<'a> = &'a (dyn Fn(&str) -> Arc<dyn Budget> + Send + Sync);
 
 impl Upstream {
-    /// AWS, configured by aws-config's standard chain: environment, profile,
-    /// IMDS; `AWS_ENDPOINT_URL_IVSCHAT` / `AWS_ENDPOINT_URL` override the
-    /// endpoint. Its calls spend `budget`'s for the region configured.
+    /// AWS in each of `regions` (the one region of aws-config's chain when
+    /// empty), configured by aws-config's standard chain: environment,
+    /// profile, IMDS; `AWS_ENDPOINT_URL_IVSCHAT` / `AWS_ENDPOINT_URL`
+    /// override the endpoint of every region, and each client signs for its
+    /// own. A region's calls spend `budget`'s for it.
     pub async fn aws(
         settings: UpstreamSettings,
+        regions: &[String],
         budget: BudgetFor<'_>,
-    ) -> anyhow::Result<Upstream> {
+    ) -> anyhow::Result<Vec<Upstream>> {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::disabled())
             .timeout_config(timeout_config(&settings))
             .load()
             .await;
-        // Without a region every call would fail; say so now.
-        let region = shared
-            .region()
-            .context("no AWS region configured: set AWS_REGION or a region in the AWS profile")?
-            .to_string();
-        Ok(Upstream::new(
-            Client::new(&shared),
-            &region,
-            budget(&region),
-            &settings,
-        ))
+        let regions = if regions.is_empty() {
+            // Without a region every call would fail; say so now.
+            let region = shared
+                .region()
+                .context("no AWS region configured: set --regions, AWS_REGION or a region in the AWS profile")?
+                .to_string();
+            vec![region]
+        } else {
+            regions.to_vec()
+        };
+        Ok(regions
+            .iter()
+            .map(|region| {
+                let config = aws_sdk_ivschat::config::Builder::from(&shared)
+                    .region(Region::new(region.clone()))
+                    .build();
+                Upstream::new(
+                    Client::from_conf(config),
+                    region,
+                    budget(region),
+                    &settings,
+                )
+            })
+            .collect())
     }
 
     /// An IVS Chat at `endpoint_url` that takes any credentials (the
@@ -173,8 +189,12 @@ impl Upstream {
                 error,
                 maybe_carried_out: unanswered_before,
             })?;
-            metrics::counter!(telemetry::UPSTREAM_CALLS, "operation" => op.to_string())
-                .increment(1);
+            metrics::counter!(
+                telemetry::UPSTREAM_CALLS,
+                "operation" => op.to_string(),
+                "region" => self.region.to_string(),
+            )
+            .increment(1);
             let err = match send().await {
                 Ok(out) => {
                     self.budget.succeeded(op).await;
@@ -184,8 +204,12 @@ impl Upstream {
             };
             let throttled = throttling(&err);
             if throttled {
-                metrics::counter!(telemetry::UPSTREAM_THROTTLES, "operation" => op.to_string())
-                    .increment(1);
+                metrics::counter!(
+                    telemetry::UPSTREAM_THROTTLES,
+                    "operation" => op.to_string(),
+                    "region" => self.region.to_string(),
+                )
+                .increment(1);
                 self.budget.throttled(op).await;
             }
             let wait = backoff.mul_f64(rand::random_range(0.5..1.0));

@@ -7,12 +7,16 @@
 //! the SDK's own retries are off, because they would bypass it. Retries here
 //! back off exponentially; a ThrottlingException also pauses the budget.
 //!
-//! `client.rs`: one IVS Chat's calls and the conversions of their answers;
-//! `errors.rs`: SDK errors as `domain::Error`.
+//! `scopes.rs`: `Upstreams`, one scope (client and budget) per region served,
+//! found from a room's ARN; `client.rs`: one region's IVS Chat, its calls and
+//! the conversions of their answers; `errors.rs`: SDK errors as
+//! `domain::Error`.
 //!
 //! [`Budget`]: crate::budget::Budget
 
 mod client;
 mod errors;
+mod scopes;
 
 pub use client::{BudgetFor, Pages, SendFailure, Upstream, UpstreamSettings};
+pub use scopes::Upstreams;
