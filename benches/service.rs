@@ -1724,7 +1724,7 @@ async fn seed(url: &str, rooms: &[Room]) {
             .expect("seed the cache");
     }
     store
-        .set_full_listing_at(now)
+        .set_full_listing_at("us-east-1", now)
         .await
         .expect("record a full listing");
     store.close().await;

@@ -706,8 +706,7 @@ fn region(s: &str) -> Result<String, String> {
     let s = s.trim();
     if !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
         Ok(s.to_owned())

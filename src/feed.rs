@@ -612,5 +612,9 @@ impl Watcher {
 /// Whether the room `arn` is in one of `regions` (all when empty).
 fn in_regions(regions: &[String], arn: &str) -> bool {
     // arn:PARTITION:ivschat:REGION:ACCOUNT:room/ID
-    regions.is_empty() || arn.split(':').nth(3).is_some_and(|r| regions.iter().any(|x| x == r))
+    regions.is_empty()
+        || arn
+            .split(':')
+            .nth(3)
+            .is_some_and(|r| regions.iter().any(|x| x == r))
 }

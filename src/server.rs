@@ -344,10 +344,7 @@ async fn upstreams(
     let budget_for = |region: &str| budget(config, store, region);
     let regions = config.configured_regions()?;
     Ok(match config.upstream {
-        UpstreamKind::Aws => (
-            Upstreams::aws(settings, &regions, &budget_for).await?,
-            None,
-        ),
+        UpstreamKind::Aws => (Upstreams::aws(settings, &regions, &budget_for).await?, None),
         UpstreamKind::Emulator => {
             let url = config
                 .emulator_url

@@ -485,6 +485,8 @@ fn room_identifier(target: String) -> BoxedStrategy<Judged<String>> {
         1 => Just((target, true)),
         1 => valid(prefixed_of(ROOM_PREFIX, ID_CHARS, &[ROOM_PREFIX.len() + 1, 128])),
         3 => invalid(bad_room_arn()),
+        // Well formed, in a region not served: refused, nothing sent.
+        1 => invalid(Just("arn:aws:ivschat:eu-west-1:123456789012:room/abcdEFGH1234".to_owned()).boxed()),
     ]
     .boxed()
 }
@@ -744,6 +746,18 @@ fn request_id() -> BoxedStrategy<Judged<String>> {
     .boxed()
 }
 
+/// A region to send a request to: empty (the default), the one the harness
+/// serves, or one it does not serve (another region, not a region name).
+fn region() -> BoxedStrategy<Judged<String>> {
+    prop_oneof![
+        2 => Just((String::new(), true)),
+        1 => Just(("us-east-1".to_owned(), true)),
+        1 => select(vec!["eu-west-1", "US-EAST-1", "mars", " us-east-1"])
+            .prop_map(|r| (r.to_owned(), false)),
+    ]
+    .boxed()
+}
+
 fn fields_of(judged: &Judged<String>, field: &str) -> BTreeSet<String> {
     if judged.1 {
         BTreeSet::new()
@@ -766,10 +780,11 @@ async fn create_room() {
         tags("tags"),
         logging_list("logging_configuration_identifiers"),
         request_id(),
+        region(),
     )
         .prop_filter_map(
             "a valid request",
-            |(name, rate, length, handler, tags, logging, request_id)| {
+            |(name, rate, length, handler, tags, logging, request_id, region)| {
                 let room: BTreeSet<String> = [
                     fields_of(&name, "name"),
                     rate.1,
@@ -791,8 +806,15 @@ async fn create_room() {
                         with_id.insert("tags".to_owned());
                     }
                 }
-                let expect = Expect::groups([handler.fallback, room, with_id])?;
+                // The region is looked at first: where the call would go.
+                let expect = Expect::groups([
+                    fields_of(&region, "region"),
+                    handler.fallback,
+                    room,
+                    with_id,
+                ])?;
                 let request = proto::CreateRoomRequest {
+                    region: region.0,
                     name: name.0,
                     maximum_message_rate_per_second: rate.0,
                     maximum_message_length: length.0,
@@ -1019,10 +1041,11 @@ async fn list_rooms() {
         ),
         max_results,
         next_token(),
+        region(),
     )
         .prop_filter_map(
             "a valid request",
-            |(name, uri, logging, max_results, (token, token_field, token_decoded))| {
+            |(name, uri, logging, max_results, (token, token_field, token_decoded), region)| {
                 let mut checked: BTreeSet<String> = [
                     fields_of(&name, "name"),
                     fields_of(&uri, "message_review_handler_uri"),
@@ -1035,8 +1058,10 @@ async fn list_rooms() {
                     checked.insert("max_results".into());
                 }
                 checked.extend(token_field);
-                let expect = Expect::groups([checked, token_decoded])?;
+                let expect =
+                    Expect::groups([fields_of(&region, "region"), checked, token_decoded])?;
                 let request = proto::ListRoomsRequest {
+                    region: region.0,
                     name: name.0,
                     message_review_handler_uri: uri.0,
                     logging_configuration_identifier: logging.0,
@@ -1179,21 +1204,47 @@ async fn watch_rooms() {
         ])
         .prop_map(Some),
     ];
-    let strategy = (identifiers, after_revision, any::<bool>()).prop_filter_map(
+    // Served, or not: none, the one served, one of another region, an empty name.
+    let regions = prop_oneof![
+        Just(vec![]),
+        Just(vec![("us-east-1".to_owned(), true)]),
+        Just(vec![
+            ("us-east-1".to_owned(), true),
+            ("eu-west-1".to_owned(), false)
+        ]),
+        Just(vec![(String::new(), false)]),
+    ];
+    let strategy = (identifiers, after_revision, any::<bool>(), regions).prop_filter_map(
         "a valid request",
-        move |(identifiers, after_revision, include_snapshot)| {
+        move |(identifiers, after_revision, include_snapshot, regions)| {
+            // Malformed identifiers are refused first; then identifiers and
+            // regions not served, together.
+            let elsewhere = |s: &str| s.starts_with("arn:aws:ivschat:eu-west-1:");
             let ids: BTreeSet<String> = identifiers
                 .iter()
                 .enumerate()
-                .filter(|(_, (_, ok))| !ok)
+                .filter(|(_, (s, ok))| !ok && !elsewhere(s))
                 .map(|(i, _)| format!("identifiers[{i}]"))
+                .collect();
+            let unserved: BTreeSet<String> = identifiers
+                .iter()
+                .enumerate()
+                .filter(|(_, (s, ok))| !ok && elsewhere(s))
+                .map(|(i, _)| format!("identifiers[{i}]"))
+                .chain(
+                    regions
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (_, ok))| !ok)
+                        .map(|(i, _)| format!("regions[{i}]")),
+                )
                 .collect();
             let snapshot = if include_snapshot && after_revision.is_some() {
                 one("include_snapshot")
             } else {
                 BTreeSet::new()
             };
-            let expect = match Expect::groups([ids, snapshot]) {
+            let expect = match Expect::groups([ids, unserved, snapshot]) {
                 Some(expect) => expect,
                 None if after_revision.is_some_and(|a| a > newest) => {
                     Expect::OutOfRange(Some("REVISION_OUT_OF_RANGE"))
@@ -1204,6 +1255,7 @@ async fn watch_rooms() {
                 identifiers: identifiers.into_iter().map(|(s, _)| s).collect(),
                 after_revision,
                 include_snapshot,
+                regions: regions.into_iter().map(|(r, _)| r).collect(),
             };
             Some((request, expect))
         },

@@ -16,7 +16,7 @@ use ivschat_rooms::hot::HotRooms;
 use ivschat_rooms::reconciler::Passes;
 use ivschat_rooms::rooms::{Rooms, RoomsSettings};
 use ivschat_rooms::store::Store;
-use ivschat_rooms::upstream::{Upstream, UpstreamSettings};
+use ivschat_rooms::upstream::{Upstream, UpstreamSettings, Upstreams};
 
 /// The room policy over a fresh store and the emulator at `url`, and the
 /// reconciler's passes over them.
@@ -29,15 +29,18 @@ async fn rooms_on(db: &TestDb, url: &str) -> (Rooms, Passes, Store) {
             timeout: Duration::from_secs(5),
             max_attempts: 1,
         },
-        std::sync::Arc::new(LocalBudget::new(&BudgetSettings {
-            rate: Some(std::num::NonZeroU32::MAX),
-            ..BudgetSettings::default()
-        })),
+        std::sync::Arc::new(LocalBudget::new(
+            "us-east-1",
+            &BudgetSettings {
+                rate: Some(std::num::NonZeroU32::MAX),
+                ..BudgetSettings::default()
+            },
+        )),
     );
     let rooms = Rooms::new(
         store.clone(),
         HotRooms::off(),
-        upstream.clone(),
+        Upstreams::new(vec![upstream.clone()]),
         RoomsSettings {
             max_staleness: Duration::from_secs(3600),
             listing_wait: Duration::from_secs(5),
@@ -166,7 +169,7 @@ async fn full_listing_finds_deletions_and_logs_them(db: TestDb) {
     assert_eq!((again.fetched, again.deleted), (0, 0));
     assert_eq!(store.revision().await.unwrap(), before + 1);
     let listing = rooms
-        .list(ivschat_rooms::domain::ListQuery::default())
+        .list(ivschat_rooms::domain::ListQuery::default(), "")
         .await
         .unwrap();
     let arns: Vec<_> = listing.page.rooms.iter().map(|r| r.arn.as_str()).collect();
@@ -255,8 +258,9 @@ async fn change_log_matches_the_cache_and_survives_compaction(db: TestDb) {
     assert_eq!(reopened.revision().await.unwrap(), 5);
 }
 
-/// On Postgres one replica at a time holds the reconciler's turn; it passes on
-/// when the holder gives it up (or its connection dies).
+/// On Postgres one replica at a time holds a region's reconciler turn; it
+/// passes on when the holder gives it up (or its connection dies). Each
+/// region's turn is its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_leads_at_a_time_on_postgres() {
     let Some(db) = TestDb::postgres("one_replica_leads_at_a_time_on_postgres").await else {
@@ -264,15 +268,29 @@ async fn one_replica_leads_at_a_time_on_postgres() {
     };
     let a = Store::open(&db.url).await.unwrap();
     let b = Store::open(&db.url).await.unwrap();
-    let mut leader = a.try_lead().await.unwrap().expect("the first asker leads");
+    let mut leader = a
+        .try_lead("us-east-1")
+        .await
+        .unwrap()
+        .expect("the first asker leads");
     assert!(
-        b.try_lead().await.unwrap().is_none(),
+        b.try_lead("us-east-1").await.unwrap().is_none(),
         "one leader at a time"
+    );
+    let other_region = b
+        .try_lead("eu-west-1")
+        .await
+        .unwrap()
+        .expect("another region's turn is free");
+    assert!(
+        a.try_lead("eu-west-1").await.unwrap().is_none(),
+        "one leader per region"
     );
     leader.check().await.expect("still leading");
     leader.resign().await;
-    let next = b.try_lead().await.unwrap();
+    let next = b.try_lead("us-east-1").await.unwrap();
     assert!(next.is_some(), "the turn passes on");
+    other_region.resign().await;
 }
 
 /// Bookmarks: an idle watcher gets a progress every interval, on its own

@@ -93,6 +93,7 @@ async fn create_then_get_round_trips(db: TestDb) {
             tags: HashMap::from([("team".into(), "chat".into())]),
             logging_configuration_identifiers: vec![LOGGING_A.into()],
             request_id: String::new(),
+            region: String::new(),
         })
         .await
         .expect("create")

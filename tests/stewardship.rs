@@ -40,11 +40,14 @@ fn header<'a>(metadata: &'a tonic::metadata::MetadataMap, name: &str) -> Option<
 }
 
 fn budget(rate: u32, max_wait: Duration) -> Arc<LocalBudget> {
-    Arc::new(LocalBudget::new(&BudgetSettings {
-        rate: NonZeroU32::new(rate),
-        rates: HashMap::from([(Op::ListRooms, NonZeroU32::new(2).unwrap())]),
-        max_wait,
-    }))
+    Arc::new(LocalBudget::new(
+        "us-east-1",
+        &BudgetSettings {
+            rate: NonZeroU32::new(rate),
+            rates: HashMap::from([(Op::ListRooms, NonZeroU32::new(2).unwrap())]),
+            max_wait,
+        },
+    ))
 }
 
 /// Hundreds of users and background work on several operations at once, in

@@ -95,7 +95,7 @@ async fn get(store: &Store, id: &str) -> Option<CachedRoom> {
 async fn all_pages(store: &Store, mut query: ListQuery) -> Vec<Vec<Room>> {
     let mut pages = Vec::new();
     loop {
-        let page = store.list(&query).await.unwrap().0;
+        let page = store.list(&query, None).await.unwrap().0;
         assert!(
             page.rooms.len() <= query.limit(),
             "a page of {} rooms when at most {} were asked for",
@@ -392,7 +392,7 @@ async fn mark_deleted_of_unknown_room_leaves_a_tombstone(db: common::TestDb) {
     assert!(tombstone.deleted);
     assert_eq!(tombstone.validated_at, ts(20));
     assert_eq!(get(&store, "kept1").await, Some(live(&other, 10)));
-    let listed = store.list(&ListQuery::default()).await.unwrap().0;
+    let listed = store.list(&ListQuery::default(), None).await.unwrap().0;
     assert_eq!(listed.rooms, [other]);
 
     let slow = room("neverSeen1", 1);
@@ -423,7 +423,7 @@ async fn list_is_live_rooms_newest_first(db: common::TestDb) {
     store.mark_deleted(&arn("gone1"), ts(2), API).await.unwrap();
     store.mark_deleted(&arn("gone2"), ts(2), API).await.unwrap();
 
-    let page = store.list(&ListQuery::default()).await.unwrap().0;
+    let page = store.list(&ListQuery::default(), None).await.unwrap().0;
     assert_eq!(page.next_token, None);
     let ids: Vec<&str> = page.rooms.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["a1", "tieA", "tieB", "tieC", "c1", "b1"]);
@@ -432,7 +432,7 @@ async fn list_is_live_rooms_newest_first(db: common::TestDb) {
 
     // A deleted room brought back by a newer version is listed again.
     store.put(&room("gone1", 41), ts(3), API).await.unwrap();
-    let page = store.list(&ListQuery::default()).await.unwrap().0;
+    let page = store.list(&ListQuery::default(), None).await.unwrap().0;
     assert_eq!(page.rooms[0], room("gone1", 41));
     assert_eq!(page.rooms.len(), 7);
 }
@@ -509,7 +509,7 @@ async fn list_filters_by_name(db: common::TestDb) {
         name: Some("nobody".to_owned()),
         ..ListQuery::default()
     };
-    assert_eq!(store.list(&none).await.unwrap().0.rooms, []);
+    assert_eq!(store.list(&none, None).await.unwrap().0.rooms, []);
     // `Some("")` is the rooms without a name, not every room.
     let unnamed = ListQuery {
         name: Some(String::new()),
@@ -627,7 +627,7 @@ async fn list_rejects_an_invalid_next_token(db: common::TestDb) {
             next_token: Some(token.clone()),
             ..ListQuery::default()
         };
-        match store.list(&query).await {
+        match store.list(&query, None).await {
             Err(Error::InvalidArgument(violations)) => {
                 assert_eq!(violations.len(), 1, "{token:?}: {violations:?}");
                 assert_eq!(violations[0].field, "nextToken", "{token:?}");
@@ -640,7 +640,10 @@ async fn list_rejects_an_invalid_next_token(db: common::TestDb) {
         next_token: Some(String::new()),
         ..ListQuery::default()
     };
-    assert_eq!(store.list(&empty).await.unwrap().0.rooms, [room("tok1", 1)]);
+    assert_eq!(
+        store.list(&empty, None).await.unwrap().0.rooms,
+        [room("tok1", 1)]
+    );
 }
 
 /// `live_rooms_unconfirmed_since(t)` is the live rooms with `validated_at`
@@ -653,12 +656,16 @@ async fn live_rooms_unconfirmed_since_lists_stale_live_rooms(db: common::TestDb)
     store.put(&room("s4", 1), ts(300), API).await.unwrap();
     store.put(&room("s5", 1), ts(50), API).await.unwrap();
     store.mark_deleted(&arn("s5"), ts(60), API).await.unwrap();
+    // Another region's room: its own listings confirm it.
+    let mut elsewhere = room("s6", 1);
+    elsewhere.arn = elsewhere.arn.replace(":us-east-1:", ":eu-west-1:");
+    store.put(&elsewhere, ts(100), API).await.unwrap();
 
     let unconfirmed = |t: i64| {
         let store = store.clone();
         async move {
             store
-                .live_rooms_unconfirmed_since(ts(t))
+                .live_rooms_unconfirmed_since("us-east-1", ts(t))
                 .await
                 .unwrap()
                 .into_iter()
@@ -721,29 +728,31 @@ async fn confirm_moves_validated_at_of_the_matching_live_version(db: common::Tes
 /// overwrites it and persists across a reopen of the same database.
 async fn full_listing_at_persists_across_reopen(db: common::TestDb) {
     let store = open(&db).await;
-    assert_eq!(store.full_listing_at().await.unwrap(), None);
+    assert_eq!(store.full_listing_at("us-east-1").await.unwrap(), None);
 
     store
-        .set_full_listing_at(ts(1_700_000_000_000_000_001))
+        .set_full_listing_at("us-east-1", ts(1_700_000_000_000_000_001))
         .await
         .unwrap();
     assert_eq!(
-        store.full_listing_at().await.unwrap(),
+        store.full_listing_at("us-east-1").await.unwrap(),
         Some(ts(1_700_000_000_000_000_001))
     );
     store
-        .set_full_listing_at(ts(1_700_000_000_000_000_002))
+        .set_full_listing_at("us-east-1", ts(1_700_000_000_000_000_002))
         .await
         .unwrap();
     assert_eq!(
-        store.full_listing_at().await.unwrap(),
+        store.full_listing_at("us-east-1").await.unwrap(),
         Some(ts(1_700_000_000_000_000_002))
     );
+    // Each region's listing is its own.
+    assert_eq!(store.full_listing_at("eu-west-1").await.unwrap(), None);
     store.close().await;
 
     let reopened = open(&db).await;
     assert_eq!(
-        reopened.full_listing_at().await.unwrap(),
+        reopened.full_listing_at("us-east-1").await.unwrap(),
         Some(ts(1_700_000_000_000_000_002))
     );
 }
@@ -782,7 +791,12 @@ async fn reopening_keeps_rooms(db: common::TestDb) {
             .deleted
     );
     assert_eq!(
-        reopened.list(&ListQuery::default()).await.unwrap().0.rooms,
+        reopened
+            .list(&ListQuery::default(), None)
+            .await
+            .unwrap()
+            .0
+            .rooms,
         [kept.clone(), other]
     );
 
@@ -852,7 +866,12 @@ async fn concurrent_puts_keep_the_newest(db: common::TestDb) {
     let expected = live(&newest, newest.update_time.as_nanos() * 10);
     assert_eq!(get(&store, "race1").await, Some(expected), "seed {seed}");
     assert_eq!(
-        store.list(&ListQuery::default()).await.unwrap().0.rooms,
+        store
+            .list(&ListQuery::default(), None)
+            .await
+            .unwrap()
+            .0
+            .rooms,
         [newest],
         "seed {seed}"
     );

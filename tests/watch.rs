@@ -506,6 +506,7 @@ async fn thousand_concurrent_updates_arrive_in_order_without_gaps(db: TestDb) {
             identifiers: arns[..2].to_vec(),
             after_revision: Some(start),
             include_snapshot: false,
+            regions: Vec::new(),
         },
     )
     .await;

@@ -249,10 +249,13 @@ mod tests {
     use super::*;
 
     fn budget(rate: u32) -> LocalBudget {
-        LocalBudget::new("us-east-1", &BudgetSettings {
-            rate: std::num::NonZeroU32::new(rate),
-            ..BudgetSettings::default()
-        })
+        LocalBudget::new(
+            "us-east-1",
+            &BudgetSettings {
+                rate: std::num::NonZeroU32::new(rate),
+                ..BudgetSettings::default()
+            },
+        )
     }
 
     /// A wait that cannot end before the deadline is refused at once.

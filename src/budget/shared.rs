@@ -216,12 +216,11 @@ impl Budget for SharedBudget {
         match caller {
             Caller::User { deadline } => {
                 let deadline = deadline.unwrap_or(Instant::now() + self.max_wait);
-                let waiting =
-                    metrics::gauge!(
-                        telemetry::BUDGET_WAITING,
-                        "operation" => shared.name.clone(),
-                        "region" => self.region.clone(),
-                    );
+                let waiting = metrics::gauge!(
+                    telemetry::BUDGET_WAITING,
+                    "operation" => shared.name.clone(),
+                    "region" => self.region.clone(),
+                );
                 waiting.increment(1);
                 let taken = loop {
                     let within = deadline.saturating_duration_since(Instant::now());

@@ -151,7 +151,10 @@ fn served(watch: &WatchRequest, upstreams: &Upstreams) -> DomainResult<()> {
     for (i, region) in watch.regions.iter().enumerate() {
         let field = format!("regions[{i}]");
         let checked = if region.is_empty() {
-            Err(Error::invalid(field, "is empty: name a region, or send none for all"))
+            Err(Error::invalid(
+                field,
+                "is empty: name a region, or send none for all",
+            ))
         } else {
             upstreams.of_region(&field, region).map(drop)
         };

@@ -101,7 +101,11 @@ impl Passes {
         // Rooms updated while we paged move to the front of the listing and may
         // have been missed: ask for each before forgetting it.
         let region = self.upstream.region();
-        for arn in self.store.live_rooms_unconfirmed_since(region, started).await? {
+        for arn in self
+            .store
+            .live_rooms_unconfirmed_since(region, started)
+            .await?
+        {
             if self.rooms.recheck_unlisted(&arn).await? {
                 report.deleted += 1;
             }

@@ -95,9 +95,7 @@ impl Rooms {
         let search_since = match claim {
             // The fingerprint leaves the region out, as it did when one
             // region was served (a retry across the upgrade still matches).
-            Claim::Done(room)
-                if RoomArn::parse("arn", &room.arn)?.region() != request.region =>
-            {
+            Claim::Done(room) if RoomArn::parse("arn", &room.arn)?.region() != request.region => {
                 return Err(Error::invalid(
                     "request_id",
                     format!(
@@ -180,7 +178,10 @@ impl Rooms {
         };
         let work = self.creating(async {
             if let Some(since) = search_since {
-                match self.find_created(upstream, &request_id, since, caller).await {
+                match self
+                    .find_created(upstream, &request_id, since, caller)
+                    .await
+                {
                     Ok(Some(room)) => return Ok(room),
                     Ok(None) => {}
                     Err(e) => {
@@ -205,8 +206,7 @@ impl Rooms {
                     ))
                 }
             };
-            match upstream.create_room_once(&new, caller, ready).await
-            {
+            match upstream.create_room_once(&new, caller, ready).await {
                 Ok(room) => Ok(self.keep(room, asked_at, EventSource::Api).await),
                 Err(failure) => {
                     // The next call looks for the room before creating one,

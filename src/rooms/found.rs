@@ -76,7 +76,10 @@ impl Rooms {
         region: &str,
         started: Timestamp,
     ) -> Result<()> {
-        self.inner.store.set_full_listing_at(region, started).await?;
+        self.inner
+            .store
+            .set_full_listing_at(region, started)
+            .await?;
         self.inner.listed.send_modify(|listed| {
             listed.insert(region.to_owned());
         });

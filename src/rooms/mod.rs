@@ -343,7 +343,10 @@ impl Rooms {
     async fn refresh(&self, arn: &RoomArn, source: EventSource, caller: Caller) -> Result<Room> {
         let asked_at = Timestamp::now();
         let room = self
-            .gone_if_not_found(arn, self.scope("identifier", arn)?.get_room(arn, caller).await)
+            .gone_if_not_found(
+                arn,
+                self.scope("identifier", arn)?.get_room(arn, caller).await,
+            )
             .await?;
         Ok(self.keep(room, asked_at, source).await)
     }

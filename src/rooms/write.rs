@@ -21,7 +21,10 @@ impl Rooms {
                 let room = rooms
                     .gone_if_not_found(
                         &arn,
-                        rooms.scope("identifier", &arn)?.update_room(&arn, &patch, caller).await,
+                        rooms
+                            .scope("identifier", &arn)?
+                            .update_room(&arn, &patch, caller)
+                            .await,
                     )
                     .await?;
                 Ok(rooms.keep(room, asked_at, EventSource::Api).await)
@@ -44,7 +47,13 @@ impl Rooms {
         self.exchange(|rooms| async move {
             let write = async {
                 rooms
-                    .gone_if_not_found(&arn, rooms.scope("identifier", &arn)?.delete_room(&arn, caller).await)
+                    .gone_if_not_found(
+                        &arn,
+                        rooms
+                            .scope("identifier", &arn)?
+                            .delete_room(&arn, caller)
+                            .await,
+                    )
                     .await?;
                 rooms.forget(&arn, EventSource::Api).await;
                 Ok(())
@@ -100,7 +109,10 @@ impl Rooms {
                 rooms
                     .gone_if_not_found(
                         &arn,
-                        rooms.scope("identifier", &arn)?.tag_room(&arn, &tags, caller).await,
+                        rooms
+                            .scope("identifier", &arn)?
+                            .tag_room(&arn, &tags, caller)
+                            .await,
                     )
                     .await?;
                 rooms
@@ -121,7 +133,10 @@ impl Rooms {
                 rooms
                     .gone_if_not_found(
                         &arn,
-                        rooms.scope("identifier", &arn)?.untag_room(&arn, &keys, caller).await,
+                        rooms
+                            .scope("identifier", &arn)?
+                            .untag_room(&arn, &keys, caller)
+                            .await,
                     )
                     .await?;
                 rooms

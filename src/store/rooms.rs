@@ -304,10 +304,11 @@ impl Store {
         &self,
         served: impl IntoIterator<Item = &'a str>,
     ) -> Result<Option<String>> {
-        let Some(listed_at) = sqlx::query_scalar::<_, i64>("SELECT value FROM cache_state WHERE key = $1")
-            .bind(FULL_LISTING_AT)
-            .fetch_optional(&self.pool)
-            .await?
+        let Some(listed_at) =
+            sqlx::query_scalar::<_, i64>("SELECT value FROM cache_state WHERE key = $1")
+                .bind(FULL_LISTING_AT)
+                .fetch_optional(&self.pool)
+                .await?
         else {
             return Ok(None);
         };

@@ -90,12 +90,7 @@ impl Upstream {
                 let config = aws_sdk_ivschat::config::Builder::from(&shared)
                     .region(Region::new(region.clone()))
                     .build();
-                Upstream::new(
-                    Client::from_conf(config),
-                    region,
-                    budget(region),
-                    &settings,
-                )
+                Upstream::new(Client::from_conf(config), region, budget(region), &settings)
             })
             .collect())
     }

@@ -264,6 +264,7 @@ impl Watcher {
                     identifiers: arns.clone(),
                     after_revision: Some(watched.last),
                     include_snapshot: false,
+                    regions: Vec::new(),
                 };
                 let mut stream = match client.watch_rooms(request).await {
                     Ok(stream) => stream.into_inner(),
