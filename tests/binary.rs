@@ -257,16 +257,22 @@ async fn metrics_count_what_happened() {
         1.0
     );
     assert_eq!(
-        value("ivschat_rooms_upstream_calls_total{operation=\"CreateRoom\"}"),
+        value("ivschat_rooms_upstream_calls_total{operation=\"CreateRoom\",region=\"us-east-1\"}"),
         1.0
     );
     assert_eq!(
-        value("ivschat_rooms_budget_tokens_taken_total{operation=\"CreateRoom\"}"),
+        value(
+            "ivschat_rooms_budget_tokens_taken_total{operation=\"CreateRoom\",region=\"us-east-1\"}"
+        ),
         1.0
     );
     assert_eq!(value("ivschat_rooms_watchers"), 1.0);
     assert_eq!(value("ivschat_rooms_event_revision"), 1.0);
-    assert!(value("ivschat_rooms_reconcile_runs_total{kind=\"full\",result=\"ok\"}") >= 1.0);
+    assert!(
+        value(
+            "ivschat_rooms_reconcile_runs_total{region=\"us-east-1\",kind=\"full\",result=\"ok\"}"
+        ) >= 1.0
+    );
     drop(watch);
     let (status, log) = binary.terminate().await;
     assert!(status.success(), "exit {status:?}: {log:#?}");

@@ -77,6 +77,26 @@ except c.exceptions.ResourceNotFoundException as e:
     assert e.response["resourceId"] == "AAAAAAAAAAAA", e.response
     assert e.response["resourceType"] == "ROOM", e.response
 
+# Every region at one endpoint, as AWS's regional endpoints: the region is
+# the one the request is signed for.
+west = boto3.client(
+    "ivschat",
+    endpoint_url=url,
+    region_name="eu-west-1",
+    aws_access_key_id="test",
+    aws_secret_access_key="test",
+)
+theirs = west.create_room(name="west")
+assert theirs["arn"].startswith("arn:aws:ivschat:eu-west-1:123456789012:room/"), theirs["arn"]
+assert [r["arn"] for r in west.list_rooms()["rooms"]] == [theirs["arn"]]
+assert [r["arn"] for r in c.list_rooms()["rooms"]] == [arn], "us-east-1 does not list eu-west-1"
+try:
+    c.get_room(identifier=theirs["arn"])
+    raise AssertionError("us-east-1 found a room of eu-west-1")
+except c.exceptions.ResourceNotFoundException:
+    pass
+west.delete_room(identifier=theirs["arn"])
+
 c.delete_room(identifier=arn)
 assert c.list_rooms()["rooms"] == []
 print("boto3 conformance: all checks passed")

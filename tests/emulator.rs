@@ -74,10 +74,15 @@ async fn start_with(config: EmulatorConfig) -> Harness {
 }
 
 fn sdk_client(url: &str) -> Client {
+    sdk_client_in(url, REGION)
+}
+
+/// The SDK against the emulator at `url`, signing for `region`.
+fn sdk_client_in(url: &str, region: &str) -> Client {
     use aws_sdk_ivschat::config::{BehaviorVersion, Credentials, Region, retry::RetryConfig};
     let config = aws_sdk_ivschat::Config::builder()
         .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(REGION))
+        .region(Region::new(region.to_owned()))
         .credentials_provider(Credentials::new("test", "test", None, None, "test"))
         .endpoint_url(url)
         .retry_config(RetryConfig::disabled())
@@ -1307,9 +1312,11 @@ async fn room_arn_must_match_region_and_account() {
     }
 }
 
-/// A custom region and account shape the ARNs the emulator hands out.
+/// The region a request is signed for and the configured account shape the
+/// ARNs the emulator hands out; each region sees only its own rooms, and a
+/// request signed for none is the configured region's.
 #[tokio::test]
-async fn region_and_account_are_configurable() {
+async fn regions_are_the_signature_s_and_the_account_configurable() {
     let h = start_with(EmulatorConfig {
         region: "eu-west-1".into(),
         account_id: "999988887777".into(),
@@ -1320,12 +1327,53 @@ async fn region_and_account_are_configurable() {
     let id = room.id().unwrap();
     assert_eq!(
         room.arn(),
-        Some(format!("arn:aws:ivschat:eu-west-1:999988887777:room/{id}").as_str())
+        Some(format!("arn:aws:ivschat:{REGION}:999988887777:room/{id}").as_str())
     );
     check(
         "the default account's ARN",
         h.client.get_room().identifier(arn_of(id)).send().await,
         &not_found(id),
+    );
+    // Another region's endpoint knows nothing of it.
+    let elsewhere = sdk_client_in(&h.url, "ap-south-1");
+    let arn = room.arn().unwrap();
+    check(
+        "a room of another region",
+        elsewhere.get_room().identifier(arn).send().await,
+        &not_found(id),
+    );
+    let listed = elsewhere.list_rooms().send().await.unwrap();
+    assert!(listed.rooms().is_empty(), "{listed:?}");
+    let theirs = elsewhere.create_room().name("theirs").send().await.unwrap();
+    assert!(
+        theirs
+            .arn()
+            .unwrap()
+            .starts_with("arn:aws:ivschat:ap-south-1:999988887777:room/"),
+        "{theirs:?}"
+    );
+    let ours = h.client.list_rooms().send().await.unwrap();
+    assert_eq!(ours.rooms().len(), 1, "{ours:?}");
+    assert_eq!(h.emulator.rooms_in("ap-south-1").len(), 1);
+    assert_eq!(h.emulator.calls_in("ap-south-1", Operation::ListRooms), 1);
+    assert_eq!(h.emulator.calls_in(REGION, Operation::ListRooms), 1);
+    // Unsigned: the configured region's.
+    let unsigned: serde_json::Value = h
+        .http
+        .post(format!("{}/CreateRoom", h.url))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        unsigned["arn"]
+            .as_str()
+            .unwrap()
+            .starts_with("arn:aws:ivschat:eu-west-1:999988887777:room/"),
+        "{unsigned}"
     );
 }
 

@@ -83,10 +83,11 @@ impl Server {
                     .recv()
                     .await
                     .unwrap_or_else(|| panic!("the binary exited before serving: {backlog:#?}"));
-                if line.contains("serving ivschat.rooms.v1.RoomService") {
+                let serving = line.contains("serving ivschat.rooms.v1.RoomService");
+                backlog.push_back(line.clone());
+                if serving {
                     break line;
                 }
-                backlog.push_back(line);
             }
         })
         .await;
