@@ -22,7 +22,11 @@
 //! | P7 | three replicas on one Postgres, each offered 10× the rate: most UpdateRoom calls in any 1 s ÷ rate; calls per second ÷ rate | ≤ 1; ≥ 0.9 |
 //!
 //! P2 prints a second line, the same cold reads spread over three replicas
-//! sharing Postgres (target 1). P2's second line and P7 need a Postgres:
+//! sharing Postgres (target 1). P7 prints a second line,
+//! `fleet_budget_two_regions`, with two regions served and each offered 10×
+//! its rate: for us-east-1 then eu-west-1, the most in 1 s ÷ rate and calls
+//! per second ÷ rate (targets ≤ 1 and ≥ 0.9 each: every region has its own
+//! quota). P2's second line and P7 need a Postgres:
 //! `IVSCHAT_ROOMS_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), on which each makes a
 //! database of its own and drops it after.
@@ -419,94 +423,123 @@ async fn p2_cold_gets_coalesce(scale: &Scale) {
 /// P7: three replicas sharing Postgres, each offered 10× AWS's rate of
 /// UpdateRoom with 1 s deadlines, the emulator at AWS's rates: the most
 /// calls IVS Chat receives in any 1 s window ÷ the rate, and the calls per
-/// second it receives ÷ the rate (after a second of ramp-up).
+/// second it receives ÷ the rate (after a second of ramp-up). Then the same
+/// with two regions served, each offered 10× its rate: per region, the most
+/// in any 1 s ÷ the rate and the calls per second ÷ the rate (each region
+/// has its own quota).
 async fn p7_fleet_budget(scale: &Scale) {
+    let rate = Operation::UpdateRoom.aws_rate().get() as f64;
+    let (most, steady) = fleet_budget(scale, &["us-east-1"]).await[0];
+    println!("P7 fleet_budget {:.2} {:.2}", most / rate, steady / rate);
+    let regions = fleet_budget(scale, &["us-east-1", "eu-west-1"]).await;
+    println!(
+        "P7 fleet_budget_two_regions {:.2} {:.2} {:.2} {:.2}",
+        regions[0].0 / rate,
+        regions[0].1 / rate,
+        regions[1].0 / rate,
+        regions[1].1 / rate
+    );
+}
+
+/// Three replicas on one Postgres serving `regions`, each replica offered
+/// 10× AWS's UpdateRoom rate per region: per region, the most calls its IVS
+/// Chat received in any 1 s and the calls per second after a second of ramp.
+async fn fleet_budget(scale: &Scale, regions: &[&str]) -> Vec<(f64, f64)> {
     let (emulator, emulator_url) = emulator(Faults::default()).await;
-    let sdk = sdk(&emulator_url);
-    let mut arns = Vec::new();
-    for i in 0..30 {
-        let room = sdk
-            .create_room()
-            .name(format!("p7-{i}"))
-            .send()
-            .await
-            .expect("CreateRoom in the emulator");
-        arns.push(room.arn.expect("a room ARN"));
+    let mut arns: Vec<Vec<String>> = Vec::new();
+    for region in regions {
+        let sdk = sdk_in(&emulator_url, region);
+        let mut theirs = Vec::new();
+        for i in 0..30 {
+            let room = sdk
+                .create_room()
+                .name(format!("p7-{i}"))
+                .send()
+                .await
+                .expect("CreateRoom in the emulator");
+            theirs.push(room.arn.expect("a room ARN"));
+        }
+        arns.push(theirs);
     }
     let db = TempDb::postgres().await;
+    let served = regions.join(",");
     let mut replicas = Vec::new();
     for _ in 0..3 {
-        replicas.push(Service::start(serve_config(&db.url, &emulator_url, &[])).await);
+        replicas.push(
+            Service::start(serve_config(&db.url, &emulator_url, &["--regions", &served])).await,
+        );
     }
     emulator.set_faults(Faults {
         tps_limit: Some(ivschat_rooms::emulator::TpsLimit::Aws),
         ..Faults::default()
     });
-    let rate = Operation::UpdateRoom.aws_rate().get() as f64;
     let offered = 10 * Operation::UpdateRoom.aws_rate().get();
     let load = scale.overload;
     let started = Instant::now();
     let mut generators = Vec::new();
     for (r, replica) in replicas.iter().enumerate() {
         let channel = connect(&replica.uri()).await;
-        let arns = arns.clone();
-        generators.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1) / offered);
-            let end = tokio::time::Instant::now() + load;
-            let mut calls = Vec::new();
-            let mut ok = 0usize;
-            for i in 0usize.. {
-                tick.tick().await;
-                if tokio::time::Instant::now() >= end {
-                    break;
+        for arns in arns.iter().cloned() {
+            let channel = channel.clone();
+            generators.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1) / offered);
+                let end = tokio::time::Instant::now() + load;
+                let mut calls = Vec::new();
+                let mut ok = 0usize;
+                for i in 0usize.. {
+                    tick.tick().await;
+                    if tokio::time::Instant::now() >= end {
+                        break;
+                    }
+                    let mut client = RoomServiceClient::new(channel.clone());
+                    let mut request = Request::new(proto::UpdateRoomRequest {
+                        identifier: arns[(i * 3 + r) % arns.len()].clone(),
+                        name: Some(format!("p7-{r}-{i}")),
+                        ..Default::default()
+                    });
+                    request.set_timeout(Duration::from_secs(1));
+                    calls.push(tokio::spawn(
+                        async move { client.update_room(request).await },
+                    ));
                 }
-                let mut client = RoomServiceClient::new(channel.clone());
-                let mut request = Request::new(proto::UpdateRoomRequest {
-                    identifier: arns[(i * 3 + r) % arns.len()].clone(),
-                    name: Some(format!("p7-{r}-{i}")),
-                    ..Default::default()
-                });
-                request.set_timeout(Duration::from_secs(1));
-                calls.push(tokio::spawn(
-                    async move { client.update_room(request).await },
-                ));
-            }
-            for call in calls {
-                ok += usize::from(call.await.expect("an UpdateRoom task").is_ok());
-            }
-            ok
-        }));
+                for call in calls {
+                    ok += usize::from(call.await.expect("an UpdateRoom task").is_ok());
+                }
+                ok
+            }));
+        }
     }
     let mut ok = 0;
     for generator in generators {
         ok += generator.await.expect("a load generator");
     }
     let ramp = Duration::from_secs(1);
-    let times: Vec<Instant> = emulator
-        .call_times(Operation::UpdateRoom)
-        .into_iter()
-        .filter(|t| *t >= started)
-        .collect();
-    let steady = times
-        .iter()
-        .filter(|t| **t >= started + ramp && **t < started + load)
-        .count() as f64
-        / (load - ramp).as_secs_f64();
-    let most = most_in_one_second(&times);
-    println!(
-        "# P7 3 replicas, {offered}/s UpdateRoom offered to each for {} s: {} answered OK, {} reached IVS Chat, {steady:.2}/s",
-        load.as_secs(),
-        ok,
-        times.len()
-    );
-    println!(
-        "P7 fleet_budget {:.2} {:.2}",
-        most as f64 / rate,
-        steady / rate
-    );
+    let mut figures = Vec::new();
+    for region in regions {
+        let times: Vec<Instant> = emulator
+            .call_times_in(region, Operation::UpdateRoom)
+            .into_iter()
+            .filter(|t| *t >= started)
+            .collect();
+        let steady = times
+            .iter()
+            .filter(|t| **t >= started + ramp && **t < started + load)
+            .count() as f64
+            / (load - ramp).as_secs_f64();
+        let most = most_in_one_second(&times);
+        println!(
+            "# P7 3 replicas serving {served}, {offered}/s UpdateRoom offered to each per region for {} s: \
+             {region}: {} reached IVS Chat, {steady:.2}/s, at most {most} in 1 s",
+            load.as_secs(),
+            times.len()
+        );
+        figures.push((most as f64, steady));
+    }
+    println!("# P7 {served}: {ok} answered OK");
     for replica in replicas {
         replica.stop().await;
     }
+    figures
 }
 
 /// The most of `times` in any window [t, t + 1 s).
@@ -1456,10 +1489,15 @@ async fn emulator(faults: Faults) -> (Emulator, String) {
 
 /// The AWS SDK pointed at an emulator, with retries off.
 fn sdk(url: &str) -> aws_sdk_ivschat::Client {
+    sdk_in(url, "us-east-1")
+}
+
+/// The SDK against the emulator at `url`, signing for `region`.
+fn sdk_in(url: &str, region: &str) -> aws_sdk_ivschat::Client {
     use aws_sdk_ivschat::config::{BehaviorVersion, Credentials, Region, retry::RetryConfig};
     let config = aws_sdk_ivschat::Config::builder()
         .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
+        .region(Region::new(region.to_owned()))
         .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
         .endpoint_url(url)
         .retry_config(RetryConfig::disabled())

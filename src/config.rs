@@ -526,6 +526,22 @@ fn fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A region name: lowercase letters, digits and dashes, as in `us-east-1`.
+fn region(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a region name (lowercase letters, digits and dashes, as in us-east-1)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -576,8 +592,7 @@ mod tests {
         let err = c.configured_regions().unwrap_err().to_string();
         assert!(err.contains("twice"), "{err}");
         let err = Cli::try_parse_from(["ivschat-rooms", "--regions", "us-east-1,US_WEST"])
-            .err()
-            .expect("a bad region name is refused")
+            .expect_err("a bad region name is refused")
             .to_string();
         assert!(err.contains("US_WEST") && err.contains("region"), "{err}");
     }
@@ -701,18 +716,3 @@ mod tests {
     }
 }
 
-/// A region name: lowercase letters, digits and dashes, as in `us-east-1`.
-fn region(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    if !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "{s:?} is not a region name (lowercase letters, digits and dashes, as in us-east-1)"
-        ))
-    }
-}
