@@ -466,7 +466,12 @@ async fn fleet_budget(scale: &Scale, regions: &[&str]) -> Vec<(f64, f64)> {
     let mut replicas = Vec::new();
     for _ in 0..3 {
         replicas.push(
-            Service::start(serve_config(&db.url, &emulator_url, &["--regions", &served])).await,
+            Service::start(serve_config(
+                &db.url,
+                &emulator_url,
+                &["--regions", &served],
+            ))
+            .await,
         );
     }
     emulator.set_faults(Faults {

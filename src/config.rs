@@ -715,4 +715,3 @@ mod tests {
         assert_eq!(c.embedded_state_file(), PathBuf::from("/d/emulator.json"));
     }
 }
-

@@ -2185,6 +2185,31 @@ async fn tps_limit_throttles_the_excess() {
         h.client.list_rooms().send().await,
         &ok(),
     );
+
+    // Each region has its own buckets, as AWS's quotas are per region.
+    let west = sdk_client_in(&h.url, "eu-west-1");
+    let west_room = west.create_room().name("w").send().await.unwrap();
+    let west_arn = west_room.arn().unwrap().to_owned();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..LIMIT {
+        let request = west.get_room().identifier(&west_arn);
+        calls.spawn(async move { request.send().await });
+    }
+    let west_passed = calls
+        .join_all()
+        .await
+        .into_iter()
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(
+        west_passed, LIMIT as usize,
+        "eu-west-1's GetRoom quota is its own, untouched by us-east-1's burst"
+    );
+    assert_eq!(
+        h.emulator.calls_in("eu-west-1", Operation::GetRoom),
+        u64::from(LIMIT)
+    );
+    assert_eq!(h.emulator.calls_in(REGION, Operation::GetRoom), SENT);
 }
 
 // ---------------------------------------------------------------------------
@@ -2234,6 +2259,13 @@ async fn state_file_survives_restart() {
             .send()
             .await
             .unwrap();
+        // Another region's room, in the same file.
+        sdk_client_in(&url, "eu-west-1")
+            .create_room()
+            .name("west")
+            .send()
+            .await
+            .unwrap();
         drop(client);
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
@@ -2243,7 +2275,19 @@ async fn state_file_survives_restart() {
     assert!(path.exists(), "the state file was written");
 
     let h = start_with(config).await;
-    assert_eq!(h.emulator.rooms().len(), 2);
+    assert_eq!(h.emulator.rooms().len(), 3);
+    assert_eq!(h.emulator.rooms_in(REGION).len(), 2);
+    let west = sdk_client_in(&h.url, "eu-west-1")
+        .list_rooms()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        west.rooms().len(),
+        1,
+        "eu-west-1's room came back in eu-west-1"
+    );
+    assert_eq!(west.rooms()[0].name(), Some("west"));
     let got = h.get(kept.arn().unwrap()).await;
     assert_eq!(got.name(), Some("kept"));
     assert_eq!(got.create_time(), kept.create_time(), "same createTime");
@@ -2278,8 +2322,13 @@ async fn state_file_survives_restart() {
         ..EmulatorConfig::default()
     })
     .unwrap();
-    let ids: Vec<String> = reopened.rooms().into_iter().map(|r| r.id).collect();
+    let ids: Vec<String> = reopened
+        .rooms_in(REGION)
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     assert_eq!(ids, [updated.id().unwrap()]);
+    assert_eq!(reopened.rooms_in("eu-west-1").len(), 1);
 }
 
 /// A state file that is not the emulator's is an error at start, not an empty account.

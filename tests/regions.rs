@@ -788,7 +788,74 @@ async fn a_one_region_cache_upgrades_in_place(db: TestDb) {
 }
 
 // ---------------------------------------------------------------------------
-// Through aws-config, and a fleet
+// The embedded upstream, through aws-config, and a fleet
+
+/// With the embedded upstream and several `--regions`, one emulator plays
+/// each: rooms land in their region, and after a restart both regions' rooms
+/// are still there (one state file), read STRONG from each region.
+#[tokio::test]
+async fn the_embedded_upstream_plays_every_region() {
+    use clap::Parser as _;
+    use ivschat_rooms::config::{Cli, Command};
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let config = || {
+        let args = [
+            "ivschat-rooms",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ];
+        let rest = ["--regions", BOTH, "--data-dir", data_dir.to_str().unwrap()];
+        match Cli::try_parse_from(args.into_iter().chain(rest))
+            .unwrap()
+            .into_command()
+        {
+            Command::Serve(config) => config,
+            Command::Emulator(_) | Command::Watch(_) => unreachable!(),
+        }
+    };
+    let mut server = TestServer::start(config()).await;
+    let mut rooms = Vec::new();
+    for region in [EAST, WEST] {
+        let room = server
+            .client
+            .create_room(create_in(region, region))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(region_of(&room.arn), region);
+        rooms.push(room);
+    }
+    server.stop().await;
+    assert!(data_dir.join("rooms.db.emulator.json").exists());
+
+    let mut server = TestServer::start(config()).await;
+    for room in &rooms {
+        let strong = server
+            .client
+            .get_room(get(&room.arn, proto::ReadConsistency::Strong))
+            .await
+            .expect("the emulator kept the room in its region")
+            .into_inner();
+        assert_eq!(&strong, room);
+    }
+    for region in [EAST, WEST] {
+        let listed = server
+            .client
+            .list_rooms(proto::ListRoomsRequest {
+                region: region.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<String> = listed.rooms.into_iter().map(|r| r.name).collect();
+        assert_eq!(names, [region]);
+    }
+    server.stop().await;
+}
 
 /// `--upstream aws` with AWS_ENDPOINT_URL_IVSCHAT: the endpoint applies to
 /// every region, each call signed for its own (the emulator tells them apart

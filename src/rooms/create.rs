@@ -28,6 +28,7 @@ use crate::budget::Caller;
 use crate::domain::validate::{MAX_ROOM_RESULTS, REQUEST_ID_TAG};
 use crate::domain::{Error, EventSource, ListQuery, NewRoom, Result, Room, RoomArn, Timestamp};
 use crate::store::Claim;
+use crate::upstream::Upstream;
 
 use super::Rooms;
 
@@ -47,7 +48,7 @@ impl Rooms {
         &self,
         request_id: String,
         new: NewRoom,
-        region: String,
+        upstream: Upstream,
         caller: Caller,
     ) -> Result<Room> {
         let fingerprint = fingerprint(&new);
@@ -57,7 +58,7 @@ impl Rooms {
                 request_id: request_id.clone(),
                 fingerprint: fingerprint.clone(),
                 new: new.clone(),
-                region: region.clone(),
+                upstream: upstream.clone(),
             };
             // In an exchange: a client that gives up cannot leave a claim
             // that nobody works on.
@@ -95,7 +96,9 @@ impl Rooms {
         let search_since = match claim {
             // The fingerprint leaves the region out, as it did when one
             // region was served (a retry across the upgrade still matches).
-            Claim::Done(room) if RoomArn::parse("arn", &room.arn)?.region() != request.region => {
+            Claim::Done(room)
+                if RoomArn::parse("arn", &room.arn)?.region() != request.upstream.region() =>
+            {
                 return Err(Error::invalid(
                     "request_id",
                     format!(
@@ -148,7 +151,7 @@ impl Rooms {
             request_id: request.request_id,
             owner,
             new: request.new,
-            region: request.region,
+            upstream: request.upstream,
             search_since,
         };
         self.create_claimed(claim, caller).await.map(Some)
@@ -163,10 +166,9 @@ impl Rooms {
             request_id,
             owner,
             new,
-            region,
+            upstream,
             search_since,
         } = claim;
-        let upstream = self.inner.upstreams.of_region("region", &region)?;
         let renew = |until: Timestamp| store.renew_request(&request_id, &owner, until);
         let heartbeat = async {
             loop {
@@ -179,7 +181,7 @@ impl Rooms {
         let work = self.creating(async {
             if let Some(since) = search_since {
                 match self
-                    .find_created(upstream, &request_id, since, caller)
+                    .find_created(&upstream, &request_id, since, caller)
                     .await
                 {
                     Ok(Some(room)) => return Ok(room),
@@ -248,7 +250,7 @@ impl Rooms {
     /// so paging stops at rooms older than that.
     async fn find_created(
         &self,
-        upstream: &crate::upstream::Upstream,
+        upstream: &Upstream,
         request_id: &str,
         since: Timestamp,
         caller: Caller,
@@ -287,8 +289,8 @@ struct Request {
     /// See [`fingerprint`].
     fingerprint: String,
     new: NewRoom,
-    /// Where the room is created: a served region.
-    region: String,
+    /// The IVS Chat of the region the room is created in.
+    upstream: Upstream,
 }
 
 /// A claim this call holds, and what it is for.
@@ -296,7 +298,7 @@ struct Held {
     request_id: String,
     owner: String,
     new: NewRoom,
-    region: String,
+    upstream: Upstream,
     /// Set when taken over: look in IVS Chat for a room created since.
     search_since: Option<Timestamp>,
 }

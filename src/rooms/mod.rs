@@ -262,27 +262,17 @@ impl Rooms {
         request_id: Option<String>,
         caller: Caller,
     ) -> Result<Room> {
-        let region = self
-            .inner
-            .upstreams
-            .of_region("region", region)?
-            .region()
-            .to_owned();
+        let upstream = self.inner.upstreams.of_region("region", region)?.clone();
         validate::new_room(&new)?;
         if let Some(request_id) = request_id {
             validate::request_id("request_id", &request_id, &new)?;
-            return self.create_once(request_id, new, region, caller).await;
+            return self.create_once(request_id, new, upstream, caller).await;
         }
         self.exchange(|rooms| async move {
             rooms
                 .creating(async {
                     let asked_at = Timestamp::now();
-                    let room = rooms
-                        .inner
-                        .upstreams
-                        .of_region("region", &region)?
-                        .create_room(&new, caller)
-                        .await?;
+                    let room = upstream.create_room(&new, caller).await?;
                     Ok(rooms.keep(room, asked_at, EventSource::Api).await)
                 })
                 .await
