@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::binary::{BIN, Server, within};
-use common::{TestDb, TestServer, max_per_second, proto, serve_config};
+use common::{TestDb, TestServer, max_per_second, proto, sdk_in, serve_config};
 use ivschat_rooms::domain::{EventSource, Room, Timestamp};
 use ivschat_rooms::emulator::{
     Emulator, EmulatorConfig, Faults, InjectedError, Operation, TpsLimit,
@@ -103,20 +103,6 @@ async fn watch(server: &mut TestServer, regions: &[&str]) -> Watch {
         .await
         .expect("watch")
         .into_inner()
-}
-
-/// The SDK against the emulator at `url`, signing for `region`, as another
-/// AWS client of that region would.
-fn sdk_in(url: &str, region: &str) -> aws_sdk_ivschat::Client {
-    use aws_sdk_ivschat::config::{BehaviorVersion, Credentials, Region, retry::RetryConfig};
-    let config = aws_sdk_ivschat::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(region.to_owned()))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .endpoint_url(url)
-        .retry_config(RetryConfig::disabled())
-        .build();
-    aws_sdk_ivschat::Client::from_conf(config)
 }
 
 // ---------------------------------------------------------------------------

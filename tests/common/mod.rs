@@ -145,10 +145,16 @@ pub async fn emulator() -> (Emulator, String) {
 
 /// The real AWS SDK pointed at an emulator, with retries off.
 pub fn sdk(url: &str) -> aws_sdk_ivschat::Client {
+    sdk_in(url, "us-east-1")
+}
+
+/// Like [`sdk`], signing for `region`, as another AWS client of that region
+/// would (the emulator serves the region a request is signed for).
+pub fn sdk_in(url: &str, region: &str) -> aws_sdk_ivschat::Client {
     use aws_sdk_ivschat::config::{BehaviorVersion, Credentials, Region, retry::RetryConfig};
     let config = aws_sdk_ivschat::Config::builder()
         .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
+        .region(Region::new(region.to_owned()))
         .credentials_provider(Credentials::new("test", "test", None, None, "test"))
         .endpoint_url(url)
         .retry_config(RetryConfig::disabled())
