@@ -652,7 +652,44 @@ async fn one_region_down_the_other_serves(db: TestDb) {
     server.stop().await;
 }
 
+/// A region no longer served keeps its rows in the cache, unserved: ListRooms
+/// leaves them out and their ARNs are refused.
+async fn a_region_no_longer_served_is_left_out(db: TestDb) {
+    let (_emulator, url) = emulator_with(Faults::default()).await;
+    let mut server = serve_both(&db, &url, &[]).await;
+    let east = server
+        .client
+        .create_room(create_in(EAST, "e"))
+        .await
+        .unwrap()
+        .into_inner();
+    let west = server
+        .client
+        .create_room(create_in(WEST, "w"))
+        .await
+        .unwrap()
+        .into_inner();
+    server.stop().await;
+    let mut server = TestServer::start(serve_config(&db.url, &url, &["--regions", EAST])).await;
+    let listed = server
+        .client
+        .list_rooms(proto::ListRoomsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let arns: Vec<String> = listed.rooms.into_iter().map(|r| r.arn).collect();
+    assert_eq!(arns, [east.arn]);
+    let refused = server
+        .client
+        .get_room(get(&west.arn, proto::ReadConsistency::Cached))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    server.stop().await;
+}
+
 on_both_backends!(
+    a_region_no_longer_served_is_left_out,
     calls_go_to_the_region_in_the_arn,
     list_rooms_merges_filters_and_pages,
     watch_filters_by_region,

@@ -95,7 +95,7 @@ async fn get(store: &Store, id: &str) -> Option<CachedRoom> {
 async fn all_pages(store: &Store, mut query: ListQuery) -> Vec<Vec<Room>> {
     let mut pages = Vec::new();
     loop {
-        let page = store.list(&query, None).await.unwrap().0;
+        let page = store.list(&query, &[]).await.unwrap().0;
         assert!(
             page.rooms.len() <= query.limit(),
             "a page of {} rooms when at most {} were asked for",
@@ -392,7 +392,7 @@ async fn mark_deleted_of_unknown_room_leaves_a_tombstone(db: common::TestDb) {
     assert!(tombstone.deleted);
     assert_eq!(tombstone.validated_at, ts(20));
     assert_eq!(get(&store, "kept1").await, Some(live(&other, 10)));
-    let listed = store.list(&ListQuery::default(), None).await.unwrap().0;
+    let listed = store.list(&ListQuery::default(), &[]).await.unwrap().0;
     assert_eq!(listed.rooms, [other]);
 
     let slow = room("neverSeen1", 1);
@@ -423,7 +423,7 @@ async fn list_is_live_rooms_newest_first(db: common::TestDb) {
     store.mark_deleted(&arn("gone1"), ts(2), API).await.unwrap();
     store.mark_deleted(&arn("gone2"), ts(2), API).await.unwrap();
 
-    let page = store.list(&ListQuery::default(), None).await.unwrap().0;
+    let page = store.list(&ListQuery::default(), &[]).await.unwrap().0;
     assert_eq!(page.next_token, None);
     let ids: Vec<&str> = page.rooms.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["a1", "tieA", "tieB", "tieC", "c1", "b1"]);
@@ -432,7 +432,7 @@ async fn list_is_live_rooms_newest_first(db: common::TestDb) {
 
     // A deleted room brought back by a newer version is listed again.
     store.put(&room("gone1", 41), ts(3), API).await.unwrap();
-    let page = store.list(&ListQuery::default(), None).await.unwrap().0;
+    let page = store.list(&ListQuery::default(), &[]).await.unwrap().0;
     assert_eq!(page.rooms[0], room("gone1", 41));
     assert_eq!(page.rooms.len(), 7);
 }
@@ -509,7 +509,7 @@ async fn list_filters_by_name(db: common::TestDb) {
         name: Some("nobody".to_owned()),
         ..ListQuery::default()
     };
-    assert_eq!(store.list(&none, None).await.unwrap().0.rooms, []);
+    assert_eq!(store.list(&none, &[]).await.unwrap().0.rooms, []);
     // `Some("")` is the rooms without a name, not every room.
     let unnamed = ListQuery {
         name: Some(String::new()),
@@ -627,7 +627,7 @@ async fn list_rejects_an_invalid_next_token(db: common::TestDb) {
             next_token: Some(token.clone()),
             ..ListQuery::default()
         };
-        match store.list(&query, None).await {
+        match store.list(&query, &[]).await {
             Err(Error::InvalidArgument(violations)) => {
                 assert_eq!(violations.len(), 1, "{token:?}: {violations:?}");
                 assert_eq!(violations[0].field, "nextToken", "{token:?}");
@@ -641,7 +641,7 @@ async fn list_rejects_an_invalid_next_token(db: common::TestDb) {
         ..ListQuery::default()
     };
     assert_eq!(
-        store.list(&empty, None).await.unwrap().0.rooms,
+        store.list(&empty, &[]).await.unwrap().0.rooms,
         [room("tok1", 1)]
     );
 }
@@ -724,6 +724,37 @@ async fn confirm_moves_validated_at_of_the_matching_live_version(db: common::Tes
     assert_eq!(get(&store, "c2").await, None);
 }
 
+/// `list` with regions lists only the rooms whose ARNs are in them, merged
+/// newest first; without, every room.
+async fn list_filters_by_region(db: common::TestDb) {
+    let store = open(&db).await;
+    let in_region = |id: &str, update: i64, region: &str| {
+        let mut r = room(id, update);
+        r.arn = r.arn.replace(":us-east-1:", &format!(":{region}:"));
+        r
+    };
+    let east = in_region("e1", 3, "us-east-1");
+    let west = in_region("w1", 2, "eu-west-1");
+    let south = in_region("s1", 1, "ap-south-1");
+    for r in [&east, &west, &south] {
+        store.put(r, ts(10), API).await.unwrap();
+    }
+    let arns = |regions: &'static [&'static str]| {
+        let store = store.clone();
+        async move {
+            let page = store.list(&ListQuery::default(), regions).await.unwrap().0;
+            page.rooms.into_iter().map(|r| r.arn).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(arns(&["us-east-1"]).await, [east.arn.as_str()]);
+    assert_eq!(
+        arns(&["us-east-1", "eu-west-1"]).await,
+        [east.arn.clone(), west.arn.clone()]
+    );
+    assert_eq!(arns(&[]).await, [east.arn, west.arn, south.arn]);
+    assert_eq!(arns(&["eu-north-1"]).await, Vec::<String>::new());
+}
+
 /// `full_listing_at` is `None` on a fresh store; `set_full_listing_at`
 /// overwrites it and persists across a reopen of the same database.
 async fn full_listing_at_persists_across_reopen(db: common::TestDb) {
@@ -792,7 +823,7 @@ async fn reopening_keeps_rooms(db: common::TestDb) {
     );
     assert_eq!(
         reopened
-            .list(&ListQuery::default(), None)
+            .list(&ListQuery::default(), &[])
             .await
             .unwrap()
             .0
@@ -867,7 +898,7 @@ async fn concurrent_puts_keep_the_newest(db: common::TestDb) {
     assert_eq!(get(&store, "race1").await, Some(expected), "seed {seed}");
     assert_eq!(
         store
-            .list(&ListQuery::default(), None)
+            .list(&ListQuery::default(), &[])
             .await
             .unwrap()
             .0
@@ -878,6 +909,7 @@ async fn concurrent_puts_keep_the_newest(db: common::TestDb) {
 }
 
 on_both_backends!(
+    list_filters_by_region,
     put_then_get_round_trips_every_field,
     newer_update_time_replaces,
     older_update_time_is_refused,

@@ -249,8 +249,9 @@ impl Rooms {
                 )));
             }
         }
-        let only = (!region.is_empty()).then_some(regions[0].as_str());
-        let (page, revision, validated_at) = self.inner.store.list(&query, only).await?;
+        // Only the regions served: a region no longer served leaves its rows.
+        let only: Vec<&str> = regions.iter().map(String::as_str).collect();
+        let (page, revision, validated_at) = self.inner.store.list(&query, &only).await?;
         let validated_at = match validated_at {
             Some(at) => Some(at),
             None => {

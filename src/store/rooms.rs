@@ -162,11 +162,11 @@ impl Store {
     /// One page of live rooms, newest `update_time` first, as ListRooms pages,
     /// the revision of the change log it reflects, and when IVS Chat last
     /// confirmed the least recently confirmed room on it.
-    /// With `region`, only that region's rooms (by their ARNs).
+    /// Only rooms of `regions` (by their ARNs); every room when empty.
     pub async fn list(
         &self,
         query: &ListQuery,
-        region: Option<&str>,
+        regions: &[&str],
     ) -> Result<(ListedPage<Room>, u64, Option<Timestamp>)> {
         let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => Some(PageCursor::decode(token)?),
@@ -180,36 +180,50 @@ impl Store {
         // is a prefix of another from matching it). Not with LIKE: SQLite's LIKE
         // ignores ASCII case, and identifiers differing only in case are
         // distinct; REPLACE compares exactly on both backends.
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM rooms \
-             WHERE deleted_at IS NULL \
-               AND ($1 IS NULL OR name = $1) \
-               AND ($2 IS NULL OR COALESCE(review_handler_uri, '') = $2) \
-               AND ($3 IS NULL OR REPLACE(logging_configuration_identifiers, $3, '') \
-                                  <> logging_configuration_identifiers) \
-               AND ($4 IS NULL OR update_time < $4 OR (update_time = $4 AND arn > $5)) \
-               AND ($7 IS NULL OR arn LIKE $7) \
-             ORDER BY update_time DESC, arn \
-             LIMIT $6"
-        ))
-        .bind(query.name.as_deref())
-        .bind(query.message_review_handler_uri.as_deref())
-        .bind(
-            query
-                .logging_configuration_identifier
-                .as_ref()
-                // The identifier as a JSON string, exactly as the array holds it.
-                .map(|id| serde_json::Value::from(id.as_str()).to_string()),
-        )
-        .bind(after.as_ref().map(|c| c.update_time.as_nanos()))
-        .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
-        // One more than asked, to know whether there is a next page.
-        .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX))
-        .bind(region.map(arn_pattern))
-        .fetch_all(&mut *tx)
-        .await?;
+        // The regions: one LIKE each ($7, $8, ...), a handful at most.
+        let in_regions = if regions.is_empty() {
+            String::new()
+        } else {
+            let likes: Vec<String> = (0..regions.len())
+                .map(|i| format!("arn LIKE ${}", 7 + i))
+                .collect();
+            format!("AND ({})", likes.join(" OR "))
+        };
+        let statement = format!(
+            concat!(
+                "SELECT ",
+                columns!(),
+                " FROM rooms \
+                 WHERE deleted_at IS NULL \
+                   AND ($1 IS NULL OR name = $1) \
+                   AND ($2 IS NULL OR COALESCE(review_handler_uri, '') = $2) \
+                   AND ($3 IS NULL OR REPLACE(logging_configuration_identifiers, $3, '') \
+                                      <> logging_configuration_identifiers) \
+                   AND ($4 IS NULL OR update_time < $4 OR (update_time = $4 AND arn > $5)) \
+                   {} \
+                 ORDER BY update_time DESC, arn \
+                 LIMIT $6"
+            ),
+            in_regions
+        );
+        let mut select = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(query.name.as_deref())
+            .bind(query.message_review_handler_uri.as_deref())
+            .bind(
+                query
+                    .logging_configuration_identifier
+                    .as_ref()
+                    // The identifier as a JSON string, exactly as the array holds it.
+                    .map(|id| serde_json::Value::from(id.as_str()).to_string()),
+            )
+            .bind(after.as_ref().map(|c| c.update_time.as_nanos()))
+            .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
+            // One more than asked, to know whether there is a next page.
+            .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX));
+        for region in regions {
+            select = select.bind(arn_pattern(region));
+        }
+        let rows = select.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         let mut rows = rows.iter().map(cached_room).collect::<Result<Vec<_>>>()?;
         rows.truncate(limit + 1);
