@@ -19,22 +19,23 @@ pub const REQUESTS: &str = "ivschat_rooms_requests_total";
 pub const REQUEST_DURATION: &str = "ivschat_rooms_request_duration_seconds";
 /// Cached reads by `result`: `hit`, `miss` or `stale`.
 pub const CACHE: &str = "ivschat_rooms_cache_reads_total";
-/// Calls sent to IVS Chat (each attempt) by `operation`.
+/// Calls sent to IVS Chat (each attempt) by `operation` and `region`.
 pub const UPSTREAM_CALLS: &str = "ivschat_rooms_upstream_calls_total";
-/// ThrottlingExceptions from IVS Chat by `operation`.
+/// ThrottlingExceptions from IVS Chat by `operation` and `region`.
 pub const UPSTREAM_THROTTLES: &str = "ivschat_rooms_upstream_throttles_total";
-/// Budget tokens taken (calls allowed) by `operation`.
+/// Budget tokens taken (calls allowed) by `operation` and `region`.
 pub const BUDGET_TOKENS: &str = "ivschat_rooms_budget_tokens_taken_total";
-/// Requests refused for want of a budget token in time, by `operation`.
+/// Requests refused for want of a budget token in time, by `operation` and
+/// `region`.
 pub const BUDGET_REFUSED: &str = "ivschat_rooms_budget_refused_total";
-/// Requests waiting for a budget token, by `operation`.
+/// Requests waiting for a budget token, by `operation` and `region`.
 pub const BUDGET_WAITING: &str = "ivschat_rooms_budget_waiting";
 /// With a shared (Postgres) budget: slots the whole fleet has taken of each
 /// budget, by `operation` and `region`, as this replica last saw it (a
 /// counter in all but type: take its `rate()`).
 pub const BUDGET_FLEET_SLOTS: &str = "ivschat_rooms_budget_fleet_slots";
 /// With a shared budget: slots this replica took but left unused, by
-/// `operation` and `reason` (`paused`: a throttle came after it was booked;
+/// `operation`, `region` and `reason` (`paused`: a throttle came after it was booked;
 /// `late`: the replica woke too late to send in it).
 pub const BUDGET_UNUSED: &str = "ivschat_rooms_budget_slots_unused_total";
 /// With a shared budget: how far ahead of now the fleet has booked each
@@ -46,7 +47,8 @@ pub const WATCHERS: &str = "ivschat_rooms_watchers";
 pub const EVENT_REVISION: &str = "ivschat_rooms_event_revision";
 /// Revisions known committed but not yet taken in by this process's feed.
 pub const EVENT_LAG: &str = "ivschat_rooms_event_lag";
-/// Reconciler passes by `kind` (`recent`, `full`) and `result` (`ok`, `error`).
+/// Reconciler passes by `region`, `kind` (`recent`, `full`) and `result`
+/// (`ok`, `error`).
 pub const RECONCILE_RUNS: &str = "ivschat_rooms_reconcile_runs_total";
 
 /// The process's recorder, installed on first use (a process serves once;
@@ -90,12 +92,18 @@ fn describe() {
         "time to a gRPC response (streams: to their start)"
     );
     describe_counter!(CACHE, "cached reads by result: hit, miss, stale");
-    describe_counter!(UPSTREAM_CALLS, "calls sent to IVS Chat, by operation");
+    describe_counter!(
+        UPSTREAM_CALLS,
+        "calls sent to IVS Chat, by operation and region"
+    );
     describe_counter!(
         UPSTREAM_THROTTLES,
-        "ThrottlingExceptions from IVS Chat, by operation"
+        "ThrottlingExceptions from IVS Chat, by operation and region"
     );
-    describe_counter!(BUDGET_TOKENS, "budget tokens taken, by operation");
+    describe_counter!(
+        BUDGET_TOKENS,
+        "budget tokens taken, by operation and region"
+    );
     describe_counter!(
         BUDGET_REFUSED,
         "requests refused for want of a budget token in time"
@@ -120,7 +128,10 @@ fn describe() {
         EVENT_LAG,
         "revisions known committed, not yet taken in by the feed"
     );
-    describe_counter!(RECONCILE_RUNS, "reconciler passes by kind and result");
+    describe_counter!(
+        RECONCILE_RUNS,
+        "reconciler passes by region, kind and result"
+    );
 }
 
 /// Binds `addr` for `/metrics`; the bound address is logged by the caller.

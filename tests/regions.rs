@@ -432,15 +432,8 @@ async fn each_region_has_its_own_budget(db: TestDb) {
         .send()
         .await
         .unwrap();
-    // AWS's rates, not the tests' unlimited one.
-    let flags = [
-        "--regions",
-        BOTH,
-        "--upstream-rate",
-        "5",
-        "--upstream-operation-rate",
-        "ListRooms=5",
-    ];
+    // AWS's rate (5 per second), not the tests' unlimited one.
+    let flags = ["--regions", BOTH, "--upstream-rate", "5"];
     let mut server = TestServer::start(serve_config(&db.url, &url, &flags)).await;
     server.wait_listed().await;
     emulator.clear_call_times();

@@ -137,7 +137,6 @@ async fn watch_items(
     result.await.map_err(to_status)
 }
 
-/// The WatchRooms method, answering with encoded messages.
 /// Refuses a watch of rooms or regions this service does not serve: nothing
 /// would ever arrive.
 fn served(watch: &WatchRequest, upstreams: &Upstreams) -> DomainResult<()> {
@@ -169,6 +168,7 @@ fn served(watch: &WatchRequest, upstreams: &Upstreams) -> DomainResult<()> {
     }
 }
 
+/// The WatchRooms method, answering with encoded messages.
 struct WatchRooms {
     feed: Feed,
     upstreams: Upstreams,
