@@ -20,6 +20,7 @@
 //! | P5 | cached GetRoom throughput with 100,000 rooms ÷ with 100 | ≥ 0.9 |
 //! | P6 | UpdateRoom through the service ÷ straight through the SDK (5 ms upstream) | ≤ 1.1 |
 //! | P7 | three replicas on one Postgres, each offered 10× the rate: most UpdateRoom calls in any 1 s ÷ rate; calls per second ÷ rate | ≤ 1; ≥ 0.9 |
+//! | P9 | 1,000 rooms read CACHED at `--max-staleness 10s`, the emulator at 5 TPS and 30 ms, for 3 × the staleness: share of hits; p99 ÷ p50 | ≥ 0.99; ≤ 3 |
 //!
 //! P2 prints a second line, the same cold reads spread over three replicas
 //! sharing Postgres (target 1). P7 prints a second line,
@@ -72,7 +73,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-const MEASURES: [&str; 7] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7"];
+const MEASURES: [&str; 8] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P9"];
 
 /// The upstream budget the service allows per operation by default (AWS's
 /// 5 TPS): P3's target.
@@ -158,6 +159,7 @@ fn run_measure(id: &str, scale: Scale) {
             "P5" => p5_many_rooms(&scale).await,
             "P6" => p6_update_overhead(&scale).await,
             "P7" => p7_fleet_budget(&scale).await,
+            "P9" => p9_working_set(&scale).await,
             other => panic!("unknown measure {other}"),
         }
     });
@@ -194,6 +196,9 @@ struct Scale {
     rooms: usize,
     /// P6: pairs of updates.
     update_pairs: usize,
+    /// P9: rooms read, and the staleness they are read at.
+    working_set: usize,
+    working_staleness: Duration,
 }
 
 impl Scale {
@@ -210,6 +215,8 @@ impl Scale {
                 one_watcher_updates: 11,
                 rooms: 20_000,
                 update_pairs: 10,
+                working_set: 250,
+                working_staleness: Duration::from_secs(4),
             }
         } else {
             Scale {
@@ -223,6 +230,8 @@ impl Scale {
                 one_watcher_updates: 21,
                 rooms: 100_000,
                 update_pairs: 40,
+                working_set: 1000,
+                working_staleness: Duration::from_secs(10),
             }
         }
     }
@@ -545,6 +554,128 @@ async fn fleet_budget(scale: &Scale, regions: &[&str]) -> Vec<(f64, f64)> {
         replica.stop().await;
     }
     figures
+}
+
+/// P9: a working set larger than GetRoom's budget could re-read within
+/// `--max-staleness` (1,000 rooms at 10 s: 5 GetRoom per second re-read 50),
+/// last updated a minute apart, the emulator at AWS's rates with 30 ms of
+/// latency; 16 clients read random rooms CACHED (1 s deadlines) for three
+/// staleness periods. The share of hits, and p99 ÷ p50 of the reads. The
+/// listings alone should keep every room fresh (no GetRoom upstream).
+async fn p9_working_set(scale: &Scale) {
+    let n = scale.working_set;
+    let staleness = scale.working_staleness;
+    let (scratch, scratch_url) = emulator(Faults::default()).await;
+    let client = sdk(&scratch_url);
+    for i in 0..n {
+        client
+            .create_room()
+            .name(format!("p9-{i}"))
+            .send()
+            .await
+            .expect("CreateRoom in the emulator");
+    }
+    let mut rooms = scratch.rooms();
+    let start = Timestamp::now()
+        .saturating_sub(Duration::from_secs(60 * n as u64))
+        .truncate_to_micros();
+    for (i, room) in rooms.iter_mut().enumerate() {
+        let at = start.saturating_add(Duration::from_secs(60 * i as u64));
+        room.create_time = at;
+        room.update_time = at;
+    }
+    let db = TempDb::new();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let state = dir.path().join("p9-emulator.json");
+    std::fs::write(
+        &state,
+        serde_json::to_vec(&serde_json::json!({ "rooms": rooms })).expect("JSON"),
+    )
+    .expect("write the emulator's state");
+    let emulator = Emulator::new(EmulatorConfig {
+        state_file: Some(state),
+        faults: Faults {
+            latency: Duration::from_millis(30),
+            tps_limit: Some(ivschat_rooms::emulator::TpsLimit::Aws),
+            ..Faults::default()
+        },
+        ..EmulatorConfig::default()
+    })
+    .expect("emulator");
+    let emulator_url = emulator
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("emulator listens");
+    seed(&db.url, &rooms).await;
+    let staleness_flag = humantime::format_duration(staleness).to_string();
+    let service = Service::start(serve_config(
+        &db.url,
+        &emulator_url,
+        &[
+            "--max-staleness",
+            &staleness_flag,
+            "--reconcile-interval",
+            "5s",
+            "--resync-interval",
+            "5m",
+        ],
+    ))
+    .await;
+    let arns: Arc<Vec<String>> = Arc::new(rooms.into_iter().map(|r| r.arn).collect());
+    let channel = connect(&service.uri()).await;
+    let load = staleness * 3;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for c in 0..16u64 {
+        let arns = arns.clone();
+        let mut client = RoomServiceClient::new(channel.clone());
+        clients.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(c);
+            let mut samples = Vec::new();
+            let (mut hits, mut reads) = (0usize, 0usize);
+            while started.elapsed() < load {
+                let arn = &arns[rng.random_range(0..arns.len())];
+                let mut request = Request::new(proto::GetRoomRequest {
+                    identifier: arn.clone(),
+                    consistency: proto::ReadConsistency::Cached as i32,
+                });
+                request.set_timeout(Duration::from_secs(1));
+                let asked = Instant::now();
+                let answer = client.get_room(request).await;
+                samples.push(asked.elapsed());
+                reads += 1;
+                if answer.is_ok_and(|r| {
+                    r.metadata().get("x-cache").and_then(|v| v.to_str().ok()) == Some("hit")
+                }) {
+                    hits += 1;
+                }
+            }
+            (samples, hits, reads)
+        }));
+    }
+    let (mut samples, mut hits, mut reads) = (Vec::new(), 0, 0);
+    for client in clients {
+        let (s, h, r) = client.await.expect("a reading client");
+        samples.extend(s);
+        hits += h;
+        reads += r;
+    }
+    let p50 = median(&samples);
+    let p99 = p99(samples);
+    println!(
+        "# P9 {n} rooms, --max-staleness {staleness_flag}, 16 clients for {} s: {reads} reads, {hits} hits, p50 {:.2} ms, p99 {:.2} ms; upstream GetRoom {}, ListRooms {}",
+        load.as_secs(),
+        ms(p50),
+        ms(p99),
+        emulator.calls(Operation::GetRoom),
+        emulator.calls(Operation::ListRooms),
+    );
+    println!(
+        "P9 working_set {:.3} {:.2}",
+        hits as f64 / reads as f64,
+        p99.as_secs_f64() / p50.as_secs_f64()
+    );
+    service.stop().await;
 }
 
 /// The most of `times` in any window [t, t + 1 s).

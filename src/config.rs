@@ -229,7 +229,9 @@ pub struct ServeConfig {
     pub upstream_max_wait: Duration,
 
     /// How long a cached room confirmed by IVS Chat is served without asking
-    /// again (READ_CONSISTENCY_CACHED).
+    /// again (READ_CONSISTENCY_CACHED). The reconciler's full listings come
+    /// often enough to confirm every room within it, while IVS Chat's listing
+    /// rate allows (about 250 rooms per second of it).
     #[arg(long, env = "IVSCHAT_ROOMS_MAX_STALENESS", default_value = "60s", value_parser = humantime::parse_duration)]
     pub max_staleness: Duration,
 
@@ -279,8 +281,9 @@ pub struct ServeConfig {
     #[arg(long, env = "IVSCHAT_ROOMS_RECONCILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reconcile_interval: Duration,
 
-    /// How often the reconciler lists every room, to find rooms deleted or
-    /// created in IVS Chat and tag-only changes.
+    /// How often, at most apart, the reconciler lists every room, to find
+    /// rooms deleted or created in IVS Chat and tag-only changes (more often
+    /// when --max-staleness needs it).
     #[arg(long, env = "IVSCHAT_ROOMS_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub resync_interval: Duration,
 

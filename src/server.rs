@@ -122,6 +122,7 @@ pub async fn run(
                 ReconcileSettings {
                     interval: config.reconcile_interval,
                     resync_interval: config.resync_interval,
+                    max_staleness: config.max_staleness,
                 },
                 stop_reconciler.clone(),
             ))

@@ -6,9 +6,10 @@
 //! lock per region, passed on when its holder dies, so a fleet's regions may
 //! be led by different replicas; SQLite has one process).
 //! The leader starts with a full listing, then every `interval` looks at the
-//! most recently updated rooms (usually one ListRooms call), and every
-//! `resync_interval` lists everything again to find deletions, creations and
-//! tag-only changes further down the list. Other replicas wait for their turn.
+//! most recently updated rooms (usually one ListRooms call), and lists
+//! everything again to find deletions, creations and tag-only changes further
+//! down the list, and to confirm every room before it goes stale: every
+//! `resync_interval`, or as often as `max_staleness` needs. Other replicas wait for their turn.
 //!
 //! IVS Chat allows 5 calls per second per operation, shared with users: an
 //! incremental pass costs one ListRooms plus one GetRoom per changed room.
@@ -33,14 +34,37 @@ const LAST_RETRY: Duration = Duration::from_secs(60);
 pub struct ReconcileSettings {
     /// Between incremental passes, and between attempts to become leader.
     pub interval: Duration,
-    /// Between full listings.
+    /// Between full listings, at most.
     pub resync_interval: Duration,
+    /// How long a room's confirmation serves cached reads
+    /// (`--max-staleness`): full listings come often enough to confirm every
+    /// room again before it goes stale, as long as IVS Chat's listing rate
+    /// allows (see [`ReconcileSettings::next_full_listing`]).
+    pub max_staleness: Duration,
 }
 
 impl ReconcileSettings {
     /// How much later than its updateTime a change may first show in IVS
     /// Chat's listing (incremental passes look back this much further).
     pub const LISTING_LAG: Duration = Duration::from_secs(5);
+
+    /// When the next full listing starts, the last having started at
+    /// `began` and taken `took`: after `resync_interval`, or sooner, so that
+    /// it reaches every room before the confirmations of the last (each as
+    /// of its start) are `max_staleness` old. One ListRooms call confirms 50
+    /// rooms, one GetRoom one: while listings can keep up (about 250 rooms
+    /// per second of `max_staleness` at 5 calls per second), no unchanged
+    /// room is read again. A fifth of `max_staleness` is kept spare for a
+    /// listing slower than the last; past that, listings run back to back.
+    pub fn next_full_listing(&self, began: Instant, took: Duration) -> Instant {
+        if self.max_staleness.is_zero() {
+            // Nothing is served from the cache by age: confirming is moot.
+            return began + self.resync_interval;
+        }
+        let spare = self.max_staleness / 5;
+        let confirm_by = self.max_staleness.saturating_sub(took + spare);
+        began + self.resync_interval.min(confirm_by)
+    }
 }
 
 /// Reconciles whenever this replica leads, until `stop`.
@@ -69,6 +93,7 @@ pub async fn run(
         let mut backoff = FIRST_RETRY;
         loop {
             let full = Instant::now() >= next_full;
+            let began = Instant::now();
             // A pass can be long (a first full listing reads every room at
             // 5 per second): it stops at once on shutdown or when the turn
             // is lost meanwhile. Every cache write is a transaction of its
@@ -89,9 +114,11 @@ pub async fn run(
                 Ok(()) => {
                     backoff = FIRST_RETRY;
                     if full {
-                        next_full = Instant::now() + settings.resync_interval;
+                        next_full = settings.next_full_listing(began, began.elapsed());
                     }
-                    settings.interval
+                    settings
+                        .interval
+                        .min(next_full.saturating_duration_since(Instant::now()))
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, region, retry_in = ?backoff, "reconciling with IVS Chat failed");
@@ -166,5 +193,41 @@ async fn pause(stop: &CancellationToken, d: Duration) -> Result<(), ()> {
     tokio::select! {
         () = stop.cancelled() => Err(()),
         () = tokio::time::sleep(d) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(resync: u64, staleness: u64) -> ReconcileSettings {
+        ReconcileSettings {
+            interval: Duration::from_secs(5),
+            resync_interval: Duration::from_secs(resync),
+            max_staleness: Duration::from_secs(staleness),
+        }
+    }
+
+    #[test]
+    fn full_listings_confirm_every_room_before_it_goes_stale() {
+        let began = Instant::now();
+        let secs = Duration::from_secs;
+        // 60 s of staleness, a 2 s listing: the next starts 60 - 2 - 12 s on.
+        assert_eq!(
+            settings(300, 60).next_full_listing(began, secs(2)),
+            began + secs(46)
+        );
+        // Staleness longer than the resync interval: the resync interval.
+        assert_eq!(
+            settings(300, 3600).next_full_listing(began, secs(2)),
+            began + secs(300)
+        );
+        // Past the floor (the listing outlasts the staleness): back to back.
+        assert_eq!(settings(300, 60).next_full_listing(began, secs(70)), began);
+        // No staleness served: nothing to confirm for.
+        assert_eq!(
+            settings(300, 0).next_full_listing(began, secs(2)),
+            began + secs(300)
+        );
     }
 }

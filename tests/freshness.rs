@@ -1,0 +1,246 @@
+//! Cached reads kept fresh by listings: with more rooms than GetRoom's budget
+//! could re-read within `--max-staleness`, the reconciler's full listings
+//! (one ListRooms call confirms 50 rooms) confirm every room before it goes
+//! stale, so every cached read is a hit and no unchanged room is read again;
+//! and a room changed behind the service's back is still found.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::binary::within;
+use common::{TestDb, TestServer, proto, sdk, serve_config};
+use ivschat_rooms::domain::{EventSource, RoomPatch, Timestamp};
+use ivschat_rooms::emulator::{Emulator, EmulatorConfig, Faults, Operation, TpsLimit};
+use ivschat_rooms::store::Store;
+
+/// Rooms, more than GetRoom's 5 per second could re-read within the
+/// staleness (60 rooms ÷ 5 per second = 12 s > 3 s).
+const ROOMS: usize = 60;
+const STALENESS: Duration = Duration::from_secs(3);
+
+/// An emulator at AWS's rates holding `ROOMS` rooms, last updated a minute
+/// apart over the past hour (so the incremental pass, which stops at the
+/// first page reaching what it examined before, confirms only the newest
+/// page: the others are the full listings' to confirm), and a cache on `db`
+/// already holding each of them as IVS Chat has it, with a full listing
+/// recorded: the service starts warm, as after a restart.
+async fn warm(db: &TestDb) -> (Emulator, String, Vec<String>, tempfile::TempDir) {
+    let scratch = Emulator::new(EmulatorConfig::default()).expect("emulator");
+    let url = scratch
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator listens");
+    let client = sdk(&url);
+    for i in 0..ROOMS {
+        client
+            .create_room()
+            .name(format!("room-{i}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let mut rooms = scratch.rooms();
+    let hour_ago = Timestamp::now()
+        .saturating_sub(Duration::from_secs(3600))
+        .truncate_to_micros();
+    for (i, room) in rooms.iter_mut().enumerate() {
+        let at = hour_ago.saturating_add(Duration::from_secs(60 * i as u64));
+        room.create_time = at;
+        room.update_time = at;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("emulator.json");
+    std::fs::write(
+        &state,
+        serde_json::to_vec(&serde_json::json!({ "rooms": rooms })).unwrap(),
+    )
+    .unwrap();
+    let emulator = Emulator::new(EmulatorConfig {
+        state_file: Some(state),
+        faults: Faults {
+            tps_limit: Some(TpsLimit::Aws),
+            ..Faults::default()
+        },
+        ..EmulatorConfig::default()
+    })
+    .expect("emulator");
+    let url = emulator
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator listens");
+    let store = Store::open(&db.url).await.unwrap();
+    let now = Timestamp::now();
+    store
+        .put_many(&rooms, now, EventSource::Reconciler)
+        .await
+        .unwrap();
+    store.set_full_listing_at("us-east-1", now).await.unwrap();
+    store.close().await;
+    let arns = rooms.into_iter().map(|r| r.arn).collect();
+    (emulator, url, arns, dir)
+}
+
+fn flags() -> Vec<&'static str> {
+    vec![
+        "--max-staleness",
+        "3s",
+        // AWS's rates, and a reconciler as it ships but for the short
+        // staleness: no resync of its own for the length of the test.
+        "--upstream-rate",
+        "5",
+        "--reconcile-interval",
+        "500ms",
+        "--resync-interval",
+        "1h",
+    ]
+}
+
+/// Reads every room CACHED (1 s deadline), round after round, for three
+/// staleness periods, through each of `servers` in turn; returns the count of
+/// each `x-cache` answer.
+async fn read_for_three_periods(
+    servers: &mut [TestServer],
+    arns: &[String],
+) -> BTreeMap<String, usize> {
+    let mut answers = BTreeMap::new();
+    let started = tokio::time::Instant::now();
+    let mut round = 0usize;
+    while started.elapsed() < STALENESS * 3 {
+        let server = &mut servers[round % servers.len()];
+        for arn in arns {
+            let mut request = tonic::Request::new(proto::GetRoomRequest {
+                identifier: arn.clone(),
+                consistency: proto::ReadConsistency::Cached as i32,
+            });
+            request.set_timeout(Duration::from_secs(1));
+            let answer = match server.client.get_room(request).await {
+                Ok(response) => response
+                    .metadata()
+                    .get("x-cache")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned(),
+                Err(status) => format!("{:?}", status.code()),
+            };
+            *answers.entry(answer).or_default() += 1;
+        }
+        round += 1;
+        // A round of reads every 100 ms: a load, not a wait for an event.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answers
+}
+
+/// Every cached read over three staleness periods is a hit, and IVS Chat
+/// sees no GetRoom: the listings alone keep the rooms confirmed.
+async fn listings_keep_every_room_fresh(db: TestDb) {
+    let (emulator, url, arns, _state) = warm(&db).await;
+    let mut servers = vec![TestServer::start(serve_config(&db.url, &url, &flags())).await];
+    let answers = read_for_three_periods(&mut servers, &arns).await;
+    assert_eq!(
+        answers.keys().collect::<Vec<_>>(),
+        ["hit"],
+        "every cached read is a hit: {answers:?}"
+    );
+    assert_eq!(
+        emulator.calls(Operation::GetRoom),
+        0,
+        "no unchanged room is read again"
+    );
+    assert!(
+        emulator.calls(Operation::ListRooms) >= 3,
+        "listings confirmed the rooms: {} ListRooms calls",
+        emulator.calls(Operation::ListRooms)
+    );
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A room renamed, one re-tagged (same updateTime) and one deleted behind
+/// the service's back are found by the listings, each at the cost of one
+/// GetRoom; the other rooms stay hits without one.
+async fn changes_behind_our_back_are_still_found(db: TestDb) {
+    let (emulator, url, arns, _state) = warm(&db).await;
+    let mut server = TestServer::start(serve_config(&db.url, &url, &flags())).await;
+    let mut stream = server
+        .client
+        .watch_rooms(proto::WatchRoomsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    emulator
+        .update_room(
+            &arns[0],
+            &RoomPatch {
+                name: Some("renamed".into()),
+                ..RoomPatch::default()
+            },
+        )
+        .unwrap();
+    sdk(&url)
+        .tag_resource()
+        .resource_arn(&arns[1])
+        .tags("k", "v")
+        .send()
+        .await
+        .unwrap();
+    emulator.delete_room(&arns[2]).unwrap();
+    let mut found = BTreeMap::new();
+    within("the three changes to be found", async {
+        while found.len() < 3 {
+            let message = stream.message().await.unwrap().unwrap();
+            if let Some(proto::watch_rooms_response::Kind::Event(event)) = message.kind {
+                assert_eq!(event.source, proto::EventSource::Reconciler as i32);
+                let room = event.room.unwrap();
+                found.insert(room.arn.clone(), (event.r#type, room));
+            }
+        }
+    })
+    .await;
+    assert_eq!(found[&arns[0]].1.name, "renamed");
+    assert_eq!(
+        found[&arns[1]].1.tags.get("k").map(String::as_str),
+        Some("v")
+    );
+    assert_eq!(found[&arns[2]].0, proto::EventType::Deleted as i32);
+    assert_eq!(
+        emulator.calls(Operation::GetRoom),
+        3,
+        "one GetRoom per changed room, none for the others"
+    );
+    drop(stream);
+    server.stop().await;
+}
+
+on_both_backends!(
+    listings_keep_every_room_fresh,
+    changes_behind_our_back_are_still_found,
+);
+
+/// Replicas sharing Postgres: the leading replica's listings confirm the
+/// rows every replica reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_s_listings_confirm_rows_for_every_replica() {
+    let Some(db) = TestDb::postgres("the_leader_s_listings_confirm_rows_for_every_replica").await
+    else {
+        return;
+    };
+    let (emulator, url, arns, _state) = warm(&db).await;
+    let mut servers = vec![
+        TestServer::start(serve_config(&db.url, &url, &flags())).await,
+        TestServer::start(serve_config(&db.url, &url, &flags())).await,
+    ];
+    let answers = read_for_three_periods(&mut servers, &arns).await;
+    assert_eq!(
+        answers.keys().collect::<Vec<_>>(),
+        ["hit"],
+        "every cached read on either replica is a hit: {answers:?}"
+    );
+    assert_eq!(emulator.calls(Operation::GetRoom), 0);
+    for server in servers {
+        server.stop().await;
+    }
+}
