@@ -722,6 +722,29 @@ async fn confirm_moves_validated_at_of_the_matching_live_version(db: common::Tes
 
     store.confirm(&arn("c2"), ts(700), ts(4_000)).await.unwrap();
     assert_eq!(get(&store, "c2").await, None);
+
+    // Many at once (a listing's page): each by the same rule.
+    let (m1, m2) = (room("m1", 10), room("m2", 20));
+    store.put(&m1, ts(100), API).await.unwrap();
+    store.put(&m2, ts(100), API).await.unwrap();
+    store
+        .confirm_many(
+            &[
+                (arn("m1"), ts(10)),
+                (arn("m2"), ts(19)),
+                (arn("c2"), ts(700)),
+            ],
+            ts(500),
+        )
+        .await
+        .unwrap();
+    assert_eq!(get(&store, "m1").await.unwrap().validated_at, ts(500));
+    assert_eq!(
+        get(&store, "m2").await.unwrap().validated_at,
+        ts(100),
+        "another version than the cached one: not confirmed"
+    );
+    assert_eq!(get(&store, "c2").await, None, "nothing created");
 }
 
 /// `list` with regions lists only the rooms whose ARNs are in them, merged

@@ -76,6 +76,8 @@ impl Passes {
         let mut pages = self.upstream.pages(whole_pages(), Caller::Background);
         while let Some(page) = pages.next().await? {
             top = top.or(page.rooms.first().map(|r| r.update_time));
+            // Unchanged rooms, confirmed together once the page is through.
+            let mut unchanged = Vec::new();
             for summary in &page.rooms {
                 report.listed += 1;
                 let arn = RoomArn::parse("arn", &summary.arn)?;
@@ -83,9 +85,7 @@ impl Passes {
                 let creating = cached.is_none() && self.rooms.may_be_creating(summary).await?;
                 match cached {
                     Some(cached) if !cached.deleted && summary.shows(&cached.room) => {
-                        self.store
-                            .confirm(&arn, summary.update_time, started)
-                            .await?;
+                        unchanged.push((arn, summary.update_time));
                     }
                     // Perhaps being created through the service, which
                     // caches it; a later pass picks it up otherwise.
@@ -97,6 +97,7 @@ impl Passes {
                     }
                 }
             }
+            self.store.confirm_many(&unchanged, started).await?;
         }
         // Rooms updated while we paged move to the front of the listing and may
         // have been missed: ask for each before forgetting it.
@@ -134,6 +135,7 @@ impl Passes {
         while let Some(page) = pages.next().await? {
             top = top.or(page.rooms.first().map(|r| r.update_time));
             let mut newer_on_page = false;
+            let mut unchanged = Vec::new();
             for summary in &page.rooms {
                 report.listed += 1;
                 let arn = RoomArn::parse("arn", &summary.arn)?;
@@ -159,11 +161,10 @@ impl Passes {
                         report.fetched += 1;
                     }
                 } else if cached.is_some() {
-                    self.store
-                        .confirm(&arn, summary.update_time, started)
-                        .await?;
+                    unchanged.push((arn, summary.update_time));
                 }
             }
+            self.store.confirm_many(&unchanged, started).await?;
             let oldest_on_page = page.rooms.last().map(|r| r.update_time);
             let more = match covered {
                 Some(covered) => oldest_on_page.is_some_and(|oldest| oldest > covered),

@@ -5,6 +5,11 @@ use super::*;
 
 pub(super) const FULL_LISTING_AT: &str = "full_listing_at";
 
+/// Moves a live row's `validated_at` on to $1 if it still is the version
+/// ($2, $3) a listing showed.
+const CONFIRM: &str = "UPDATE rooms SET validated_at = $1 \
+     WHERE arn = $2 AND update_time = $3 AND deleted_at IS NULL AND validated_at < $1";
+
 /// The `cache_state` key of when `region`'s last full listing completed.
 fn full_listing_key(region: &str) -> String {
     format!("{FULL_LISTING_AT}:{region}")
@@ -273,15 +278,31 @@ impl Store {
         update_time: Timestamp,
         at: Timestamp,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE rooms SET validated_at = $1 \
-             WHERE arn = $2 AND update_time = $3 AND deleted_at IS NULL AND validated_at < $1",
-        )
-        .bind(at.as_nanos())
-        .bind(arn.as_str())
-        .bind(update_time.as_nanos())
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(CONFIRM)
+            .bind(at.as_nanos())
+            .bind(arn.as_str())
+            .bind(update_time.as_nanos())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// [`Store::confirm`] for each of `listed` (a room and the updateTime a
+    /// listing showed), in one transaction: a listing's page, one commit.
+    pub async fn confirm_many(&self, listed: &[(RoomArn, Timestamp)], at: Timestamp) -> Result<()> {
+        if listed.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (arn, update_time) in listed {
+            sqlx::query(CONFIRM)
+                .bind(at.as_nanos())
+                .bind(arn.as_str())
+                .bind(update_time.as_nanos())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
