@@ -215,9 +215,75 @@ async fn changes_behind_our_back_are_still_found(db: TestDb) {
     server.stop().await;
 }
 
+/// Writes of ours that land while a full listing pages (its page showing
+/// the rooms as they were) are not confirmed away: the rename keeps its newer
+/// version and the re-tag its tags, and nothing is logged as the reconciler's.
+async fn writes_during_a_listing_are_not_confirmed_away(db: TestDb) {
+    let (emulator, url, arns, _state) = warm(&db).await;
+    let store = Store::open(&db.url).await.unwrap();
+    let listed_before = store.full_listing_at("us-east-1").await.unwrap();
+    // The startup listing's first page is read, and its answer held.
+    let held = emulator.hold_responses(Operation::ListRooms);
+    let mut server = TestServer::start(serve_config(&db.url, &url, &flags())).await;
+    emulator.wait_for_calls(Operation::ListRooms, 1).await;
+    let revision = store.revision().await.unwrap();
+    // The newest rooms: both on the held first page.
+    let (renamed, tagged) = (&arns[ROOMS - 1], &arns[ROOMS - 2]);
+    server
+        .client
+        .update_room(proto::UpdateRoomRequest {
+            identifier: renamed.clone(),
+            name: Some("renamed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    server
+        .client
+        .tag_room(proto::TagRoomRequest {
+            identifier: tagged.clone(),
+            tags: [("k".to_owned(), "v".to_owned())].into(),
+        })
+        .await
+        .unwrap();
+    held.release();
+    within("the listing to complete", async {
+        while store.full_listing_at("us-east-1").await.unwrap() == listed_before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let cached = |arn: &String| proto::GetRoomRequest {
+        identifier: arn.clone(),
+        consistency: proto::ReadConsistency::Cached as i32,
+    };
+    let got = server
+        .client
+        .get_room(cached(renamed))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.name, "renamed");
+    let got = server
+        .client
+        .get_room(cached(tagged))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.tags.get("k").map(String::as_str), Some("v"));
+    let events = store.events_after(revision, 100).await.unwrap();
+    assert!(
+        events.iter().all(|e| e.source == EventSource::Api),
+        "only our writes are logged: {events:?}"
+    );
+    store.close().await;
+    server.stop().await;
+}
+
 on_both_backends!(
     listings_keep_every_room_fresh,
     changes_behind_our_back_are_still_found,
+    writes_during_a_listing_are_not_confirmed_away,
 );
 
 /// Replicas sharing Postgres: the leading replica's listings confirm the

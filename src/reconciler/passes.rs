@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::budget::Caller;
-use crate::domain::{ListQuery, Result, RoomArn, Timestamp, validate};
+use crate::domain::{ListQuery, Result, RoomArn, RoomSummary, Timestamp, validate};
 use crate::rooms::Rooms;
-use crate::store::Store;
+use crate::store::{CachedRoom, Store};
 use crate::upstream::Upstream;
 
 /// What one pass found.
@@ -80,9 +80,7 @@ impl Passes {
             let mut unchanged = Vec::new();
             for summary in &page.rooms {
                 report.listed += 1;
-                let arn = RoomArn::parse("arn", &summary.arn)?;
-                let cached = self.store.get(&arn).await?;
-                let creating = cached.is_none() && self.rooms.may_be_creating(summary).await?;
+                let (arn, cached, creating) = self.look_up(summary).await?;
                 match cached {
                     Some(cached) if !cached.deleted && summary.shows(&cached.room) => {
                         unchanged.push((arn, summary.update_time));
@@ -138,9 +136,7 @@ impl Passes {
             let mut unchanged = Vec::new();
             for summary in &page.rooms {
                 report.listed += 1;
-                let arn = RoomArn::parse("arn", &summary.arn)?;
-                let cached = self.store.get(&arn).await?;
-                let creating = cached.is_none() && self.rooms.may_be_creating(summary).await?;
+                let (arn, cached, creating) = self.look_up(summary).await?;
                 let (newer, differs) = match &cached {
                     Some(c) if !c.deleted => (
                         summary.update_time > c.room.update_time,
@@ -178,6 +174,15 @@ impl Passes {
             self.advance_watermark(top);
         }
         Ok(report)
+    }
+
+    /// A listed room's ARN, its cached row, and, when it has none, whether
+    /// it may be one a CreateRoom is about to cache.
+    async fn look_up(&self, summary: &RoomSummary) -> Result<(RoomArn, Option<CachedRoom>, bool)> {
+        let arn = RoomArn::parse("arn", &summary.arn)?;
+        let cached = self.store.get(&arn).await?;
+        let creating = cached.is_none() && self.rooms.may_be_creating(summary).await?;
+        Ok((arn, cached, creating))
     }
 
     /// Records that every room IVS Chat listed with an updateTime up to `top`
