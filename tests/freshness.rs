@@ -27,11 +27,7 @@ const STALENESS: Duration = Duration::from_secs(3);
 /// already holding each of them as IVS Chat has it, with a full listing
 /// recorded: the service starts warm, as after a restart.
 async fn warm(db: &TestDb) -> (Emulator, String, Vec<String>, tempfile::TempDir) {
-    let scratch = Emulator::new(EmulatorConfig::default()).expect("emulator");
-    let url = scratch
-        .spawn("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("emulator listens");
+    let (scratch, url) = common::emulator().await;
     let client = sdk(&url);
     for i in 0..ROOMS {
         client
@@ -57,7 +53,7 @@ async fn warm(db: &TestDb) -> (Emulator, String, Vec<String>, tempfile::TempDir)
         serde_json::to_vec(&serde_json::json!({ "rooms": rooms })).unwrap(),
     )
     .unwrap();
-    let emulator = Emulator::new(EmulatorConfig {
+    let (emulator, url) = common::emulator_with(EmulatorConfig {
         state_file: Some(state),
         faults: Faults {
             tps_limit: Some(TpsLimit::Aws),
@@ -65,11 +61,7 @@ async fn warm(db: &TestDb) -> (Emulator, String, Vec<String>, tempfile::TempDir)
         },
         ..EmulatorConfig::default()
     })
-    .expect("emulator");
-    let url = emulator
-        .spawn("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("emulator listens");
+    .await;
     let store = Store::open(&db.url).await.unwrap();
     let now = Timestamp::now();
     store

@@ -26,16 +26,11 @@ type Watch = tonic::Streaming<proto::WatchRoomsResponse>;
 
 /// An emulator with `faults`, on a loopback port.
 async fn emulator_with(faults: Faults) -> (Emulator, String) {
-    let emulator = Emulator::new(EmulatorConfig {
+    common::emulator_with(EmulatorConfig {
         faults,
         ..EmulatorConfig::default()
     })
-    .expect("emulator");
-    let url = emulator
-        .spawn("127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("emulator listens");
-    (emulator, url)
+    .await
 }
 
 /// A server on `db` serving both regions of the emulator at `url`, its

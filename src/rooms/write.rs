@@ -13,19 +13,13 @@ impl Rooms {
         caller: Caller,
     ) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
-        self.scope("identifier", &arn)?;
+        let upstream = self.scope("identifier", &arn)?.clone();
         validate::room_patch(&patch)?;
         self.exchange(|rooms| async move {
             let write = async {
                 let asked_at = Timestamp::now();
                 let room = rooms
-                    .gone_if_not_found(
-                        &arn,
-                        rooms
-                            .scope("identifier", &arn)?
-                            .update_room(&arn, &patch, caller)
-                            .await,
-                    )
+                    .gone_if_not_found(&arn, upstream.update_room(&arn, &patch, caller).await)
                     .await?;
                 Ok(rooms.keep(room, asked_at, EventSource::Api).await)
             };
@@ -43,17 +37,11 @@ impl Rooms {
         caller: Caller,
     ) -> Result<()> {
         let arn = RoomArn::parse("identifier", identifier)?;
-        self.scope("identifier", &arn)?;
+        let upstream = self.scope("identifier", &arn)?.clone();
         self.exchange(|rooms| async move {
             let write = async {
                 rooms
-                    .gone_if_not_found(
-                        &arn,
-                        rooms
-                            .scope("identifier", &arn)?
-                            .delete_room(&arn, caller)
-                            .await,
-                    )
+                    .gone_if_not_found(&arn, upstream.delete_room(&arn, caller).await)
                     .await?;
                 rooms.forget(&arn, EventSource::Api).await;
                 Ok(())
@@ -102,18 +90,12 @@ impl Rooms {
         caller: Caller,
     ) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
-        self.scope("identifier", &arn)?;
+        let upstream = self.scope("identifier", &arn)?.clone();
         validate::tags("tags", &tags)?;
         self.exchange(|rooms| async move {
             let write = async {
                 rooms
-                    .gone_if_not_found(
-                        &arn,
-                        rooms
-                            .scope("identifier", &arn)?
-                            .tag_room(&arn, &tags, caller)
-                            .await,
-                    )
+                    .gone_if_not_found(&arn, upstream.tag_room(&arn, &tags, caller).await)
                     .await?;
                 rooms
                     .read_tags_back(&arn, caller, |cached| cached.extend(tags.clone()))
@@ -126,18 +108,12 @@ impl Rooms {
 
     pub async fn untag(&self, identifier: &str, keys: Vec<String>, caller: Caller) -> Result<Room> {
         let arn = RoomArn::parse("identifier", identifier)?;
-        self.scope("identifier", &arn)?;
+        let upstream = self.scope("identifier", &arn)?.clone();
         validate::tag_keys("tagKeys", &keys)?;
         self.exchange(|rooms| async move {
             let write = async {
                 rooms
-                    .gone_if_not_found(
-                        &arn,
-                        rooms
-                            .scope("identifier", &arn)?
-                            .untag_room(&arn, &keys, caller)
-                            .await,
-                    )
+                    .gone_if_not_found(&arn, upstream.untag_room(&arn, &keys, caller).await)
                     .await?;
                 rooms
                     .read_tags_back(&arn, caller, |cached| {

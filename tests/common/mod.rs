@@ -135,7 +135,12 @@ macro_rules! on_both_backends {
 
 /// An emulator on a loopback port.
 pub async fn emulator() -> (Emulator, String) {
-    let emulator = Emulator::new(EmulatorConfig::default()).expect("emulator");
+    emulator_with(EmulatorConfig::default()).await
+}
+
+/// An emulator configured so, on a loopback port.
+pub async fn emulator_with(config: EmulatorConfig) -> (Emulator, String) {
+    let emulator = Emulator::new(config).expect("emulator");
     let url = emulator
         .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
