@@ -19,12 +19,10 @@
 //!   they are woken group by group ([`WatchRequest::wake_group`]: the edge
 //!   groups a connection's streams), so that what they send leaves together.
 
-use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::Stream;
@@ -33,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{Error, Result, Room, RoomArn, RoomEvent, Timestamp};
+use crate::domain::{Derived, Error, Limit, Result, Room, RoomArn, RoomEvent, Timestamp};
 use crate::hot::HotRooms;
 use crate::store::Store;
 use crate::telemetry;
@@ -112,52 +110,8 @@ pub enum WatchItem {
 /// An event as the feed hands it to every watcher (it derefs to the
 /// [`RoomEvent`]), with room for one value derived from it once for all of
 /// them: the gRPC edge keeps the encoded message there, so that an event going
-/// to 10,000 watchers is converted and encoded once, not 10,000 times. The
-/// feed does not know what that value is.
-pub struct SharedEvent {
-    event: RoomEvent,
-    derived: OnceLock<Box<dyn Any + Send + Sync>>,
-}
-
-impl SharedEvent {
-    pub fn new(event: RoomEvent) -> SharedEvent {
-        SharedEvent {
-            event,
-            derived: OnceLock::new(),
-        }
-    }
-
-    /// The value `derive` makes of this event, made by the first caller and
-    /// kept; `None` if a value of another type was derived from it first.
-    pub fn derived<T: Any + Send + Sync>(
-        &self,
-        derive: impl FnOnce(&RoomEvent) -> T,
-    ) -> Option<&T> {
-        self.derived
-            .get_or_init(|| Box::new(derive(&self.event)))
-            .downcast_ref()
-    }
-}
-
-impl Deref for SharedEvent {
-    type Target = RoomEvent;
-
-    fn deref(&self) -> &RoomEvent {
-        &self.event
-    }
-}
-
-impl PartialEq for SharedEvent {
-    fn eq(&self, other: &SharedEvent) -> bool {
-        self.event == other.event
-    }
-}
-
-impl std::fmt::Debug for SharedEvent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.event.fmt(f)
-    }
-}
+/// to 10,000 watchers is converted and encoded once, not 10,000 times.
+pub type SharedEvent = Derived<RoomEvent>;
 
 /// The process's change feed. Cheap to clone.
 #[derive(Clone)]
@@ -188,6 +142,7 @@ impl Feed {
     /// starts after the revision `hot` was loaded at, and applies every later
     /// event to it.
     pub async fn start(store: Store, settings: FeedSettings, hot: HotRooms) -> Result<Feed> {
+        metrics::gauge!(telemetry::MAX_WATCHERS).set(settings.max_watchers as f64);
         let revision = if hot.enabled() {
             hot.through()
         } else {
@@ -434,10 +389,13 @@ impl Feed {
                 (n < max).then_some(n + 1)
             })
             .map_err(|_| {
-                Error::ResourceExhausted(format!(
-                    "this process already serves {max} watch streams (--max-watchers): \
-                     retry later, or on another replica"
-                ))
+                Error::exhausted(
+                    Limit::MaxWatchers,
+                    format!(
+                        "this process already serves {max} watch streams: retry later, or on \
+                         another replica"
+                    ),
+                )
             })?;
         metrics::gauge!(telemetry::WATCHERS).increment(1);
         Ok(Slot(self.clone()))
@@ -551,7 +509,7 @@ impl Watcher {
     }
 
     fn moving_on(&self) -> Error {
-        Error::Unavailable(format!(
+        Error::unavailable(format!(
             "this connection has reached its maximum age; resume with after_revision {} \
              (on a new connection)",
             self.next - 1
@@ -559,7 +517,7 @@ impl Watcher {
     }
 
     fn shutting_down(&self) -> Error {
-        Error::Unavailable(format!(
+        Error::unavailable(format!(
             "the server is shutting down; resume with after_revision {}",
             self.next - 1
         ))

@@ -15,6 +15,10 @@
 //!   up with a commit (its own, or one a replica announced), reads go to SQL.
 //!
 //! So an entry is never older than the store as far as this process knows.
+//! Each entry is a [`HotRow`]: the row with room for one value derived from
+//! it, where the gRPC edge keeps the room's encoding, made by the first read
+//! that answers with it. A changed row is a new entry, so what was derived
+//! from the old one is never sent for it.
 //! Changes without an event (IVS Chat confirming a row, `validated_at`) do not
 //! reach the map: an entry can only look older than it is, and a read that
 //! finds it too old to serve asks SQL, which refills it.
@@ -24,7 +28,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::domain::{Result, RoomArn, RoomEvent};
+use crate::domain::{Derived, Result, RoomArn, RoomEvent};
 use crate::store::{CachedRoom, Store};
 
 /// The in-memory rows. Cheap to clone; clones share the map.
@@ -41,11 +45,15 @@ struct Inner {
     committed: watch::Receiver<u64>,
 }
 
+/// A row as memory holds and hands it out (it derefs to the
+/// [`CachedRoom`]).
+pub type HotRow = Derived<CachedRoom>;
+
 #[derive(Default)]
 struct State {
     /// Every event up to this revision has been applied.
     through: u64,
-    rooms: HashMap<RoomArn, Arc<CachedRoom>>,
+    rooms: HashMap<RoomArn, Arc<HotRow>>,
 }
 
 impl HotRooms {
@@ -85,7 +93,7 @@ impl HotRooms {
 
     /// The row for `arn`, if held and the layer is up to date with every
     /// commit this process knows of.
-    pub fn get(&self, arn: &RoomArn) -> Option<Arc<CachedRoom>> {
+    pub fn get(&self, arn: &RoomArn) -> Option<Arc<HotRow>> {
         let committed = *self.inner.committed.borrow();
         let state = self.inner.state.read().expect("hot rooms");
         if state.through < committed {
@@ -96,16 +104,18 @@ impl HotRooms {
 
     /// Holds `row`, read from the store at revision `as_of`, unless an event
     /// after `as_of` has already been applied (the row may be out of date) or
-    /// the layer is full.
-    pub fn fill(&self, arn: &RoomArn, row: &CachedRoom, as_of: u64) {
+    /// the layer is full. Returns the row as held (or as it would have been).
+    pub fn fill(&self, arn: &RoomArn, row: CachedRoom, as_of: u64) -> Arc<HotRow> {
+        let row = Arc::new(Derived::new(row));
         let mut state = self.inner.state.write().expect("hot rooms");
         if state.through > as_of {
-            return;
+            return row;
         }
         if state.rooms.len() >= self.inner.capacity && !state.rooms.contains_key(arn) {
-            return;
+            return row;
         }
-        state.rooms.insert(arn.clone(), Arc::new(row.clone()));
+        state.rooms.insert(arn.clone(), row.clone());
+        row
     }
 
     /// Holds rows read at revision `as_of` (at startup), as many as fit.
@@ -119,7 +129,7 @@ impl HotRooms {
                 break;
             }
             if let Ok(arn) = RoomArn::parse("arn", &row.room.arn) {
-                state.rooms.insert(arn, Arc::new(row));
+                state.rooms.insert(arn, Arc::new(Derived::new(row)));
             }
         }
     }

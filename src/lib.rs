@@ -26,7 +26,9 @@
 //! - [`emulator`]: an IVS Chat stand-in that the real SDKs talk to, playing
 //!   every region (the one each request is signed for).
 //! - [`domain`]: rooms, patches, the model's constraints, the error type.
-//! - [`telemetry`]: Prometheus metrics and their endpoint.
+//! - [`telemetry`]: Prometheus metrics and their endpoint, the log, and
+//!   OpenTelemetry traces (exported only when the `OTEL_EXPORTER_OTLP_*`
+//!   variables ask for them).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -55,8 +55,9 @@ pub async fn run(
         .map(Tokens::load)
         .transpose()?;
     let tls = tls(&config)?;
-    let store = Store::open(&config.database_url()).await?;
+    // Before anything registers a metric (the store does at open).
     crate::telemetry::recorder();
+    let store = Store::open(&config.database_url()).await?;
     let metrics_listener = crate::telemetry::bind(config.metrics_listen).await?;
     let metrics_address = metrics_listener.local_addr()?;
     let stop_metrics = CancellationToken::new();
@@ -136,12 +137,16 @@ pub async fn run(
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc.BadRequest, ErrorInfo, RetryInfo: what refusals carry.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("could not build reflection v1")?;
     // grpcurl 1.8 and grpcio only speak v1alpha.
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // google.rpc.BadRequest, ErrorInfo, RetryInfo: what refusals carry.
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("could not build reflection v1alpha")?;
 

@@ -267,6 +267,12 @@ async fn metrics_count_what_happened() {
         1.0
     );
     assert_eq!(value("ivschat_rooms_watchers"), 1.0);
+    // What the alert rules compare with (deploy/prometheus).
+    assert_eq!(value("ivschat_rooms_max_watchers"), 100_000.0);
+    assert_eq!(
+        value("ivschat_rooms_store_errors_total{kind=\"unavailable\"}"),
+        0.0
+    );
     assert_eq!(value("ivschat_rooms_event_revision"), 1.0);
     assert!(
         value(

@@ -260,11 +260,16 @@ async fn throttles(server: &Server) -> f64 {
         .await
 }
 
-/// Three replicas with default budgets, each offered 50 UpdateRoom and 50
-/// STRONG GetRoom per second: IVS Chat (at AWS's rates) never receives more
-/// than 5 of either in any second and never throttles, the fleet uses at
-/// least 90 % of the rate, and so does one replica loaded while the others
-/// idle. Every slot granted was used: refused requests held none.
+/// Three replicas with default budgets, each offered 20 UpdateRoom and 20
+/// STRONG GetRoom per second (four times the rate each): IVS Chat (at AWS's
+/// rates) never receives more than 5 of either in any second and never
+/// throttles, the fleet uses at least 90 % of the rate, and so does one
+/// replica loaded while the others idle. Every slot granted was used:
+/// refused requests held none.
+///
+/// The rate is counted over ten seconds: the budget spaces the fleet's slots
+/// 1.06 / 5 s apart (4.72 per second), so over five seconds one slot left
+/// unused by a late wake on a busy host is the whole margin above 90 %.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_budget() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
@@ -279,7 +284,7 @@ async fn three_replicas_share_one_budget() {
         clients.push(server.client().await);
     }
     const RATE: f64 = 5.0;
-    const LOAD: Duration = Duration::from_secs(6);
+    const LOAD: Duration = Duration::from_secs(11);
     // A second of ramp-up (the fleet books ahead) is left out of the rate.
     const RAMP: Duration = Duration::from_secs(1);
 
@@ -287,8 +292,8 @@ async fn three_replicas_share_one_budget() {
         let start = Instant::now();
         let loads = clients[..loaded].iter().flat_map(|client| {
             [
-                tokio::spawn(offer(50, LOAD, updates(client.clone(), arns.clone()))),
-                tokio::spawn(offer(50, LOAD, strong_reads(client.clone(), arns.clone()))),
+                tokio::spawn(offer(20, LOAD, updates(client.clone(), arns.clone()))),
+                tokio::spawn(offer(20, LOAD, strong_reads(client.clone(), arns.clone()))),
             ]
         });
         let outcomes: Vec<Outcomes> = join_all(loads.collect::<Vec<_>>())
@@ -313,13 +318,24 @@ async fn three_replicas_share_one_budget() {
             let most = max_per_second(&times);
             let steady = received(&emulator, op, start + RAMP, end).len() as f64
                 / (LOAD - RAMP).as_secs_f64();
+            let mut late = 0.0;
+            for server in &servers {
+                late += server
+                    .metric(
+                        "ivschat_rooms_budget_slots_unused_total",
+                        &[("operation", &op.to_string()), ("reason", "late")],
+                    )
+                    .await;
+            }
             eprintln!(
-                "{loaded} replica(s) loaded, {op}: at most {most} in a second, {steady:.2}/s"
+                "{loaded} replica(s) loaded, {op}: at most {most} in a second, {steady:.2}/s, \
+                 {late} slot(s) so far left unused by a late wake"
             );
             assert!(most as f64 <= RATE, "{op}: {most} calls in one second");
             assert!(
                 steady >= 0.9 * RATE,
-                "{op}: {steady:.2} calls/s with {loaded} replica(s) loaded"
+                "{op}: {steady:.2} calls/s with {loaded} replica(s) loaded, {late} slot(s) so far \
+                 left unused by a late wake"
             );
         }
         // Whatever was granted reaches IVS Chat before the next round.
@@ -481,6 +497,8 @@ async fn users_before_background_across_replicas() {
     let found_while_loaded: Vec<_> = events[revision as usize..]
         .iter()
         .filter(|e| new_rooms.contains(&e.room.as_ref().unwrap().arn))
+        // A full listing puts a room in as listed, at no GetRoom's cost.
+        .filter(|e| !e.room.as_ref().unwrap().details_pending)
         .filter(|e| {
             let at = e.observed_at.unwrap();
             std::time::UNIX_EPOCH + Duration::new(at.seconds as u64, at.nanos as u32) < loaded_until
@@ -780,7 +798,8 @@ async fn changes_through_the_service_are_logged_api() {
     let reconciling = replicas(1, &db.url, &url, &flags).await.remove(0);
     let serving = replicas(1, &db.url, &url, &flags).await.remove(0);
     let mut client = serving.client().await;
-    let (_, start) = common::load::list_all(&mut client).await;
+    // The rooms made upstream before, read whole by the reconciler.
+    let (_, start) = common::load::list_all_whole(&mut client).await;
 
     let load_for = Duration::from_secs(12);
     let writers = (0..ours.len()).map(|w| {

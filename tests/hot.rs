@@ -48,7 +48,7 @@ async fn memory_never_serves_past_a_known_commit(db: TestDb) {
         .await
         .unwrap();
     assert!(hot.get(&arn).is_none(), "the event dropped the entry");
-    hot.fill(&arn, &row, as_of);
+    hot.fill(&arn, row, as_of);
     assert_eq!(hot.get(&arn).unwrap().room.name, "v2");
 
     // A slow reader's row, read before the next change was applied.
@@ -61,10 +61,10 @@ async fn memory_never_serves_past_a_known_commit(db: TestDb) {
     tokio::time::timeout(PATIENCE, feed.caught_up(newest))
         .await
         .unwrap();
-    hot.fill(&arn, &old_row.unwrap(), old_as_of);
+    hot.fill(&arn, old_row.unwrap(), old_as_of);
     assert!(hot.get(&arn).is_none(), "a row older than an applied event");
     let (row, as_of) = store.get_at_revision(&arn).await.unwrap();
-    hot.fill(&arn, &row.unwrap(), as_of);
+    hot.fill(&arn, row.unwrap(), as_of);
     assert_eq!(hot.get(&arn).unwrap().room.name, "v3");
 
     // Deleting drops it too, and the tombstone read back answers as such.
@@ -78,14 +78,14 @@ async fn memory_never_serves_past_a_known_commit(db: TestDb) {
         .await
         .unwrap();
     let (row, as_of) = store.get_at_revision(&arn).await.unwrap();
-    hot.fill(&arn, &row.unwrap(), as_of);
+    hot.fill(&arn, row.unwrap(), as_of);
     assert!(hot.get(&arn).unwrap().deleted);
     feed.stop().await;
 
     // A layer of capacity 0 holds nothing.
     let off = HotRooms::load(&store, 0).await.unwrap();
     let (row, as_of) = store.get_at_revision(&arn).await.unwrap();
-    off.fill(&arn, &row.unwrap(), as_of);
+    off.fill(&arn, row.unwrap(), as_of);
     assert!(off.get(&arn).is_none() && off.is_empty());
 }
 

@@ -10,6 +10,7 @@ use ivschat_rooms::feed::{Feed, FeedSettings, WatchRequest};
 use ivschat_rooms::hot::HotRooms;
 use ivschat_rooms::store::Store;
 use tonic::Code;
+use tonic_types::StatusExt as _;
 
 /// Past --max-watchers, WatchRooms is RESOURCE_EXHAUSTED and says which
 /// limit; the streams already open go on.
@@ -38,7 +39,19 @@ async fn watch_streams_past_the_limit_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("--max-watchers"), "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("this server's watch limit (--max-watchers) reached"),
+        "the message says whose limit it is: {refused:?}"
+    );
+    assert_eq!(
+        refused
+            .get_details_error_info()
+            .map(|i| i.reason)
+            .as_deref(),
+        Some("MAX_WATCHERS")
+    );
 
     let room = server.create_room("seen").await;
     for stream in &mut open {
@@ -68,7 +81,7 @@ async fn a_watch_stream_gives_its_place_back() {
         .await
         .expect("room for one");
     assert_eq!(feed.watchers(), 1);
-    let Err(Error::ResourceExhausted(_)) = feed.watch(WatchRequest::default()).await else {
+    let Err(Error::ResourceExhausted { .. }) = feed.watch(WatchRequest::default()).await else {
         panic!("a second watcher was let in")
     };
     drop(first);
@@ -101,7 +114,7 @@ async fn requests_past_the_size_limit_are_refused() {
     };
     let refused = server.client.create_room(huge).await.unwrap_err();
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
-    assert!(refused.message().contains("too large"), "{refused:?}");
+    assert_names_the_size_limit(&refused);
     assert_eq!(emulator.calls(Operation::CreateRoom), 0);
 
     let watch = proto::WatchRoomsRequest {
@@ -110,12 +123,32 @@ async fn requests_past_the_size_limit_are_refused() {
     };
     let refused = server.client.watch_rooms(watch).await.unwrap_err();
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert_names_the_size_limit(&refused);
 
     server
         .client
         .create_room(create("small"))
         .await
         .expect("a request under the limit is served");
+}
+
+/// The refusal says whose limit it is (the flag and both sizes), and carries
+/// them for machines in a `google.rpc.ErrorInfo`.
+fn assert_names_the_size_limit(refused: &tonic::Status) {
+    let message = refused.message();
+    assert!(
+        message.contains("--max-request-size 4096 bytes"),
+        "{refused:?}"
+    );
+    assert!(message.contains("this server's limit"), "{refused:?}");
+    let info = refused
+        .get_details_error_info()
+        .expect("an ErrorInfo says which limit");
+    assert_eq!(info.reason, "REQUEST_TOO_LARGE");
+    assert_eq!(info.domain, "ivschat-rooms");
+    assert_eq!(info.metadata["limit"], "4096");
+    let size: usize = info.metadata["size"].parse().expect("a size in bytes");
+    assert!(size > 8192, "the request's own size: {size}");
 }
 
 /// With --max-connection-age, a watch stream ends with UNAVAILABLE half way
@@ -181,4 +214,108 @@ async fn watch_streams_end_cleanly_at_the_connection_age_and_resume() {
     };
     assert_eq!(event.revision, last + 1);
     assert_eq!(event.room.unwrap().arn, after.arn);
+}
+
+/// Refusals for want of a budget slot say it is this service's budget (not
+/// AWS's), carry `ErrorInfo` (UPSTREAM_BUDGET_EXHAUSTED) and a `RetryInfo`
+/// whose delay is when the next slot comes.
+#[tokio::test]
+async fn the_budget_s_refusal_says_whose_limit_and_when_to_retry() {
+    let db = TestDb::sqlite();
+    let (mut server, emulator, _url) = setup(&db, &["--upstream-rate", "1"]).await;
+    let room = server.create_room("budgeted").await;
+    let update = |name: &str| {
+        let mut request = tonic::Request::new(proto::UpdateRoomRequest {
+            identifier: room.arn.clone(),
+            name: Some(name.into()),
+            ..Default::default()
+        });
+        request.set_timeout(std::time::Duration::from_millis(300));
+        request
+    };
+    server.client.update_room(update("first")).await.unwrap();
+    let refused = server
+        .client
+        .update_room(update("second"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("this service's budget of IVS Chat calls exhausted"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused
+            .get_details_error_info()
+            .map(|i| i.reason)
+            .as_deref(),
+        Some("UPSTREAM_BUDGET_EXHAUSTED")
+    );
+    let delay = refused
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a retry delay");
+    // One slot a second (1.04 s apart), the first just taken.
+    assert!(
+        delay > std::time::Duration::from_millis(300)
+            && delay <= std::time::Duration::from_millis(1040),
+        "{delay:?}"
+    );
+    assert_eq!(emulator.calls(Operation::UpdateRoom), 1);
+}
+
+/// UNAVAILABLE carries a `RetryInfo` where the service knows when a retry
+/// can succeed: IVS Chat throttling us (the pause the budget took), and
+/// ListRooms while the first listing fills the cache.
+#[tokio::test]
+async fn unavailable_says_when_to_retry_where_it_knows() {
+    use ivschat_rooms::emulator::{Faults, InjectedError};
+    use std::time::Duration;
+
+    let db = TestDb::sqlite();
+    let (emulator, url) = common::emulator().await;
+    let held = emulator.hold_responses(Operation::ListRooms);
+    let mut server = common::TestServer::start(common::serve_config(
+        &db.url,
+        &url,
+        &["--listing-wait", "100ms", "--upstream-max-attempts", "1"],
+    ))
+    .await;
+    let refused = server
+        .client
+        .list_rooms(proto::ListRoomsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        refused.get_details_retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1)),
+        "{refused:?}"
+    );
+    drop(held);
+    server.wait_listed().await;
+
+    let room = server.create_room("throttled").await;
+    emulator.set_faults(Faults {
+        error_rate: 1.0,
+        error: InjectedError::Throttling,
+        ..Faults::default()
+    });
+    let refused = server
+        .client
+        .get_room(proto::GetRoomRequest {
+            identifier: room.arn.clone(),
+            consistency: proto::ReadConsistency::Strong as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("throttling"), "{refused:?}");
+    assert_eq!(
+        refused.get_details_retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1)),
+        "the first throttle pauses GetRoom for 1 s: {refused:?}"
+    );
 }

@@ -1,5 +1,6 @@
 //! What operators and grpcurl users rely on: health, reflection (v1 and
-//! v1alpha), and the embedded default upstream surviving restarts.
+//! v1alpha, the error details included), and the embedded default upstream
+//! surviving restarts.
 
 mod common;
 
@@ -112,6 +113,62 @@ async fn reflection_v1alpha_lists_the_service() {
         panic!("expected a service list")
     };
     assert!(list.service.iter().any(|s| s.name == ROOM_SERVICE));
+}
+
+/// Reflection (v1alpha, grpcurl 1.8's) serves the messages refusals carry
+/// in their details, with everything they import, so grpcurl prints
+/// `google.rpc.BadRequest`, `ErrorInfo` and `RetryInfo` as JSON.
+#[tokio::test]
+async fn reflection_serves_the_error_details() {
+    use prost::Message as _;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let db = TestDb::sqlite();
+    let (_emulator, url) = emulator().await;
+    let server = TestServer::start(serve_config(&db.url, &url, &[])).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let mut ask = async |request: MessageRequest| {
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        match responses.next().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::FileDescriptorResponse(files)) => files
+                .file_descriptor_proto
+                .iter()
+                .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+                .collect::<Vec<_>>(),
+            other => panic!("expected file descriptors, got {other:?}"),
+        }
+    };
+    for (symbol, message) in [
+        ("google.rpc.BadRequest", "BadRequest"),
+        ("google.rpc.ErrorInfo", "ErrorInfo"),
+        ("google.rpc.RetryInfo", "RetryInfo"),
+    ] {
+        let files = ask(MessageRequest::FileContainingSymbol(symbol.into())).await;
+        let file = files
+            .iter()
+            .find(|f| f.message_type.iter().any(|m| m.name() == message))
+            .unwrap_or_else(|| panic!("{symbol} is not described: {files:#?}"));
+        assert_eq!(file.package(), "google.rpc");
+        // What it imports is served too (RetryInfo's delay is a Duration).
+        for dependency in &file.dependency {
+            let served = ask(MessageRequest::FileByFilename(dependency.clone())).await;
+            assert!(
+                served.iter().any(|f| f.name() == dependency),
+                "{dependency}, which {symbol} imports, is not served"
+            );
+        }
+    }
 }
 
 /// With the embedded default upstream, rooms survive a restart in both the

@@ -20,7 +20,7 @@ use tonic::Code;
 use common::binary::{Server, WAIT, within};
 use common::load::{
     Client, Watcher, assert_real_versions, assert_same_rooms, fold, full_passes, list_all,
-    log_through, one_full_pass_after, upstream_rooms,
+    list_all_whole, log_through, one_full_pass_after, upstream_rooms,
 };
 use common::{POSTGRES_URL_VAR, TestDb, create, proto};
 
@@ -293,7 +293,7 @@ async fn faults_under_load_leave_reads_served_and_the_cache_converging() {
     emulator.set_faults(Faults::default());
     let passes = full_passes(&server).await;
     one_full_pass_after(&server, passes).await;
-    let (cached, revision) = list_all(&mut client).await;
+    let (cached, revision) = list_all_whole(&mut client).await;
     assert_same_rooms(&cached, &upstream_rooms(&emulator));
 
     let watched = watcher.finish(revision).await;
@@ -391,7 +391,7 @@ async fn kill_9_under_write_load_then_restart_converges() {
     // The startup full listing takes in whatever IVS Chat did for writes
     // whose answers SIGKILL cut off.
     server.logged("full listing of IVS Chat complete").await;
-    let (cached, revision) = list_all(&mut client).await;
+    let (cached, revision) = list_all_whole(&mut client).await;
     assert_same_rooms(&cached, &upstream_rooms(&emulator));
 
     let log = log_through(&mut client, revision).await;
@@ -542,7 +542,7 @@ async fn postgres_connections_cut_under_load_then_the_service_recovers() {
 
     let passes = full_passes(&server).await;
     one_full_pass_after(&server, passes).await;
-    let (cached, revision) = list_all(&mut client).await;
+    let (cached, revision) = list_all_whole(&mut client).await;
     assert!(cached.iter().any(|r| r.arn == created.arn));
     assert_same_rooms(&cached, &upstream_rooms(&emulator));
     let watched = watcher.finish(revision).await;

@@ -102,7 +102,12 @@ async fn incremental_pass_pages_only_down_to_what_the_last_pass_saw(db: TestDb) 
     }
     let (_, passes, store) = rooms_on(&db, &url).await;
     let report = passes.full_listing().await.unwrap();
-    assert_eq!((report.listed, report.fetched), (120, 120));
+    assert_eq!(
+        (report.listed, report.fetched, report.pending),
+        (120, 0, 120),
+        "new rooms are put in as listed, their details read after"
+    );
+    assert_eq!(emulator.calls(Operation::GetRoom), 0);
     let after_listing = store.revision().await.unwrap();
     assert_eq!(after_listing, 120, "one CREATED per room");
 

@@ -382,7 +382,8 @@ async fn list_pages_and_filters(db: TestDb) {
 }
 
 /// Rooms that existed in IVS Chat before the service started are listed once
-/// the startup listing has filled the cache, whole (with their message limits).
+/// the startup listing has filled the cache (marked details_pending until
+/// read whole), then whole (with their message limits), one GetRoom each.
 async fn startup_listing_fills_the_cache(db: TestDb) {
     let (emulator, url) = emulator().await;
     let aws = sdk(&url);
@@ -395,17 +396,21 @@ async fn startup_listing_fills_the_cache(db: TestDb) {
             .unwrap();
     }
     let mut server = TestServer::start(serve_config(&db.url, &url, &[])).await;
-    let rooms = server
-        .client
-        .list_rooms(proto::ListRoomsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .rooms;
-    let mut names: Vec<_> = rooms.iter().map(|r| r.name.as_str()).collect();
-    names.sort();
-    assert_eq!(names, ["pre-a", "pre-b"]);
-    assert!(rooms.iter().all(|r| r.maximum_message_length == 123));
+    let (listed, _) = common::load::list_all(&mut server.client).await;
+    let names: Vec<_> = listed.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names.len(), 2);
+    assert!(names.contains(&"pre-a") && names.contains(&"pre-b"));
+    assert!(
+        listed
+            .iter()
+            .all(|r| r.details_pending == (r.maximum_message_length == 0))
+    );
+    let (rooms, _) = common::load::list_all_whole(&mut server.client).await;
+    assert!(
+        rooms
+            .iter()
+            .all(|r| r.maximum_message_length == 123 && !r.details_pending)
+    );
     assert_eq!(
         emulator.calls(Operation::GetRoom),
         2,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use common::binary::{Server, within};
 use common::load::{
     Client, Watched, Watcher, assert_same_rooms, crossed_goaway, fold, full_passes, list_all,
-    log_through, one_full_pass_after, upstream_rooms,
+    list_all_whole, log_through, one_full_pass_after, upstream_rooms,
 };
 use common::{TestDb, create, proto};
 
@@ -245,7 +245,7 @@ async fn an_hour_of_traffic_keeps_memory_flat_and_loses_no_event() {
     // Quiet now: once a whole reconciling pass has run, the log is complete.
     let passes = full_passes(&server).await;
     one_full_pass_after(&server, passes).await;
-    let (cached, revision) = list_all(&mut client).await;
+    let (cached, revision) = list_all_whole(&mut client).await;
     assert_same_rooms(&cached, &upstream_rooms(&emulator));
     let log = log_through(&mut client, revision).await;
     assert_eq!(fold(&log), cached, "the log replays into exactly the cache");

@@ -103,7 +103,7 @@ async fn the_budget_is_never_exceeded() {
                 granted.entry(op).or_default().push(at);
                 served += 1;
             }
-            Err(Error::ResourceExhausted(message)) => {
+            Err(Error::ResourceExhausted { message, .. }) => {
                 assert!(message.contains(&op.to_string()), "{message}");
                 refused += 1;
             }
@@ -219,7 +219,7 @@ async fn throttling_pauses_the_bucket() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+    assert!(matches!(err, Error::ResourceExhausted { .. }), "{err:?}");
     assert_eq!(Instant::now(), t3);
 }
 

@@ -51,6 +51,7 @@ fn room(id: &str, update_nanos: i64) -> Room {
         message_review_handler: None,
         tags: BTreeMap::new(),
         logging_configuration_identifiers: Vec::new(),
+        details_pending: false,
     }
 }
 
@@ -400,6 +401,116 @@ async fn mark_deleted_of_unknown_room_leaves_a_tombstone(db: common::TestDb) {
     assert_eq!(
         store.put(&slow, ts(30), API).await.unwrap(),
         live(&slow, 30)
+    );
+}
+
+/// A room put in from a listing (its details pending) never replaces the
+/// same version read whole, even by a later call; the version read whole
+/// replaces it (logged as a change of the limits); it fills an empty row
+/// or an older tombstone, and lists and round-trips as pending; and
+/// `rooms_pending_details` names the live pending rooms of a region only.
+async fn pending_details_never_replace_a_room_read_whole(db: common::TestDb) {
+    let store = open(&db).await;
+    let pending = |room: &Room| Room {
+        maximum_message_rate_per_second: 0,
+        maximum_message_length: 0,
+        details_pending: true,
+        ..room.clone()
+    };
+    // Read whole first: a listing that started later keeps it whole.
+    let whole = room("whole1", 500);
+    store.put(&whole, ts(10), API).await.unwrap();
+    let kept = store
+        .put(&pending(&whole), ts(20), EventSource::Reconciler)
+        .await
+        .unwrap();
+    assert_eq!(kept, live(&whole, 10));
+    // Listed first: stored as pending, listed as pending, and queued.
+    let listed = room("listed1", 500);
+    assert_eq!(
+        store
+            .put(&pending(&listed), ts(20), EventSource::Reconciler)
+            .await
+            .unwrap(),
+        live(&pending(&listed), 20)
+    );
+    assert_eq!(
+        get(&store, "listed1").await,
+        Some(live(&pending(&listed), 20))
+    );
+    let page = store.list(&ListQuery::default(), &[]).await.unwrap().0;
+    assert!(page.rooms.contains(&pending(&listed)));
+    assert_eq!(
+        store.rooms_pending_details("us-east-1", 10).await.unwrap(),
+        [arn("listed1")]
+    );
+    assert!(
+        store
+            .rooms_pending_details("eu-west-1", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The same version read whole by a later call completes it, as an event
+    // naming the limits and the flag.
+    let revision = store.revision().await.unwrap();
+    assert_eq!(
+        store
+            .put(&listed, ts(30), EventSource::Reconciler)
+            .await
+            .unwrap(),
+        live(&listed, 30)
+    );
+    let events = store.events_after(revision, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].changed_fields,
+        [
+            "maximum_message_rate_per_second",
+            "maximum_message_length",
+            "details_pending"
+        ]
+    );
+    assert!(events[0].previous.as_ref().unwrap().details_pending);
+    assert!(!events[0].room.details_pending);
+    assert!(
+        store
+            .rooms_pending_details("us-east-1", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A tombstone older than the listing gives way to it; a newer one holds.
+    store
+        .mark_deleted(&arn("gone1"), ts(40), API)
+        .await
+        .unwrap();
+    let gone = room("gone1", 500);
+    assert!(
+        store
+            .put(&pending(&gone), ts(35), EventSource::Reconciler)
+            .await
+            .unwrap()
+            .deleted
+    );
+    assert_eq!(
+        store
+            .put(&pending(&gone), ts(45), EventSource::Reconciler)
+            .await
+            .unwrap(),
+        live(&pending(&gone), 45)
+    );
+    // A pending tombstone's room is no longer queued.
+    store
+        .mark_deleted(&arn("gone1"), ts(50), API)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .rooms_pending_details("us-east-1", 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 
@@ -940,6 +1051,7 @@ on_both_backends!(
     equal_update_time_same_content_moves_validated_at,
     tombstone_holds_against_earlier_calls,
     mark_deleted_of_unknown_room_leaves_a_tombstone,
+    pending_details_never_replace_a_room_read_whole,
     list_is_live_rooms_newest_first,
     list_pages_visit_every_room_once,
     list_filters_by_name,

@@ -733,24 +733,29 @@ async fn reconciler_fails_over_when_its_replica_is_killed() {
     a.logged("full listing of IVS Chat complete").await;
     let mut b = replica(&db.url, &emulator_url).await;
     let mut client = b.client().await;
-    // ListRooms answers once a full listing has completed (A's, here).
-    let (rooms, revision) = list_all(&mut client).await;
+    // ListRooms answers once a full listing has completed (A's, here); A
+    // then reads the listed room whole.
+    let (rooms, revision) = common::load::list_all_whole(&mut client).await;
     assert_eq!(
         rooms.iter().map(|r| r.arn.as_str()).collect::<Vec<_>>(),
         [arn.as_str()]
     );
-    assert_eq!(revision, 1, "one CREATED, from A's first full listing");
-    let mut stream = watch(&mut client, 0).await;
-    let created = events_through(&mut stream, 1, 1).await.remove(0);
-    assert!(is(&created, EventType::Created, &arn), "{created:#?}");
     assert_eq!(
-        created.source,
-        EventSource::Reconciler as i32,
-        "{created:#?}"
+        revision, 2,
+        "CREATED from A's first full listing, then the room read whole"
     );
+    let mut stream = watch(&mut client, 0).await;
+    let [created, completed] = <[_; 2]>::try_from(events_through(&mut stream, 1, 2).await).unwrap();
+    assert!(is(&created, EventType::Created, &arn), "{created:#?}");
+    assert!(is(&completed, EventType::Updated, &arn), "{completed:#?}");
+    assert!(created.room.as_ref().unwrap().details_pending);
+    assert!(!completed.room.as_ref().unwrap().details_pending);
+    for event in [&created, &completed] {
+        assert_eq!(event.source, EventSource::Reconciler as i32, "{event:#?}");
+    }
 
     rename("o-1").await;
-    let first = reconciled_rename(&mut stream, 2, &arn, "o-1").await;
+    let first = reconciled_rename(&mut stream, 3, &arn, "o-1").await;
 
     // One leader at a time: B has not taken the turn while A lives.
     let before_kill = b.logged_so_far();
@@ -772,18 +777,18 @@ async fn reconciler_fails_over_when_its_replica_is_killed() {
         logged_at(&took_over) >= killed_at,
         "B took the turn before A was killed at {killed_at:?}: {took_over}"
     );
-    let second = reconciled_rename(&mut stream, 3, &arn, "o-2").await;
+    let second = reconciled_rename(&mut stream, 4, &arn, "o-2").await;
     assert_eq!(
         second.previous, first.room,
         "the second change follows the first: {second:#?}"
     );
 
-    // Nothing in between either: a third change is revision 4, and the
+    // Nothing in between either: a third change is revision 5, and the
     // cache and its log agree.
     rename("o-3").await;
-    reconciled_rename(&mut stream, 4, &arn, "o-3").await;
+    reconciled_rename(&mut stream, 5, &arn, "o-3").await;
     let (rooms, revision) = list_all(&mut client).await;
-    assert_eq!(revision, 4);
+    assert_eq!(revision, 5);
     let mut replay = watch(&mut client, 0).await;
     let log = events_through(&mut replay, 1, revision).await;
     assert!(

@@ -17,8 +17,8 @@ use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
 use super::{
-    BACKGROUND_RECHECK, Budget, BudgetSettings, Caller, FIRST_PAUSE, MAX_PAUSE, Operation,
-    exhausted,
+    BACKGROUND_RECHECK, Budget, BudgetSettings, Caller, FIRST_PAUSE, LOCAL_HEADROOM, MAX_PAUSE,
+    Operation, exhausted,
 };
 use crate::domain::{Error, Result};
 use crate::telemetry;
@@ -93,7 +93,7 @@ impl LocalBudget {
         let buckets = Operation::ALL
             .into_iter()
             .map(|op| {
-                let interval = settings.interval_of(op);
+                let interval = settings.interval_of(op, LOCAL_HEADROOM);
                 let quota = Quota::with_period(interval).expect("a positive period");
                 Bucket {
                     region: region.to_owned(),
@@ -130,12 +130,23 @@ impl Budget for LocalBudget {
         }
     }
 
+    async fn ready_for_background(&self, op: Operation) {
+        let bucket = &self.buckets[op.index()];
+        loop {
+            let later = bucket.paused_for().max(bucket.until_next_token());
+            if later.is_zero() && bucket.waiting.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::time::sleep(later.max(BACKGROUND_RECHECK)).await;
+        }
+    }
+
     async fn succeeded(&self, op: Operation) {
         let mut pause = self.buckets[op.index()].pause.lock().expect("pause");
         pause.next = None;
     }
 
-    async fn throttled(&self, op: Operation) {
+    async fn throttled(&self, op: Operation) -> Duration {
         let bucket = &self.buckets[op.index()];
         let mut pause = bucket.pause.lock().expect("pause");
         let length = pause.next.unwrap_or(FIRST_PAUSE);
@@ -147,6 +158,7 @@ impl Budget for LocalBudget {
             pause = ?length,
             "IVS Chat throttled a call: pausing its budget"
         );
+        length
     }
 }
 
@@ -172,17 +184,23 @@ impl Bucket {
 
     async fn acquire_in_background(&self) {
         loop {
+            // Look again when the next token comes (a user waiting takes it
+            // first), never spinning on a fast bucket: sleeping a whole
+            // interval instead would leave part of every slot unused.
+            let mut later = self.paused_for().max(self.until_next_token());
             if self.waiting.load(Ordering::SeqCst) == 0
-                && self.paused_for().is_zero()
+                && later.is_zero()
                 && let Ok(_turn) = self.queue.try_lock()
-                && self.limiter.check().is_ok()
             {
-                self.taken();
-                return;
+                match self.limiter.check() {
+                    Ok(()) => {
+                        self.taken();
+                        return;
+                    }
+                    Err(not_until) => later = not_until.wait_time_from(TokioClock.now()),
+                }
             }
-            // Look again a token later (never spinning on a fast bucket).
-            let later = self.interval.max(self.paused_for()).max(BACKGROUND_RECHECK);
-            tokio::time::sleep(later).await;
+            tokio::time::sleep(later.max(BACKGROUND_RECHECK)).await;
         }
     }
 
@@ -233,13 +251,18 @@ impl Bucket {
             .unwrap_or_default()
     }
 
+    /// The refusal of a user with `ahead` users before it; its retry hint
+    /// is when the slot after theirs comes.
     fn exhausted(&self, ahead: u32) -> Error {
+        let next_slot =
+            self.paused_for().max(self.until_next_token()) + self.interval.saturating_mul(ahead);
         exhausted(
             &self.region,
             self.op,
             self.interval,
             false,
             &format!(": {ahead} requests are ahead of it"),
+            Some(next_slot),
         )
     }
 }
@@ -258,6 +281,32 @@ mod tests {
         )
     }
 
+    /// Background work takes each token when it comes, however long after
+    /// the last it asks: no part of a slot goes unused (a sequence of
+    /// background calls runs at the whole rate).
+    #[tokio::test(start_paused = true)]
+    async fn background_work_takes_the_next_token_when_it_comes() {
+        let budget = budget(5);
+        let interval = BudgetSettings::default().interval_of(Operation::GetRoom, LOCAL_HEADROOM);
+        let start = Instant::now();
+        budget
+            .acquire(Operation::GetRoom, Caller::Background)
+            .await
+            .unwrap();
+        assert_eq!(Instant::now(), start);
+        // The call took 45 ms; the next token is `interval` after the first.
+        tokio::time::advance(Duration::from_millis(45)).await;
+        budget
+            .acquire(Operation::GetRoom, Caller::Background)
+            .await
+            .unwrap();
+        let took = Instant::now() - start;
+        assert!(
+            took >= interval && took < interval + BACKGROUND_RECHECK,
+            "the second token taken {took:?} after the first, every {interval:?}"
+        );
+    }
+
     /// A wait that cannot end before the deadline is refused at once.
     #[tokio::test(start_paused = true)]
     async fn a_hopeless_wait_is_refused_at_once() {
@@ -272,7 +321,7 @@ mod tests {
             .acquire(Operation::GetRoom, Caller::User { deadline })
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::ResourceExhausted(_)), "{err:?}");
+        assert!(matches!(err, Error::ResourceExhausted { .. }), "{err:?}");
         assert_eq!(Instant::now(), start, "refused without waiting");
         // Other operations have buckets of their own.
         budget

@@ -9,8 +9,9 @@
 //!
 //! AWS allows 5 calls per second per room operation (10 for the tag calls)
 //! per account and region, and will not raise it. Calls of one operation are
-//! spaced `1.06 / rate` apart, a little wider than AWS's rate so that network
-//! jitter cannot put one call too many into one of AWS's one-second windows.
+//! spaced a little wider than `1 / rate` (the headroom: 1.04 in one process,
+//! 1.06 for the fleet) so that late sends and network jitter cannot put one
+//! call too many into one of AWS's one-second windows.
 //! Every attempt sent upstream, retries included, takes a slot first.
 //!
 //! What both promise:
@@ -63,11 +64,20 @@ pub trait Budget: Send + Sync {
     /// UNAVAILABLE when the budget cannot be consulted.
     async fn acquire(&self, op: Operation, caller: Caller) -> Result<()>;
 
+    /// Waits until background work could take a slot of `op` now (no user
+    /// waits for one, none is paused): background work that must hold
+    /// something users may need for its call (a room's turn) waits here
+    /// first, so it holds it only briefly. Takes nothing: `acquire` still
+    /// must. Returns at once when the budget cannot be consulted (`acquire`
+    /// says why).
+    async fn ready_for_background(&self, op: Operation);
+
     /// IVS Chat answered `op` without throttling: a run of pauses ends.
     async fn succeeded(&self, op: Operation);
 
     /// IVS Chat throttled `op`: pause it, longer each time in a row.
-    async fn throttled(&self, op: Operation);
+    /// Returns how long the pause in force lasts from now.
+    async fn throttled(&self, op: Operation) -> Duration;
 }
 
 #[derive(Debug, Clone)]
@@ -101,19 +111,26 @@ impl BudgetSettings {
             .unwrap_or_else(|| op.aws_rate())
     }
 
-    /// How far apart calls of `op` are spaced.
-    pub fn interval_of(&self, op: Operation) -> Duration {
-        Duration::from_secs_f64(HEADROOM / f64::from(self.rate_of(op).get()))
+    /// How far apart calls of `op` are spaced, `headroom` times `1 / rate`.
+    pub fn interval_of(&self, op: Operation, headroom: f64) -> Duration {
+        Duration::from_secs_f64(headroom / f64::from(self.rate_of(op).get()))
             .max(Duration::from_nanos(1))
     }
 }
 
 /// How much wider than `1 / rate` calls are spaced: IVS Chat counts calls
 /// when they arrive, and calls sent 200 ms apart can arrive closer. At 5 per
-/// second, six calls then span at least 1.06 s: any one call may arrive up to
-/// 60 ms later than its slot (a busy host, the network) without a sixth in
-/// one of AWS's seconds, and 94 % of the rate is used.
-const HEADROOM: f64 = 1.06;
+/// second with a headroom of 1.04, six calls span at least 1.04 s: any one
+/// call may arrive up to 40 ms later than its slot without a sixth in one of
+/// AWS's seconds. One process ([`LocalBudget`]) sends a call as soon as its
+/// token is taken, so 40 ms is left for a busy host and the network, and
+/// 96 % of the rate is used.
+const LOCAL_HEADROOM: f64 = 1.04;
+
+/// The fleet's headroom ([`SharedBudget`]): a replica sleeps until its slot
+/// after a database round trip and sends up to 30 ms after it (later, the
+/// slot goes unused), so 60 ms are allowed, and 94 % of the rate is used.
+const SHARED_HEADROOM: f64 = 1.06;
 
 /// How long an operation pauses after the first ThrottlingException; it
 /// doubles with each one that follows, up to [`MAX_PAUSE`].
@@ -124,13 +141,15 @@ const MAX_PAUSE: Duration = Duration::from_secs(30);
 const BACKGROUND_RECHECK: Duration = Duration::from_millis(5);
 
 /// The refusal of a user whose wait would outlast its deadline: the budget's
-/// own limit, not AWS's.
+/// own limit, not AWS's; `next_slot`: how long until a slot is free, where
+/// known (the refusal's retry hint).
 fn exhausted(
     region: &str,
     op: Operation,
     interval: Duration,
     fleet: bool,
     detail: &str,
+    next_slot: Option<Duration>,
 ) -> crate::domain::Error {
     metrics::counter!(
         crate::telemetry::BUDGET_REFUSED,
@@ -138,14 +157,22 @@ fn exhausted(
         "region" => region.to_owned(),
     )
     .increment(1);
-    crate::domain::Error::ResourceExhausted(format!(
-        "this service's budget for IVS Chat {op} in {region} ({:.1} calls per second{}) \
-         cannot serve this request before its deadline{detail}; retry later",
-        1.0 / interval.as_secs_f64(),
-        if fleet {
-            ", shared by every replica"
-        } else {
-            ""
-        },
-    ))
+    let refused = crate::domain::Error::exhausted(
+        crate::domain::Limit::Budget,
+        format!(
+            "the budget for IVS Chat {op} in {region} ({:.1} calls per second, AWS's rate \
+             less a headroom{}) cannot serve this request before its deadline{detail}; retry \
+             later",
+            1.0 / interval.as_secs_f64(),
+            if fleet {
+                ", shared by every replica"
+            } else {
+                ""
+            },
+        ),
+    );
+    match next_slot {
+        Some(next) => refused.retry_after(next),
+        None => refused,
+    }
 }

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use super::{
     BACKGROUND_RECHECK, Budget, BudgetSettings, Caller, FIRST_PAUSE, MAX_PAUSE, Operation,
-    exhausted,
+    SHARED_HEADROOM, exhausted,
 };
 use crate::domain::{Error, Result};
 use crate::store::Store;
@@ -87,7 +87,7 @@ impl SharedBudget {
                     op,
                     name: op.to_string(),
                     region: region.to_owned(),
-                    interval: settings.interval_of(op),
+                    interval: settings.interval_of(op, SHARED_HEADROOM),
                     pausing: AtomicBool::new(false),
                     paused_until: std::sync::Mutex::new(None),
                 })
@@ -203,7 +203,7 @@ impl Shared {
 /// rate cannot be kept otherwise).
 fn unreachable(op: Operation, why: &str) -> Error {
     tracing::warn!(operation = %op, error = why, "could not take a slot of the fleet's budget");
-    Error::Unavailable(format!(
+    Error::unavailable(format!(
         "the cache database, which holds the fleet's budget of IVS Chat calls, cannot be \
          reached ({why}), so this replica sends no {op}; retry"
     ))
@@ -236,13 +236,22 @@ impl Budget for SharedBudget {
                 waiting.decrement(1);
                 match taken? {
                     Taken::Slot => Ok(()),
-                    Taken::None | Taken::Unused => Err(exhausted(
-                        &self.region,
-                        op,
-                        shared.interval,
-                        true,
-                        ": every slot until then is taken or paused",
-                    )),
+                    Taken::None | Taken::Unused => {
+                        // The retry hint: when the fleet's next free slot comes.
+                        let next_slot = self
+                            .store
+                            .budget_free_in(&self.region, &shared.name)
+                            .await
+                            .ok();
+                        Err(exhausted(
+                            &self.region,
+                            op,
+                            shared.interval,
+                            true,
+                            ": every slot until then is taken or paused",
+                            next_slot,
+                        ))
+                    }
                 }
             }
             // Only a slot free now: a user waiting anywhere holds one ahead.
@@ -252,6 +261,21 @@ impl Budget for SharedBudget {
                 }
                 tokio::time::sleep(shared.interval.max(BACKGROUND_RECHECK)).await;
             },
+        }
+    }
+
+    async fn ready_for_background(&self, op: Operation) {
+        let shared = &self.ops[op.index()];
+        loop {
+            // A user waiting on any replica has booked a slot ahead of now.
+            let free_in = match self.store.budget_free_in(&self.region, &shared.name).await {
+                Ok(free_in) => free_in.max(shared.paused_for()),
+                Err(_) => return,
+            };
+            if free_in.is_zero() {
+                return;
+            }
+            tokio::time::sleep(free_in.max(BACKGROUND_RECHECK)).await;
         }
     }
 
@@ -268,7 +292,7 @@ impl Budget for SharedBudget {
         }
     }
 
-    async fn throttled(&self, op: Operation) {
+    async fn throttled(&self, op: Operation) -> Duration {
         let shared = &self.ops[op.index()];
         match self
             .store
@@ -279,10 +303,12 @@ impl Budget for SharedBudget {
                 shared.pausing.store(true, Ordering::Relaxed);
                 shared.pause_until(Instant::now() + pause);
                 tracing::warn!(operation = %op, ?pause, "IVS Chat throttled a call: pausing the fleet's budget");
+                pause
             }
             // The retry's slot will wait for the database too.
             Err(e) => {
-                tracing::warn!(operation = %op, error = %e, "IVS Chat throttled a call; could not pause the fleet's budget")
+                tracing::warn!(operation = %op, error = %e, "IVS Chat throttled a call; could not pause the fleet's budget");
+                FIRST_PAUSE
             }
         }
     }

@@ -1,4 +1,5 @@
 use std::fmt;
+use std::time::Duration;
 
 use super::Timestamp;
 
@@ -50,16 +51,25 @@ pub enum Error {
     /// IVS Chat's PendingVerification: the account cannot use the API yet.
     #[error("pending verification: {0}")]
     PendingVerification(String),
-    /// This service's budget for IVS Chat calls cannot serve the request in
-    /// time, or an IVS Chat quota (ServiceQuotaExceeded) is reached.
-    #[error("upstream limit exceeded: {0}")]
-    ResourceExhausted(String),
+    /// A limit refused the request: `limit` says whose (AWS's quota, this
+    /// service's budget of IVS Chat calls, `--max-watchers`), `retry_after`
+    /// when it could be served, where known.
+    #[error("{limit}: {message}")]
+    ResourceExhausted {
+        limit: Limit,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("conflict: {0}")]
     Conflict(String),
     /// Upstream unreachable, 5xx, timed out or throttling after retries; or
-    /// the cache database is unavailable.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    /// the cache database is unavailable. `retry_after`: when a retry could
+    /// succeed, where known (a throttling pause, a listing under way).
+    #[error("unavailable: {message}")]
+    Unavailable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// A watch asked to resume from a revision the change log no longer holds
     /// (compacted) or does not hold yet.
     #[error("{message}")]
@@ -81,7 +91,69 @@ pub enum Error {
     Internal(#[from] anyhow::Error),
 }
 
+/// Whose limit refused a request (`Error::ResourceExhausted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// An IVS Chat quota of the AWS account (ServiceQuotaExceeded).
+    AwsQuota,
+    /// This service's budget of IVS Chat calls (AWS's rates, kept by us).
+    Budget,
+    /// This process's `--max-watchers`.
+    MaxWatchers,
+}
+
+impl Limit {
+    /// A stable name for machines (`google.rpc.ErrorInfo` reason).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Limit::AwsQuota => "AWS_QUOTA_EXCEEDED",
+            Limit::Budget => "UPSTREAM_BUDGET_EXHAUSTED",
+            Limit::MaxWatchers => "MAX_WATCHERS",
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Limit::AwsQuota => "AWS's IVS Chat quota exceeded",
+            Limit::Budget => "this service's budget of IVS Chat calls exhausted",
+            Limit::MaxWatchers => "this server's watch limit (--max-watchers) reached",
+        })
+    }
+}
+
 impl Error {
+    /// `limit` refused the request; `message` says what and what to do.
+    pub fn exhausted(limit: Limit, message: impl Into<String>) -> Error {
+        Error::ResourceExhausted {
+            limit,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// UNAVAILABLE, for a reason `message` gives.
+    pub fn unavailable(message: impl Into<String>) -> Error {
+        Error::Unavailable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The same error with a hint of when a retry could succeed (for
+    /// RESOURCE_EXHAUSTED and UNAVAILABLE; others are returned as they are).
+    pub fn retry_after(mut self, after: Duration) -> Error {
+        match &mut self {
+            Error::ResourceExhausted { retry_after, .. }
+            | Error::Unavailable { retry_after, .. } => {
+                *retry_after = Some(after);
+            }
+            _ => {}
+        }
+        self
+    }
+
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Error {
         Error::InvalidArgument(vec![FieldViolation::new(field, description)])
     }
@@ -100,9 +172,23 @@ impl Error {
             },
             Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
             Error::PendingVerification(m) => Error::PendingVerification(m.clone()),
-            Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+            Error::ResourceExhausted {
+                limit,
+                message,
+                retry_after,
+            } => Error::ResourceExhausted {
+                limit: *limit,
+                message: message.clone(),
+                retry_after: *retry_after,
+            },
             Error::Conflict(m) => Error::Conflict(m.clone()),
-            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Unavailable {
+                message,
+                retry_after,
+            } => Error::Unavailable {
+                message: message.clone(),
+                retry_after: *retry_after,
+            },
             Error::RevisionOutOfRange {
                 message,
                 oldest_available_revision,

@@ -133,6 +133,10 @@ impl Room {
             "logging_configuration_identifiers",
             self.logging_configuration_identifiers != other.logging_configuration_identifiers,
         );
+        check(
+            "details_pending",
+            self.details_pending != other.details_pending,
+        );
         changed
     }
 }
@@ -155,6 +159,7 @@ mod tests {
             message_review_handler: None,
             tags: BTreeMap::new(),
             logging_configuration_identifiers: Vec::new(),
+            details_pending: false,
         }
     }
 

@@ -4,13 +4,15 @@
 //! Architecture invariant: this module knows nothing of gRPC, SQL, HTTP or the
 //! AWS SDK. Every other module converts its own types into these at its edge.
 
+mod derived;
 mod error;
 mod event;
 mod operation;
 mod room;
 pub mod validate;
 
-pub use error::{Error, FieldViolation, Result};
+pub use derived::Derived;
+pub use error::{Error, FieldViolation, Limit, Result};
 pub use event::{EventKind, EventSource, RoomEvent};
 pub use operation::Operation;
 pub use room::{

@@ -174,6 +174,12 @@ pub struct Room {
     pub message_review_handler: Option<MessageReviewHandler>,
     pub tags: BTreeMap<String, String>,
     pub logging_configuration_identifiers: Vec<String>,
+    /// The message limits have not been read yet: the room came from a
+    /// listing (a summary lacks them), and they read 0 until a GetRoom
+    /// completes it. Such a room is listed and watched, never answered by
+    /// GetRoom (which reads it through).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub details_pending: bool,
 }
 
 impl Room {
@@ -199,6 +205,24 @@ pub struct RoomSummary {
 }
 
 impl RoomSummary {
+    /// The room as far as this summary shows it: its message limits still
+    /// to be read (`details_pending`).
+    pub fn pending_room(&self) -> Room {
+        Room {
+            arn: self.arn.clone(),
+            id: self.id.clone(),
+            name: self.name.clone(),
+            create_time: self.create_time,
+            update_time: self.update_time,
+            maximum_message_rate_per_second: 0,
+            maximum_message_length: 0,
+            message_review_handler: self.message_review_handler.clone(),
+            tags: self.tags.clone(),
+            logging_configuration_identifiers: self.logging_configuration_identifiers.clone(),
+            details_pending: true,
+        }
+    }
+
     /// Whether `room` is the version this summary shows, as far as a summary
     /// can tell (the message limits cannot change without moving updateTime).
     pub fn shows(&self, room: &Room) -> bool {

@@ -18,7 +18,7 @@ use super::faults::{InjectedError, InjectedFault};
 use super::state::State as Rooms;
 use crate::domain::Operation;
 use crate::domain::{
-    Error, FallbackResult, ListQuery, MessageReviewHandler, NewRoom, Result, Room, RoomPatch,
+    Error, FallbackResult, Limit, ListQuery, MessageReviewHandler, NewRoom, Result, Room, RoomPatch,
 };
 
 pub(super) fn router(emulator: Emulator) -> Router {
@@ -254,7 +254,9 @@ fn injected_error(injected: InjectedError) -> Response {
     match injected {
         InjectedError::Internal => error_response(Error::Internal(anyhow::anyhow!(message))),
         InjectedError::Throttling => throttled(0),
-        InjectedError::ServiceQuotaExceeded => error_response(Error::ResourceExhausted(message)),
+        InjectedError::ServiceQuotaExceeded => {
+            error_response(Error::exhausted(Limit::AwsQuota, message))
+        }
         InjectedError::AccessDenied => error_response(Error::PermissionDenied(message)),
         InjectedError::PendingVerification => error_response(Error::PendingVerification(message)),
         InjectedError::Conflict => error_response(Error::Conflict(message)),
@@ -316,12 +318,12 @@ fn error_response(e: Error) -> Response {
             "ConflictException",
             json!({ "message": message, "resourceId": "", "resourceType": "ROOM" }),
         ),
-        Error::ResourceExhausted(message) => aws_error(
+        Error::ResourceExhausted { message, .. } => aws_error(
             StatusCode::PAYMENT_REQUIRED,
             "ServiceQuotaExceededException",
             json!({ "message": message, "resourceId": "", "resourceType": "ROOM", "limit": 0 }),
         ),
-        e @ (Error::Unavailable(_)
+        e @ (Error::Unavailable { .. }
         | Error::UpdateTimeMismatch { .. }
         | Error::RevisionOutOfRange { .. }
         | Error::Internal(_)) => {

@@ -82,6 +82,7 @@ impl State {
             message_review_handler: new.message_review_handler.filter(|h| !h.uri.is_empty()),
             tags: new.tags,
             logging_configuration_identifiers: new.logging_configuration_identifiers,
+            details_pending: false,
         };
         self.rooms.insert(id.clone(), room.clone());
         self.save()?;

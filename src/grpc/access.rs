@@ -4,7 +4,9 @@
 //! log, which `RUST_LOG=info,ivschat_rooms::access=off` turns off.
 //!
 //! The layer also counts requests by method and code, and times them
-//! (`telemetry::REQUESTS`, `telemetry::REQUEST_DURATION`).
+//! (`telemetry::REQUESTS`, `telemetry::REQUEST_DURATION`). While traces are
+//! exported, the span is the request's server span, continuing the caller's
+//! trace (`telemetry::traces`); otherwise nothing of them is done here.
 //!
 //! The code is the one the response starts with: a streaming call (WatchRooms)
 //! that starts and later fails is logged as OK when it starts.
@@ -18,7 +20,7 @@ use tower::Layer;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use crate::telemetry;
+use crate::telemetry::{self, traces};
 
 /// Wraps every service of the server in [`AccessLog`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,13 +53,28 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let span = tracing::info_span!(
-            target: "ivschat_rooms::access",
-            "request",
-            method = %request.uri().path(),
-            room = Empty,
-            code = Empty,
-        );
+        let traced = traces::enabled();
+        // No span at all unless the log wants access lines or traces are
+        // exported: a disabled span still costs on every request (tracing's
+        // fallback to the `log` crate, which sqlx turns on, checks each
+        // record and enter).
+        let span = if traced || tracing::enabled!(target: traces::ACCESS, tracing::Level::INFO) {
+            tracing::info_span!(
+                target: traces::ACCESS,
+                "request",
+                method = %request.uri().path(),
+                room = Empty,
+                code = Empty,
+                // Traces only: the server span's name and kind.
+                otel.name = Empty,
+                otel.kind = Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        if traced {
+            traces::start_server_span(&span, request.uri().path(), request.headers());
+        }
         let method = method_index(request.uri().path());
         let started = Instant::now();
         let response = self.inner.call(request).instrument(span.clone());
@@ -72,6 +89,9 @@ where
                 .and_then(|value| value.parse::<i32>().ok())
                 .map_or(tonic::Code::Ok, tonic::Code::from);
             span.record("code", tracing::field::debug(code));
+            if traced {
+                traces::end_server_span(&span, code);
+            }
             let metrics = &request_metrics()[method];
             metrics.duration.record(started.elapsed());
             metrics.by_code[code as usize]

@@ -7,14 +7,16 @@
 //! INVALID_ARGUMENT naming the field where decoding stopped
 //! (`status::decode_error`). A response that does not decode (the generated
 //! client uses this codec too) stays INTERNAL. `build.rs` makes the generated
-//! code use [`RoomCodec`]; the WatchRooms route (`grpc::watch`) decodes its
-//! request with [`MessageDecoder`].
+//! code use [`RoomCodec`]. The routes that answer from encoded messages
+//! (`grpc::routes`) use [`EncodedCodec`], which decodes the request the same
+//! way and sends [`Encoded`] messages as they are.
 
 use std::marker::PhantomData;
 
 use prost::Message;
+use prost::bytes::{BufMut as _, Bytes};
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_prost::ProstEncoder;
 
 use super::{proto, status};
@@ -109,4 +111,73 @@ decoded!(undecodable_response =>
 /// A response that does not decode: the server's fault, as tonic-prost has it.
 fn undecodable_response(error: &prost::DecodeError) -> Status {
     Status::internal(error.to_string())
+}
+
+/// One message, encoded (without gRPC's length prefix).
+#[derive(Debug, Clone)]
+pub(super) struct Encoded(Bytes);
+
+impl Encoded {
+    pub(super) fn of(message: &impl Message) -> Encoded {
+        Encoded(message.encode_to_vec().into())
+    }
+
+    #[cfg(test)]
+    pub(super) fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+/// The encoding buffer a response (a unary reply, or a watch stream for as
+/// long as it lives) starts with.
+const ENCODED_BUFFER_BYTES: usize = 1024;
+
+/// Sends [`Encoded`] messages (by copying them) and decodes a `U` request
+/// (one that does not decode is INVALID_ARGUMENT, as for [`RoomCodec`]).
+#[derive(Debug, Clone)]
+pub(super) struct EncodedCodec<U>(PhantomData<U>);
+
+impl<U> Default for EncodedCodec<U> {
+    fn default() -> Self {
+        EncodedCodec(PhantomData)
+    }
+}
+
+impl<U> Codec for EncodedCodec<U>
+where
+    U: Message + Default + Decoded + Send + 'static,
+{
+    type Encode = Encoded;
+    type Decode = U;
+    type Encoder = EncodedEncoder;
+    type Decoder = MessageDecoder<U>;
+
+    fn encoder(&mut self) -> EncodedEncoder {
+        EncodedEncoder
+    }
+
+    fn decoder(&mut self) -> MessageDecoder<U> {
+        MessageDecoder::default()
+    }
+}
+
+pub(super) struct EncodedEncoder;
+
+impl Encoder for EncodedEncoder {
+    type Item = Encoded;
+    type Error = Status;
+
+    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item.0);
+        Ok(())
+    }
+
+    /// A watch stream's buffer lives as long as the stream, idle or not:
+    /// start it at 1 KiB (a room or its event is a few hundred bytes; it
+    /// grows for a bigger one), not tonic's 8 KiB, which was most of an idle
+    /// watcher's memory (and a unary reply's needless allocation). Writes
+    /// yield at tonic's usual 32 KiB.
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(ENCODED_BUFFER_BYTES, 32 * 1024)
+    }
 }

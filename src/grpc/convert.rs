@@ -203,6 +203,7 @@ pub(super) fn room(room: Room) -> proto::Room {
             }),
         tags: room.tags.into_iter().collect(),
         logging_configuration_identifiers: room.logging_configuration_identifiers,
+        details_pending: room.details_pending,
     }
 }
 

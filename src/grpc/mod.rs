@@ -8,7 +8,9 @@ mod access;
 mod auth;
 mod codec;
 mod convert;
+mod get;
 mod io;
+mod routes;
 mod service;
 mod status;
 mod watch;
@@ -27,7 +29,7 @@ pub mod proto {
 pub use access::AccessLogLayer;
 pub use auth::{Access, Authenticated, Tokens};
 pub use io::Unvectored;
+pub use routes::{EdgeLimits, RoomServiceRoutes};
 pub use service::RoomService;
 pub use status::to_status;
-pub use watch::{EdgeLimits, RoomServiceRoutes};
 pub use watch_client::watch;

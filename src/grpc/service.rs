@@ -37,7 +37,7 @@ fn reply<T, U>(result: Result<T>, convert: impl FnOnce(T) -> U) -> Result<Respon
 /// little earlier (a tenth of the time, at most 100 ms): a token that arrives
 /// as the client gives up is wasted, and the client should hear
 /// RESOURCE_EXHAUSTED rather than a bare timeout.
-fn caller<T>(request: &Request<T>) -> Caller {
+pub(super) fn caller<T>(request: &Request<T>) -> Caller {
     let timeout = request
         .metadata()
         .get("grpc-timeout")
@@ -71,7 +71,7 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
 
 /// The cache headers: `x-cache` (hit, miss or stale) and `x-cache-age` (seconds
 /// since IVS Chat confirmed what the answer says, to the millisecond).
-fn cache_headers(metadata: &mut MetadataMap, cache: CacheInfo) {
+pub(super) fn cache_headers(metadata: &mut MetadataMap, cache: CacheInfo) {
     crate::telemetry::cache_read(cache.status.as_str());
     metadata.insert("x-cache", MetadataValue::from_static(cache.status.as_str()));
     let age = format!("{:.3}", cache.age.as_secs_f64());
@@ -86,9 +86,8 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::WatchRoomsResponse, S
 impl server::RoomService for RoomService {
     type WatchRoomsStream = WatchStream;
 
-    /// Never called: the service as served (`grpc::watch::RoomServiceRoutes`)
-    /// answers WatchRooms itself, from encoded messages, before the
-    /// generated server sees the request.
+    /// Never called: the service as served (`grpc::routes`) sends
+    /// WatchRooms to `grpc::watch`, which answers from encoded messages.
     async fn watch_rooms(
         &self,
         _request: Request<proto::WatchRoomsRequest>,
@@ -118,23 +117,15 @@ impl server::RoomService for RoomService {
         reply(result, convert::room)
     }
 
+    /// Never called: the service as served (`grpc::routes`) sends GetRoom
+    /// to `grpc::get`, which answers from encoded rooms.
     async fn get_room(
         &self,
-        request: Request<proto::GetRoomRequest>,
+        _request: Request<proto::GetRoomRequest>,
     ) -> Result<Response<proto::Room>, Status> {
-        let caller = caller(&request);
-        let req = request.into_inner();
-        record_room(&req.identifier);
-        let consistency = convert::consistency(req.consistency).map_err(to_status)?;
-        let read = self.rooms.get(&req.identifier, consistency, caller).await;
-        let mut reply = reply(read.answer, convert::room);
-        if let Some(cache) = read.cache {
-            match &mut reply {
-                Ok(response) => cache_headers(response.metadata_mut(), cache),
-                Err(status) => cache_headers(status.metadata_mut(), cache),
-            }
-        }
-        reply
+        Err(Status::unimplemented(
+            "GetRoom is served by grpc::get, not by the generated server",
+        ))
     }
 
     async fn update_room(

@@ -1,5 +1,6 @@
 //! The one mapping from errors to gRPC status codes.
 
+use tonic::codegen::http;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt as _};
 
@@ -48,18 +49,45 @@ pub fn to_status(error: Error) -> Status {
         Error::PendingVerification(message) => Status::failed_precondition(format!(
             "the AWS account is pending verification: {message}"
         )),
-        Error::ResourceExhausted(message) => {
-            Status::resource_exhausted(format!("IVS Chat limit exceeded: {message}"))
+        Error::ResourceExhausted {
+            limit,
+            message,
+            retry_after,
+        } => {
+            let mut details = ErrorDetails::with_error_info(
+                limit.reason(),
+                DOMAIN,
+                std::collections::HashMap::new(),
+            );
+            if let Some(after) = retry_after {
+                details.set_retry_info(Some(after));
+            }
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                format!("{limit}: {message}"),
+                details,
+            )
         }
         Error::Conflict(message) => Status::aborted(format!("conflict: {message}")),
-        Error::Unavailable(message) => Status::unavailable(message),
+        Error::Unavailable {
+            message,
+            retry_after: Some(after),
+        } => Status::with_error_details(
+            Code::Unavailable,
+            message,
+            ErrorDetails::with_retry_info(Some(after)),
+        ),
+        Error::Unavailable {
+            message,
+            retry_after: None,
+        } => Status::unavailable(message),
         Error::RevisionOutOfRange {
             message,
             oldest_available_revision,
         } => {
             let details = ErrorDetails::with_error_info(
                 "REVISION_OUT_OF_RANGE",
-                "ivschat-rooms",
+                DOMAIN,
                 [(
                     "oldest_available_revision".to_owned(),
                     oldest_available_revision.to_string(),
@@ -70,7 +98,7 @@ pub fn to_status(error: Error) -> Status {
         e @ Error::UpdateTimeMismatch { actual, .. } => {
             let details = ErrorDetails::with_error_info(
                 "UPDATE_TIME_MISMATCH",
-                "ivschat-rooms",
+                DOMAIN,
                 [("update_time".to_owned(), actual.to_string())],
             );
             Status::with_error_details(Code::Aborted, e.to_string(), details)
@@ -81,6 +109,59 @@ pub fn to_status(error: Error) -> Status {
         }
     }
 }
+
+/// tonic's words for a request message past its decoding limit, which the
+/// edge sets to `--max-request-size` (`grpc::watch::EdgeLimits`).
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+/// A refusal of a request message past `--max-request-size` that says whose
+/// limit it is. tonic refuses such a message before reading it (OUT_OF_RANGE,
+/// in the response's headers: nothing was decoded, nothing is sent) in words
+/// that name no flag; this rewrites that refusal, and leaves every other
+/// response alone. `google.rpc.ErrorInfo` reason `REQUEST_TOO_LARGE` carries
+/// both sizes.
+pub(super) fn name_request_size_limit<B>(response: &mut http::Response<B>, limit: usize) {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").map(|code| code.as_bytes()) != Some(b"11") {
+        return;
+    }
+    let Some(refused) = Status::from_header_map(headers) else {
+        return;
+    };
+    let Some(found) = refused
+        .message()
+        .strip_prefix(TONIC_TOO_LARGE)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|size| size.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let details = ErrorDetails::with_error_info(
+        "REQUEST_TOO_LARGE",
+        DOMAIN,
+        [
+            ("size".to_owned(), found.to_string()),
+            ("limit".to_owned(), limit.to_string()),
+        ],
+    );
+    let status = Status::with_error_details(
+        Code::OutOfRange,
+        format!(
+            "the request message is {found} bytes, more than this server's limit \
+             (--max-request-size {limit} bytes); it was not read"
+        ),
+        details,
+    );
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(name);
+    }
+    if let Err(e) = status.add_header(headers) {
+        tracing::error!(error = %e, "could not name the request size limit");
+    }
+}
+
+/// The `google.rpc.ErrorInfo` domain of this service's reasons.
+const DOMAIN: &str = "ivschat-rooms";
 
 /// Field names and descriptions one refusal carries, at most (the first
 /// violation always goes, whatever its size).

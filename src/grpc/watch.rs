@@ -1,114 +1,26 @@
 //! WatchRooms served from encoded messages: an event is converted and encoded
-//! once, however many streams it goes out on.
-//!
-//! The generated server converts and encodes every message of every stream:
-//! for WatchRooms, the same event once per watcher. [`RoomServiceRoutes`]
-//! answers WatchRooms with a codec whose messages come encoded (an event's
-//! encoding is kept on the feed's [`SharedEvent`](crate::feed::SharedEvent),
-//! made by the first stream that sends it) and hands every other method to the
-//! generated server. The bytes on the wire are the same: clients decode
+//! once, however many streams it goes out on (`grpc::routes` sends it here).
+//! An event's encoding is kept on the feed's
+//! [`SharedEvent`](crate::feed::SharedEvent), made by the first stream that
+//! sends it. The bytes on the wire are the same: clients decode
 //! `proto::WatchRoomsResponse`.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
-use prost::Message as _;
-use prost::bytes::{BufMut as _, Bytes};
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
-use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, ServerStreamingService};
+use tonic::codegen::BoxFuture;
+use tonic::server::ServerStreamingService;
 use tonic::{Request, Response, Status};
 
 use crate::domain::{Error, Result as DomainResult};
 use crate::feed::{Feed, WatchItem, WatchRequest};
-use crate::rooms::Rooms;
 use crate::upstream::Upstreams;
 
-use super::codec::MessageDecoder;
+use super::codec::Encoded;
 use super::io::Connection;
-use super::proto::room_service_server::{self as server, RoomServiceServer};
-use super::service::RoomService;
+use super::routes::EdgeLimits;
 use super::{convert, proto, to_status};
-
-const WATCH_ROOMS: &str = "/ivschat.rooms.v1.RoomService/WatchRooms";
-
-/// Limits the gRPC edge applies.
-#[derive(Debug, Clone, Copy)]
-pub struct EdgeLimits {
-    /// Request messages larger than this are refused before decoding.
-    pub max_request_size: usize,
-    /// The server's maximum connection age, if any, and its grace period.
-    /// Watch streams end (UNAVAILABLE, saying where to resume) half way
-    /// through the grace period: after the GOAWAY, so that the client resumes
-    /// on a new connection, and before the connection is cut.
-    pub max_connection_age: Option<Duration>,
-    pub max_connection_age_grace: Duration,
-}
-
-/// RoomService as served: WatchRooms from encoded messages, the rest by the
-/// generated server.
-#[derive(Clone)]
-pub struct RoomServiceRoutes {
-    generated: RoomServiceServer<RoomService>,
-    feed: Feed,
-    upstreams: Upstreams,
-    limits: EdgeLimits,
-}
-
-impl RoomServiceRoutes {
-    /// RoomService over `rooms`, its watch streams from `feed`.
-    pub fn new(rooms: Rooms, feed: Feed, limits: EdgeLimits) -> RoomServiceRoutes {
-        RoomServiceRoutes {
-            upstreams: rooms.upstreams().clone(),
-            generated: RoomServiceServer::new(RoomService::new(rooms))
-                .max_decoding_message_size(limits.max_request_size),
-            feed,
-            limits,
-        }
-    }
-}
-
-impl NamedService for RoomServiceRoutes {
-    const NAME: &'static str = server::SERVICE_NAME;
-}
-
-impl<B> Service<http::Request<B>> for RoomServiceRoutes
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Service::<http::Request<B>>::poll_ready(&mut self.generated, cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != WATCH_ROOMS {
-            return self.generated.call(request);
-        }
-        let (feed, limits) = (self.feed.clone(), self.limits);
-        let upstreams = self.upstreams.clone();
-        Box::pin(async move {
-            let mut grpc = Grpc::new(WatchCodec).max_decoding_message_size(limits.max_request_size);
-            Ok(grpc
-                .server_streaming(
-                    WatchRooms {
-                        feed,
-                        upstreams,
-                        limits,
-                    },
-                    request,
-                )
-                .await)
-        })
-    }
-}
 
 /// The items of a WatchRooms stream, or why it cannot start. The streams of
 /// one connection share a wake group (see `WatchRequest::wake_group`) and,
@@ -169,10 +81,10 @@ fn served(watch: &WatchRequest, upstreams: &Upstreams) -> DomainResult<()> {
 }
 
 /// The WatchRooms method, answering with encoded messages.
-struct WatchRooms {
-    feed: Feed,
-    upstreams: Upstreams,
-    limits: EdgeLimits,
+pub(super) struct WatchRooms {
+    pub(super) feed: Feed,
+    pub(super) upstreams: Upstreams,
+    pub(super) limits: EdgeLimits,
 }
 
 type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
@@ -194,16 +106,6 @@ impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
     }
 }
 
-/// One WatchRoomsResponse, encoded (without gRPC's length prefix).
-#[derive(Clone)]
-pub(super) struct Encoded(Bytes);
-
-impl Encoded {
-    fn of(message: &proto::WatchRoomsResponse) -> Encoded {
-        Encoded(message.encode_to_vec().into())
-    }
-}
-
 fn encode(item: WatchItem) -> Encoded {
     if let WatchItem::Event(event) = &item
         && let Some(encoded) = event.derived(|e| Encoded::of(&convert::event_response(e)))
@@ -211,42 +113,6 @@ fn encode(item: WatchItem) -> Encoded {
         return encoded.clone();
     }
     Encoded::of(&convert::watch_item(item))
-}
-
-/// Encodes [`Encoded`] messages (by copying them) and decodes the request
-/// (a request that does not decode is INVALID_ARGUMENT: `grpc::codec`).
-#[derive(Debug, Clone, Copy, Default)]
-struct WatchCodec;
-
-struct EncodedEncoder;
-
-impl Codec for WatchCodec {
-    type Encode = Encoded;
-    type Decode = proto::WatchRoomsRequest;
-    type Encoder = EncodedEncoder;
-    type Decoder = MessageDecoder<proto::WatchRoomsRequest>;
-
-    fn encoder(&mut self) -> EncodedEncoder {
-        EncodedEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        MessageDecoder::default()
-    }
-}
-
-impl Encoder for EncodedEncoder {
-    type Item = Encoded;
-    type Error = Status;
-
-    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item.0);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
-    }
 }
 
 /// Lets a connection write what many of its streams sent in one go.

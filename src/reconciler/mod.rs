@@ -9,7 +9,10 @@
 //! most recently updated rooms (usually one ListRooms call), and lists
 //! everything again to find deletions, creations and tag-only changes further
 //! down the list, and to confirm every room before it goes stale: every
-//! `resync_interval`, or as often as `max_staleness` needs. Other replicas wait for their turn.
+//! `resync_interval`, or as often as `max_staleness` needs. Beside the
+//! passes it reads whole, one GetRoom each, the rooms a listing put in
+//! without their message limits (a cold cache's every room: ListRooms is
+//! served once the first listing is in). Other replicas wait for their turn.
 //!
 //! IVS Chat allows 5 calls per second per operation, shared with users: an
 //! incremental pass costs one ListRooms plus one GetRoom per changed room.
@@ -22,6 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::store::{Leadership, Store};
 
@@ -89,6 +93,9 @@ pub async fn run(
             }
         };
         tracing::info!(region, "this replica reconciles the cache with IVS Chat");
+        // Beside the passes, for as long as this replica leads: reading
+        // listed rooms whole (GetRoom's budget, not ListRooms').
+        let mut details = std::pin::pin!(passes.complete_details());
         let mut next_full = Instant::now();
         let mut backoff = FIRST_RETRY;
         loop {
@@ -109,6 +116,7 @@ pub async fn run(
                     break;
                 }
                 pass = one_pass(&passes, full) => pass,
+                never = &mut details => match never {},
             };
             let wait = match pass {
                 Ok(()) => {
@@ -127,7 +135,11 @@ pub async fn run(
                     wait
                 }
             };
-            if pause(&stop, wait).await.is_err() {
+            let paused = tokio::select! {
+                paused = pause(&stop, wait) => paused,
+                never = &mut details => match never {},
+            };
+            if paused.is_err() {
                 leadership.resign().await;
                 return;
             }
@@ -140,9 +152,16 @@ pub async fn run(
     }
 }
 
-/// One full listing or one incremental pass, logged.
+/// One full listing or one incremental pass, logged; for traces, a span
+/// that its calls to IVS Chat and cache transactions are children of.
 async fn one_pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
-    let result = pass(passes, full).await;
+    let span = tracing::info_span!(
+        target: crate::telemetry::traces::SPANS,
+        "reconcile.pass",
+        region = passes.region(),
+        kind = if full { "full" } else { "recent" },
+    );
+    let result = pass(passes, full).instrument(span).await;
     metrics::counter!(
         crate::telemetry::RECONCILE_RUNS,
         "region" => passes.region().to_owned(),
@@ -161,6 +180,7 @@ async fn pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
             listed = report.listed,
             fetched = report.fetched,
             deleted = report.deleted,
+            details_pending = report.pending,
             "full listing of IVS Chat complete"
         );
     } else {

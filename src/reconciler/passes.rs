@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::budget::Caller;
-use crate::domain::{ListQuery, Result, RoomArn, RoomSummary, Timestamp, validate};
+use tokio::sync::Notify;
+
+use crate::domain::{EventSource, ListQuery, Result, RoomArn, RoomSummary, Timestamp, validate};
 use crate::rooms::Rooms;
 use crate::store::{CachedRoom, Store};
 use crate::upstream::Upstream;
@@ -23,6 +25,9 @@ pub struct ListingReport {
     pub fetched: usize,
     /// Cached rooms IVS Chat no longer has.
     pub deleted: usize,
+    /// Rooms new to the cache, put in as listed: their details (the message
+    /// limits) are read after, by [`Passes::complete_details`].
+    pub pending: usize,
 }
 
 /// The passes of one IVS Chat, and what they remember between them.
@@ -36,7 +41,19 @@ pub struct Passes {
     /// The newest updateTime the last complete pass listed: rooms IVS Chat
     /// lists no newer than this have been examined since.
     reconciled_through: Mutex<Option<Timestamp>>,
+    /// A listing put in rooms whose details are pending.
+    pending: Notify,
 }
+
+/// How many rooms whose details are pending `complete_details` takes from
+/// the store at a time.
+const DETAILS_BATCH: usize = 256;
+/// How often `complete_details` looks for pending rooms when no listing
+/// has said there are any.
+const DETAILS_RECHECK: Duration = Duration::from_secs(5);
+/// After a failure, the first and longest wait of `complete_details`.
+const DETAILS_FIRST_RETRY: Duration = Duration::from_millis(500);
+const DETAILS_LAST_RETRY: Duration = Duration::from_secs(30);
 
 /// The pages the passes ask for: the largest IVS Chat allows.
 fn whole_pages() -> ListQuery {
@@ -55,6 +72,7 @@ impl Passes {
             upstream,
             listing_lag,
             reconciled_through: Mutex::new(None),
+            pending: Notify::new(),
         }
     }
 
@@ -76,8 +94,10 @@ impl Passes {
         let mut pages = self.upstream.pages(whole_pages(), Caller::Background);
         while let Some(page) = pages.next().await? {
             top = top.or(page.rooms.first().map(|r| r.update_time));
-            // Unchanged rooms, confirmed together once the page is through.
+            // Unchanged rooms, confirmed together once the page is through;
+            // rooms new to the cache, put in together as listed.
             let mut unchanged = Vec::new();
+            let mut new = Vec::new();
             for summary in &page.rooms {
                 report.listed += 1;
                 let (arn, cached, creating) = self.look_up(summary).await?;
@@ -88,6 +108,9 @@ impl Passes {
                     // Perhaps being created through the service, which
                     // caches it; a later pass picks it up otherwise.
                     None if creating => complete = false,
+                    // Listed only, its details read after (`complete_details`):
+                    // a cold cache serves ListRooms once the listing is in.
+                    None => new.push(summary.pending_room()),
                     _ => {
                         if self.rooms.examine_listed(&arn, summary).await? {
                             report.fetched += 1;
@@ -96,6 +119,13 @@ impl Passes {
                 }
             }
             self.store.confirm_many(&unchanged, started).await?;
+            if !new.is_empty() {
+                self.store
+                    .put_many(&new, started, EventSource::Reconciler)
+                    .await?;
+                report.pending += new.len();
+                self.pending.notify_one();
+            }
         }
         // Rooms updated while we paged move to the front of the listing and may
         // have been missed: ask for each before forgetting it.
@@ -174,6 +204,51 @@ impl Passes {
             self.advance_watermark(top);
         }
         Ok(report)
+    }
+
+    /// Reads whole, one GetRoom each (background: users first), the rooms
+    /// of this region a listing put in without their details, newest
+    /// update first, for as long as there are any; then waits for a listing
+    /// to put in more. Runs beside the passes while this replica leads: a
+    /// cold cache serves ListRooms once its first listing is in, and its
+    /// rooms become whole at GetRoom's rate after. Never returns; a failure
+    /// is logged and retried.
+    pub async fn complete_details(&self) -> std::convert::Infallible {
+        let region = self.upstream.region();
+        let mut backoff = DETAILS_FIRST_RETRY;
+        loop {
+            let batch = self
+                .store
+                .rooms_pending_details(region, DETAILS_BATCH)
+                .await;
+            let failed = match batch {
+                Ok(arns) if arns.is_empty() => {
+                    // Listings notify; the tick covers rows put in by
+                    // another replica's listing before this one led.
+                    let _ = tokio::time::timeout(DETAILS_RECHECK, self.pending.notified()).await;
+                    None
+                }
+                Ok(arns) => {
+                    let mut failed = None;
+                    for arn in arns {
+                        if let Err(e) = self.rooms.complete_details(&arn).await {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    failed
+                }
+                Err(e) => Some(e),
+            };
+            match failed {
+                None => backoff = DETAILS_FIRST_RETRY,
+                Some(e) => {
+                    tracing::warn!(error = %e, region, retry_in = ?backoff, "could not read listed rooms whole");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(DETAILS_LAST_RETRY);
+                }
+            }
+        }
     }
 
     /// A listed room's ARN, its cached row, and, when it has none, whether

@@ -17,6 +17,7 @@ impl Rooms {
     ) -> Result<bool> {
         // A write of ours (on any replica) between IVS Chat's answer and its
         // cache write holds the turn: once it is ours, that write is cached.
+        self.background_turn(arn).await?;
         let turn = self.turn(arn).await?;
         let fetched = async {
             if let Some(c) = self.inner.store.get(arn).await?
@@ -39,6 +40,42 @@ impl Rooms {
         fetched
     }
 
+    /// Reads a room a listing put in without its details (the message
+    /// limits) whole, in its turn, unless by then the cache holds it whole
+    /// or not at all (a request of ours got there first). A room gone from
+    /// IVS Chat is forgotten.
+    pub(crate) async fn complete_details(&self, arn: &RoomArn) -> Result<()> {
+        self.background_turn(arn).await?;
+        let turn = self.turn(arn).await?;
+        let read = async {
+            match self.inner.store.get(arn).await? {
+                Some(c) if !c.deleted && c.room.details_pending => {}
+                _ => return Ok(()),
+            }
+            match self
+                .refresh(arn, EventSource::Reconciler, Caller::Background)
+                .await
+            {
+                Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        .await;
+        turn.release().await;
+        read
+    }
+
+    /// Waits, before the reconciler takes `arn`'s turn for a GetRoom, until
+    /// a background slot of GetRoom is free now: the turn is then held for
+    /// about the call's length, not for as long as users keep the budget
+    /// busy (users of the room would wait for the turn meanwhile).
+    async fn background_turn(&self, arn: &RoomArn) -> Result<()> {
+        self.scope("identifier", arn)?
+            .ready_for_background(crate::budget::Operation::GetRoom)
+            .await;
+        Ok(())
+    }
+
     /// Whether a room the cache has never seen may be one a CreateRoom
     /// (of any replica) is about to cache: one is in flight and the room is
     /// recent. Older rooms (created in IVS Chat directly) are never held back.
@@ -56,6 +93,7 @@ impl Rooms {
     /// updated while the listing paged, or deleted) in its turn; returns
     /// whether IVS Chat said it is gone (then forgotten, as RECONCILER).
     pub(crate) async fn recheck_unlisted(&self, arn: &RoomArn) -> Result<bool> {
+        self.background_turn(arn).await?;
         let turn = self.turn(arn).await?;
         let refreshed = self
             .refresh(arn, EventSource::Reconciler, Caller::Background)

@@ -52,6 +52,7 @@ use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::{OwnedMutexGuard, watch};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::budget::Caller;
 
@@ -59,8 +60,9 @@ use crate::domain::{
     Error, EventSource, ListQuery, ListedPage, NewRoom, Result, Room, RoomArn, RoomPatch,
     RoomSummary, Timestamp, validate,
 };
-use crate::hot::HotRooms;
+use crate::hot::{HotRooms, HotRow};
 use crate::store::{CachedRoom, RoomLock, Store};
+use crate::telemetry;
 use crate::upstream::{Upstream, Upstreams};
 
 /// How often ListRooms, waiting for the first full listing, checks whether
@@ -146,8 +148,27 @@ impl CacheInfo {
 /// refused before the cache was looked at).
 #[derive(Debug)]
 pub struct Read {
-    pub answer: Result<Room>,
+    pub answer: Result<Answer>,
     pub cache: Option<CacheInfo>,
+}
+
+/// The room a read answers with.
+#[derive(Debug)]
+pub enum Answer {
+    /// A cached row, as memory holds it (or as the database gave it): what
+    /// the edge derives from it is kept with it for every read it answers.
+    Cached(Arc<HotRow>),
+    /// IVS Chat's answer, just read.
+    Fetched(Room),
+}
+
+impl Answer {
+    pub fn into_room(self) -> Room {
+        match self {
+            Answer::Cached(row) => row.room.clone(),
+            Answer::Fetched(room) => room,
+        }
+    }
 }
 
 impl Read {
@@ -290,7 +311,8 @@ impl Rooms {
     {
         self.inner
             .exchanges
-            .spawn(work(self.clone()))
+            // In the request's trace, when traces are on.
+            .spawn(work(self.clone()).instrument(telemetry::traces::task_span()))
             .await
             .map_err(|e| {
                 Error::Internal(anyhow::anyhow!("an exchange with IVS Chat failed: {e}"))
@@ -346,7 +368,9 @@ impl Rooms {
     /// answered, so a failing cache is logged, not returned.
     async fn keep(&self, room: Room, asked_at: Timestamp, source: EventSource) -> Room {
         match self.inner.store.put(&room, asked_at, source).await {
-            Ok(cached) if !cached.deleted => cached.room,
+            // A pending row kept (a listing that started later put it in)
+            // is this version without its details: IVS Chat's answer is whole.
+            Ok(cached) if !cached.deleted && !cached.room.details_pending => cached.room,
             Ok(_) => room,
             Err(e) => {
                 tracing::error!(error = %e, arn = %room.arn, "could not cache a room IVS Chat returned");

@@ -46,12 +46,12 @@ impl Rooms {
                 Ok(Some(row)) if self.is_fresh(&row) => {
                     return Read {
                         cache: Some(CacheInfo::of(CacheStatus::Hit, &row)),
-                        answer: answer(&row),
+                        answer: cached_answer(row),
                     };
                 }
                 Ok(row) => fallback = row.is_some_and(|row| self.may_serve_stale(&row)),
                 // The database is down: IVS Chat may answer, or memory.
-                Err(Error::Unavailable(_)) => {
+                Err(Error::Unavailable { .. }) => {
                     database_away = true;
                     fallback = self
                         .inner
@@ -83,7 +83,7 @@ impl Rooms {
                     };
                     return Read {
                         cache: Some(CacheInfo::of(status, &row)),
-                        answer: answer(&row),
+                        answer: cached_answer(row),
                     };
                 }
                 Read {
@@ -92,7 +92,7 @@ impl Rooms {
                 }
             }
             answer => Read {
-                answer,
+                answer: answer.map(Answer::Fetched),
                 cache: Some(CacheInfo::MISS),
             },
         }
@@ -150,7 +150,7 @@ impl Rooms {
         caller: Caller,
     ) -> Shared<BoxFuture<'static, Arc<Result<Room>>>> {
         let rooms = self.clone();
-        let task = self.inner.exchanges.spawn(async move {
+        let flight = async move {
             let answer = async {
                 // Across replicas too: a flight of this room on another
                 // replica (or a write) fills the cache before this one
@@ -162,7 +162,7 @@ impl Rooms {
                         && let Some(row) = rooms.cached(&arn).await?
                         && rooms.is_fresh(&row)
                     {
-                        return answer(&row);
+                        return cached_answer(row).map(Answer::into_room);
                     }
                     sent.store(true, Ordering::SeqCst);
                     // A change found here was made behind this service's back.
@@ -178,7 +178,12 @@ impl Rooms {
                 flights.remove(&arn);
             }
             Arc::new(answer)
-        });
+        };
+        // In the trace of the request that started it, when traces are on.
+        let task = self
+            .inner
+            .exchanges
+            .spawn(flight.instrument(telemetry::traces::task_span()));
         async move {
             task.await.unwrap_or_else(|e| {
                 Arc::new(Err(Error::Internal(anyhow::anyhow!(
@@ -244,9 +249,10 @@ impl Rooms {
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 let missing = unlisted(&self.inner.listed.borrow()).join(", ");
-                return Err(Error::Unavailable(format!(
+                return Err(Error::unavailable(format!(
                     "the cache is still being filled by a first full listing of IVS Chat in {missing}"
-                )));
+                ))
+                .retry_after(LISTING_RETRY));
             }
         }
         // Only the regions served: a region no longer served leaves its rows.
@@ -274,7 +280,7 @@ impl Rooms {
 
     /// The cached row for `arn`: from memory when it holds one fresh enough
     /// to serve, otherwise from SQL (which memory then holds).
-    pub(super) async fn cached(&self, arn: &RoomArn) -> Result<Option<Arc<CachedRoom>>> {
+    pub(super) async fn cached(&self, arn: &RoomArn) -> Result<Option<Arc<HotRow>>> {
         let hot = &self.inner.hot;
         if let Some(row) = hot.get(arn)
             && self.is_fresh(&row)
@@ -282,10 +288,7 @@ impl Rooms {
             return Ok(Some(row));
         }
         let (row, as_of) = self.inner.store.get_at_revision(arn).await?;
-        Ok(row.map(|row| {
-            hot.fill(arn, &row, as_of);
-            Arc::new(row)
-        }))
+        Ok(row.map(|row| hot.fill(arn, row, as_of)))
     }
 
     /// The newest row this process can find for `arn` by `deadline`: the
@@ -295,7 +298,7 @@ impl Rooms {
         &self,
         arn: &RoomArn,
         deadline: Option<tokio::time::Instant>,
-    ) -> Option<Arc<CachedRoom>> {
+    ) -> Option<Arc<HotRow>> {
         match by(deadline, self.cached(arn)).await {
             Ok(row) => row,
             Err(_) => self.inner.hot.get(arn),
@@ -304,21 +307,34 @@ impl Rooms {
 
     /// Whether `row` may answer while IVS Chat cannot be asked.
     pub(super) fn may_serve_stale(&self, row: &CachedRoom) -> bool {
-        row.validated_at.elapsed() <= self.inner.settings.stale_if_error
+        answerable(row) && row.validated_at.elapsed() <= self.inner.settings.stale_if_error
     }
 
+    /// Whether `row` answers a cached read without asking IVS Chat.
     pub(super) fn is_fresh(&self, row: &CachedRoom) -> bool {
-        row.validated_at.elapsed() <= self.inner.settings.max_staleness
+        answerable(row) && row.validated_at.elapsed() <= self.inner.settings.max_staleness
     }
 }
 
-pub(super) fn answer(cached: &CachedRoom) -> Result<Room> {
-    if cached.deleted {
-        Err(Error::room_not_found(&cached.room.arn))
+/// Whether `row` can answer a GetRoom at all: a room whose details are
+/// pending (listed, not yet read whole) cannot; its tombstone can.
+fn answerable(row: &CachedRoom) -> bool {
+    row.deleted || !row.room.details_pending
+}
+
+/// A cached row's answer: NOT_FOUND for a tombstone.
+fn cached_answer(row: Arc<HotRow>) -> Result<Answer> {
+    if row.deleted {
+        Err(Error::room_not_found(&row.room.arn))
     } else {
-        Ok(cached.room.clone())
+        Ok(Answer::Cached(row))
     }
 }
+
+/// The retry hint of a ListRooms refused while a first listing fills the
+/// cache: a listing takes in 250 rooms a second, so most accounts' are done
+/// within seconds.
+const LISTING_RETRY: Duration = Duration::from_secs(1);
 
 /// How long before its deadline, at least, a cached read gives up on IVS
 /// Chat and the database, to answer from what it has.
@@ -332,9 +348,8 @@ pub(super) async fn by<T>(
 ) -> Result<T> {
     match at {
         Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
-            Err(Error::Unavailable(
-                "neither IVS Chat nor the cache database answered before the request's deadline"
-                    .into(),
+            Err(Error::unavailable(
+                "neither IVS Chat nor the cache database answered before the request's deadline",
             ))
         }),
         None => work.await,
@@ -344,5 +359,8 @@ pub(super) async fn by<T>(
 /// IVS Chat could not be asked: down, throttling, or the budget could not
 /// serve the call in time.
 pub(super) fn unanswerable_upstream(e: &Error) -> bool {
-    matches!(e, Error::Unavailable(_) | Error::ResourceExhausted(_))
+    matches!(
+        e,
+        Error::Unavailable { .. } | Error::ResourceExhausted { .. }
+    )
 }

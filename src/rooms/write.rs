@@ -165,8 +165,9 @@ impl Rooms {
             .put_tags(arn, &tags, asked_at, EventSource::Api)
             .await
         {
-            Ok(Some(cached)) => Ok(cached.room),
-            Ok(None) => self.refresh(arn, EventSource::Api, caller).await,
+            Ok(Some(cached)) if !cached.room.details_pending => Ok(cached.room),
+            // Not cached, or listed without its details: read it whole.
+            Ok(_) => self.refresh(arn, EventSource::Api, caller).await,
             Err(e) => {
                 // IVS Chat has tagged the room: say so, with the tags it has.
                 tracing::error!(error = %e, %arn, "could not cache a room's tags");

@@ -126,6 +126,22 @@ impl Store {
         }))
     }
 
+    /// How long from now until `region`'s `operation` has a free slot
+    /// (zero: now), as the fleet's budget stands.
+    pub async fn budget_free_in(&self, region: &str, operation: &str) -> Result<Duration> {
+        self.ensure_shared()?;
+        let ahead: Option<i64> = sqlx::query_scalar(concat!(
+            "SELECT GREATEST(tat, paused_until) - ",
+            db_now!(),
+            " FROM upstream_budgets WHERE region = $1 AND operation = $2"
+        ))
+        .bind(region)
+        .bind(operation)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(duration(ahead.unwrap_or(0)))
+    }
+
     /// Records a ThrottlingException for `region`'s `operation`: unless a
     /// pause is already in force, no slot is granted for the next pause
     /// (`first`, doubling with each one in a row, up to `max`). Returns the

@@ -22,6 +22,7 @@ impl Store {
     /// migrations. A SQLite file and its directory are created if missing.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
+        super::error::error_counters();
         let (backend, url) = if url.starts_with("sqlite:") {
             (Backend::Sqlite, sqlite_url(url)?)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {

@@ -20,16 +20,38 @@ pub(super) fn transient(e: &sqlx::Error) -> bool {
         )
 }
 
+/// The cache database error counters, `unavailable` and `busy`, registered
+/// on first use (the store does at open, so both series are there, at 0,
+/// before any error and `rate()` sees the first).
+pub(super) fn error_counters() -> &'static [metrics::Counter; 2] {
+    static COUNTERS: std::sync::OnceLock<[metrics::Counter; 2]> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        ["unavailable", "busy"]
+            .map(|kind| metrics::counter!(crate::telemetry::STORE_ERRORS, "kind" => kind))
+    })
+}
+
+/// Counts a cache database error of `kind` (`unavailable`, `busy`).
+pub(super) fn count_error(kind: &'static str) {
+    let [unavailable, busy] = error_counters();
+    match kind {
+        "busy" => busy.increment(1),
+        _ => unavailable.increment(1),
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                 tracing::error!(error = %e, "cache database unavailable");
-                Error::Unavailable("the cache database is unavailable".into())
+                count_error("unavailable");
+                Error::unavailable("the cache database is unavailable")
             }
             e if transient(&e) => {
                 tracing::warn!(error = %e, "cache database busy");
-                Error::Unavailable("the cache database is busy; retry".into())
+                count_error("busy");
+                Error::unavailable("the cache database is busy; retry")
             }
             e => Error::Internal(anyhow::Error::new(e).context("cache database error")),
         }

@@ -33,7 +33,10 @@ impl Leadership {
         if let Some(conn) = &mut self.conn {
             tokio::time::timeout(LEADERSHIP_TIMEOUT, sqlx::query("SELECT 1").execute(conn))
                 .await
-                .map_err(|_| Error::Unavailable("the cache database did not answer".into()))??;
+                .map_err(|_| {
+                    error::count_error("unavailable");
+                    Error::unavailable("the cache database did not answer")
+                })??;
         }
         Ok(())
     }
@@ -94,7 +97,10 @@ impl Store {
         };
         let (conn, led) = tokio::time::timeout(LEADERSHIP_TIMEOUT, attempt)
             .await
-            .map_err(|_| Error::Unavailable("the cache database did not answer".into()))??;
+            .map_err(|_| {
+                error::count_error("unavailable");
+                Error::unavailable("the cache database did not answer")
+            })??;
         if led {
             Ok(Some(Leadership { conn: Some(conn) }))
         } else {
@@ -108,6 +114,8 @@ impl Store {
     /// transaction (and connection) of its own until released, and freed by
     /// Postgres if this process dies. SQLite serves one process, whose own
     /// per-room turns suffice.
+    #[tracing::instrument(target = SPANS, name = "cache.lock_room", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn lock_room(&self, arn: &RoomArn) -> Result<RoomLock> {
         let Some(turns) = &self.turns else {
             return Ok(RoomLock { tx: None });

@@ -89,6 +89,7 @@ impl Store {
         tx.commit().await?;
         if let Some(revision) = revision {
             self.saw_committed(revision);
+            tracing::trace!(target: super::COMMITS, revision, "committed");
         }
         Ok(())
     }
@@ -235,6 +236,8 @@ impl Store {
 
     /// The live rooms among `arns` (all live rooms when empty) and the revision
     /// they reflect, read in one transaction.
+    #[tracing::instrument(target = SPANS, name = "cache.snapshot", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn snapshot(&self, arns: &[RoomArn]) -> Result<Snapshot> {
         let mut tx = self.begin_read().await?;
         let revision = revision_in(&mut tx).await?;

@@ -21,6 +21,11 @@
 //! - `requests.rs`: CreateRoom request_ids and creations in flight;
 //! - `budget.rs`: the fleet's shared upstream budget;
 //! - `rows.rs`: decoding rows; `error.rs`: sqlx errors as ours.
+//!
+//! For traces, each transaction (and each read and turn of a request's
+//! path) is a span of its own, `cache.put`, `cache.get_at_revision`, ...
+//! (`telemetry::traces::SPANS`, with `db.system`): disabled, and free,
+//! while traces are off.
 
 mod budget;
 mod connect;
@@ -34,6 +39,11 @@ mod rows;
 pub use budget::{BudgetPause, Slot};
 pub use locks::{Leadership, RoomLock};
 pub use requests::Claim;
+
+/// The target of the TRACE event logged as each write that has an event
+/// commits (field `revision`): what a profile or a benchmark times commits
+/// by (P4 measures from it to a watcher's delivery).
+pub const COMMITS: &str = "ivschat_rooms::store::commits";
 
 // What the statements of one file use of another's (each file `use super::*`).
 use locks::ROOM_TURN_TIMEOUT;
@@ -55,6 +65,7 @@ use crate::domain::{
     Error, EventKind, EventSource, FallbackResult, ListQuery, ListedPage, MessageReviewHandler,
     PageCursor, Result, Room, RoomArn, RoomEvent, Timestamp,
 };
+use crate::telemetry::traces::SPANS;
 
 /// The Postgres channel a commit with events is announced on (payload: the
 /// newest revision), so that replicas sharing the database learn of it.
@@ -69,6 +80,16 @@ const BUDGET_CHANNEL: &str = "ivschat_rooms_budget_pauses";
 enum Backend {
     Sqlite,
     Postgres,
+}
+
+impl Backend {
+    /// Its name in traces (OpenTelemetry's `db.system`).
+    fn db_system(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgresql",
+        }
+    }
 }
 
 /// A cached room and what the cache knows about it.

@@ -24,6 +24,8 @@ fn arn_pattern(region: &str) -> String {
 
 impl Store {
     /// The cached row for `arn`, tombstones included.
+    #[tracing::instrument(target = SPANS, name = "cache.get", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn get(&self, arn: &RoomArn) -> Result<Option<CachedRoom>> {
         let mut conn = self.pool.acquire().await?;
         get_row(&mut conn, arn).await
@@ -31,6 +33,8 @@ impl Store {
 
     /// The cached row for `arn` and the change-log revision it reflects, read
     /// in one transaction.
+    #[tracing::instrument(target = SPANS, name = "cache.get_at_revision", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn get_at_revision(&self, arn: &RoomArn) -> Result<(Option<CachedRoom>, u64)> {
         let mut tx = self.begin_read().await?;
         let revision = revision_in(&mut tx).await?;
@@ -41,6 +45,8 @@ impl Store {
 
     /// Up to `limit` cached rows (tombstones included), most recently
     /// confirmed first, and the revision they reflect, read in one transaction.
+    #[tracing::instrument(target = SPANS, name = "cache.rows_at_revision", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn rows_at_revision(&self, limit: usize) -> Result<(Vec<CachedRoom>, u64)> {
         let mut tx = self.begin_read().await?;
         let revision = revision_in(&mut tx).await?;
@@ -61,7 +67,11 @@ impl Store {
     /// `validated_at`, unless the cache holds a newer version, the same version
     /// observed later, or a tombstone recorded after that call started. A
     /// visible change is logged, in the same transaction, as an event from
-    /// `source`. Returns the row the cache holds afterwards.
+    /// `source`. A room whose details are pending (from a listing) is stored
+    /// only over no row, a tombstone or another pending row: never over a
+    /// room read whole. Returns the row the cache holds afterwards.
+    #[tracing::instrument(target = SPANS, name = "cache.put", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn put(
         &self,
         room: &Room,
@@ -79,6 +89,8 @@ impl Store {
 
     /// [`Store::put`] for many rooms in one transaction (one commit, each
     /// change its own event): for bulk loads.
+    #[tracing::instrument(target = SPANS, name = "cache.put_many", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn put_many(
         &self,
         rooms: &[Room],
@@ -103,6 +115,8 @@ impl Store {
     /// later has observed the room since (its tags are newer: kept). The
     /// row's other fields, and when they were confirmed, stay as they are. A
     /// change is logged, in the same transaction, as an event from `source`.
+    #[tracing::instrument(target = SPANS, name = "cache.put_tags", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn put_tags(
         &self,
         arn: &RoomArn,
@@ -136,6 +150,8 @@ impl Store {
     /// gets a tombstone too (with empty content), so that a slow answer from
     /// another replica cannot bring it in. Deleting a live room logs a DELETED
     /// event from `source`.
+    #[tracing::instrument(target = SPANS, name = "cache.mark_deleted", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn mark_deleted(
         &self,
         arn: &RoomArn,
@@ -147,7 +163,7 @@ impl Store {
         sqlx::query(concat!(
             "INSERT INTO rooms (",
             columns!(),
-            ") VALUES ($1, $2, '', 0, 0, 0, 0, NULL, NULL, '{}', '[]', $3, $3) \
+            ") VALUES ($1, $2, '', 0, 0, 0, 0, NULL, NULL, '{}', '[]', $3, $3, 0) \
              ON CONFLICT (arn) DO UPDATE SET \
                deleted_at = excluded.deleted_at, validated_at = excluded.validated_at \
              WHERE rooms.validated_at <= excluded.validated_at"
@@ -168,6 +184,8 @@ impl Store {
     /// the revision of the change log it reflects, and when IVS Chat last
     /// confirmed the least recently confirmed room on it.
     /// Only rooms of `regions` (by their ARNs); every room when empty.
+    #[tracing::instrument(target = SPANS, name = "cache.list", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn list(
         &self,
         query: &ListQuery,
@@ -270,6 +288,24 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` live rooms of `region` whose details (the message
+    /// limits) are still to be read: rooms a full listing put in from their
+    /// summaries, newest update first.
+    pub async fn rooms_pending_details(&self, region: &str, limit: usize) -> Result<Vec<RoomArn>> {
+        let rows = sqlx::query(
+            "SELECT arn FROM rooms \
+             WHERE details_pending = 1 AND deleted_at IS NULL AND arn LIKE $1 \
+             ORDER BY update_time DESC, arn LIMIT $2",
+        )
+        .bind(arn_pattern(region))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
+            .collect()
+    }
+
     /// Marks `arn` as confirmed at `at` without changing it (a listing showed
     /// the same version).
     pub async fn confirm(
@@ -289,6 +325,8 @@ impl Store {
 
     /// [`Store::confirm`] for each of `listed` (a room and the updateTime a
     /// listing showed), in one transaction: a listing's page, one commit.
+    #[tracing::instrument(target = SPANS, name = "cache.confirm_many", skip_all, err,
+        fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn confirm_many(&self, listed: &[(RoomArn, Timestamp)], at: Timestamp) -> Result<()> {
         if listed.is_empty() {
             return Ok(());
@@ -386,12 +424,13 @@ pub(super) async fn upsert(
     let arn = room.arn();
     let before = get_row(tx, &arn).await?;
     // A live row: replace when newer; when equal (content may differ, e.g.
-    // tags), when observed no earlier, so validated_at never moves back. A
-    // tombstone: only an answer to a call that started after it.
+    // tags), when observed no earlier, so validated_at never moves back; a
+    // room whose details are pending (from a listing) never replaces one
+    // read whole. A tombstone: only an answer to a call that started after it.
     let stored = sqlx::query(concat!(
         "INSERT INTO rooms (",
         columns!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL) \
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, $13) \
          ON CONFLICT (arn) DO UPDATE SET \
            name = excluded.name, create_time = excluded.create_time, \
            update_time = excluded.update_time, \
@@ -401,11 +440,13 @@ pub(super) async fn upsert(
            review_handler_fallback = excluded.review_handler_fallback, \
            tags = excluded.tags, \
            logging_configuration_identifiers = excluded.logging_configuration_identifiers, \
-           validated_at = excluded.validated_at, deleted_at = NULL \
+           validated_at = excluded.validated_at, deleted_at = NULL, \
+           details_pending = excluded.details_pending \
          WHERE (rooms.deleted_at IS NULL \
                 AND (excluded.update_time > rooms.update_time \
                      OR (excluded.update_time = rooms.update_time \
-                         AND excluded.validated_at >= rooms.validated_at))) \
+                         AND excluded.validated_at >= rooms.validated_at)) \
+                AND (excluded.details_pending = 0 OR rooms.details_pending = 1)) \
             OR (rooms.deleted_at IS NOT NULL AND excluded.validated_at > rooms.deleted_at) \
          RETURNING ",
         columns!()
@@ -425,6 +466,7 @@ pub(super) async fn upsert(
             .context("could not encode logging configuration identifiers")?,
     )
     .bind(validated_at.as_nanos())
+    .bind(i64::from(room.details_pending))
     .fetch_optional(&mut **tx)
     .await?;
     // No row returned: the rules kept what was there.

@@ -8,7 +8,8 @@ macro_rules! columns {
     () => {
         "arn, id, name, create_time, update_time, \
          maximum_message_rate_per_second, maximum_message_length, review_handler_uri, \
-         review_handler_fallback, tags, logging_configuration_identifiers, validated_at, deleted_at"
+         review_handler_fallback, tags, logging_configuration_identifiers, validated_at, deleted_at, \
+         details_pending"
     };
 }
 
@@ -79,6 +80,7 @@ pub(super) fn room(row: &AnyRow) -> Result<Room> {
         tags: serde_json::from_str(&tags).context("corrupt tags in cache")?,
         logging_configuration_identifiers: serde_json::from_str(&logging)
             .context("corrupt logging configuration identifiers in cache")?,
+        details_pending: row.try_get::<i64, _>("details_pending")? != 0,
     })
 }
 

@@ -15,6 +15,8 @@ use aws_sdk_ivschat::config::{Credentials, Region};
 use aws_sdk_ivschat::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ivschat::types;
 use aws_smithy_types::DateTime;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use super::errors::{ValidationFields, throttling, transient};
 use crate::budget::{Budget, Caller, Operation};
@@ -22,7 +24,7 @@ use crate::domain::{
     Error, FallbackResult, ListQuery, ListedPage, MessageReviewHandler, NewRoom, Result, Room,
     RoomArn, RoomPatch, RoomSummary, Timestamp,
 };
-use crate::telemetry;
+use crate::telemetry::{self, traces};
 
 /// A call that failed, and whether IVS Chat may have carried it out all the
 /// same (this or an earlier attempt got a 5xx, no answer in time, a lost
@@ -130,6 +132,12 @@ impl Upstream {
         }
     }
 
+    /// Waits until background work could be given a slot of `op` now: see
+    /// [`Budget::ready_for_background`].
+    pub async fn ready_for_background(&self, op: Operation) {
+        self.budget.ready_for_background(op).await;
+    }
+
     /// The region whose IVS Chat this is.
     pub fn region(&self) -> &str {
         &self.region
@@ -173,31 +181,53 @@ impl Upstream {
         let mut backoff = FIRST_BACKOFF;
         let mut unanswered_before = false;
         for attempt in 1.. {
-            self.budget
-                .acquire(op, caller)
-                .await
-                .map_err(|error| SendFailure {
-                    error,
-                    maybe_carried_out: unanswered_before,
-                })?;
-            ready().await.map_err(|error| SendFailure {
-                error,
-                maybe_carried_out: unanswered_before,
-            })?;
-            metrics::counter!(
-                telemetry::UPSTREAM_CALLS,
-                "operation" => op.to_string(),
-                "region" => self.region.to_string(),
-            )
-            .increment(1);
-            let err = match send().await {
-                Ok(out) => {
+            // For traces only: the attempt, from its wait for the budget to
+            // IVS Chat's answer (disabled, and free, while traces are off).
+            let span = tracing::info_span!(
+                target: traces::SPANS,
+                "upstream.attempt",
+                otel.name = %format_args!("IVSChat/{op}"),
+                otel.kind = "client",
+                operation = %op,
+                region = %self.region,
+                attempt,
+                outcome = Empty,
+                throttled = Empty,
+                otel.status_code = Empty,
+            );
+            let sent = async {
+                self.budget.acquire(op, caller).await?;
+                ready().await?;
+                metrics::counter!(
+                    telemetry::UPSTREAM_CALLS,
+                    "operation" => op.to_string(),
+                    "region" => self.region.to_string(),
+                )
+                .increment(1);
+                Ok(send().await)
+            }
+            .instrument(span.clone())
+            .await;
+            let err = match sent {
+                Ok(Ok(out)) => {
+                    span.record("outcome", "ok");
+                    span.record("throttled", false);
                     self.budget.succeeded(op).await;
                     return Ok(out);
                 }
-                Err(err) => err,
+                Err(error) => {
+                    span.record("outcome", "not_sent");
+                    span.record("otel.status_code", "error");
+                    return Err(SendFailure {
+                        error,
+                        maybe_carried_out: unanswered_before,
+                    });
+                }
+                Ok(Err(err)) => err,
             };
             let throttled = throttling(&err);
+            span.record("throttled", throttled);
+            let mut pause = None;
             if throttled {
                 metrics::counter!(
                     telemetry::UPSTREAM_THROTTLES,
@@ -205,7 +235,7 @@ impl Upstream {
                     "region" => self.region.to_string(),
                 )
                 .increment(1);
-                self.budget.throttled(op).await;
+                pause = Some(self.budget.throttled(op).await);
             }
             let wait = backoff.mul_f64(rand::random_range(0.5..1.0));
             let in_time = match caller {
@@ -215,10 +245,24 @@ impl Upstream {
                 _ => true,
             };
             let transient = transient(&err);
+            span.record(
+                "outcome",
+                match (throttled, transient) {
+                    (true, _) => "throttled",
+                    (false, true) => "transient",
+                    (false, false) => "error",
+                },
+            );
+            span.record("otel.status_code", "error");
             let retry = throttled || (transient && retry_transient);
             if attempt >= self.max_attempts || !retry || !in_time {
+                let error = Error::from(err);
                 return Err(SendFailure {
-                    error: err.into(),
+                    // Throttled: a retry can succeed once the pause is over.
+                    error: match pause {
+                        Some(pause) => error.retry_after(pause),
+                        None => error,
+                    },
                     maybe_carried_out: transient || unanswered_before,
                 });
             }
@@ -498,6 +542,7 @@ macro_rules! room_from_output {
             logging_configuration_identifiers: out
                 .logging_configuration_identifiers
                 .unwrap_or_default(),
+            details_pending: false,
         })
     }};
 }

@@ -5,7 +5,7 @@ use aws_sdk_ivschat::config::http::HttpResponse;
 use aws_sdk_ivschat::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ivschat::types;
 
-use crate::domain::{Error, FieldViolation};
+use crate::domain::{Error, FieldViolation, Limit};
 
 /// The field list of a ValidationException, whichever operation raised it.
 pub(super) trait ValidationFields {
@@ -99,26 +99,26 @@ where
                 }
                 "AccessDeniedException" => Error::PermissionDenied(message),
                 "PendingVerification" => Error::PendingVerification(message),
-                "ServiceQuotaExceededException" => Error::ResourceExhausted(message),
+                "ServiceQuotaExceededException" => Error::exhausted(Limit::AwsQuota, message),
                 // Someone else spends the account's quota too: try later.
                 _ if code == "ThrottlingException" || status.as_u16() == 429 => {
-                    Error::Unavailable(format!("IVS Chat is throttling calls: {message}"))
+                    Error::unavailable(format!("IVS Chat is throttling calls: {message}"))
                 }
                 "ConflictException" => Error::Conflict(message),
                 _ if status.is_server_error() => {
                     tracing::warn!(%code, %message, status = status.as_u16(), "IVS Chat failed");
-                    Error::Unavailable(format!("IVS Chat failed with HTTP {}", status.as_u16()))
+                    Error::unavailable(format!("IVS Chat failed with HTTP {}", status.as_u16()))
                 }
                 code => {
                     Error::Internal(anyhow::Error::new(e).context(format!("IVS Chat error {code}")))
                 }
             }
         }
-        SdkError::TimeoutError(_) => Error::Unavailable("IVS Chat did not answer in time".into()),
-        SdkError::DispatchFailure(_) => Error::Unavailable("IVS Chat is unreachable".into()),
+        SdkError::TimeoutError(_) => Error::unavailable("IVS Chat did not answer in time"),
+        SdkError::DispatchFailure(_) => Error::unavailable("IVS Chat is unreachable"),
         SdkError::ResponseError(e) => {
             tracing::warn!(error = ?e, "unreadable response from IVS Chat");
-            Error::Unavailable("IVS Chat sent an unreadable response".into())
+            Error::unavailable("IVS Chat sent an unreadable response")
         }
         other => Error::Internal(anyhow::Error::new(other).context("could not call IVS Chat")),
     }

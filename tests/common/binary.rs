@@ -56,9 +56,18 @@ impl Server {
     /// lines are kept for [`Server::logged`]: the reconciler starts before
     /// the server serves, so its lines may come first.
     pub async fn spawn(mut command: Command) -> Server {
-        // The caller's RUST_LOG only, not the one the tests run with.
-        if !command.as_std().get_envs().any(|(k, _)| k == "RUST_LOG") {
-            command.env_remove("RUST_LOG");
+        // The caller's RUST_LOG and OTEL_* only, not those the tests run
+        // with (an exporter configured for the developer's collector).
+        let own: Vec<_> = command
+            .as_std()
+            .get_envs()
+            .map(|(k, _)| k.to_owned())
+            .collect();
+        for (name, _) in std::env::vars_os() {
+            let inherited = name == "RUST_LOG" || name.to_string_lossy().starts_with("OTEL_");
+            if inherited && !own.contains(&name) {
+                command.env_remove(name);
+            }
         }
         let mut child = command
             // Tests run side by side: no fixed metrics port (a flag wins).

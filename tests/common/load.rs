@@ -44,6 +44,7 @@ pub fn as_proto(room: &Room) -> proto::Room {
         }),
         tags: room.tags.clone().into_iter().collect(),
         logging_configuration_identifiers: room.logging_configuration_identifiers.clone(),
+        details_pending: room.details_pending,
     }
 }
 
@@ -88,6 +89,46 @@ pub async fn list_all(client: &mut Client) -> (Vec<proto::Room>, u64) {
         }
         rooms.sort_by(|a, b| a.arn.cmp(&b.arn));
         return (rooms, revision.unwrap_or_default());
+    }
+}
+
+/// Every cached room as [`list_all`] gives them, once every room a cold
+/// cache's first listing put in has been read whole (no `details_pending`):
+/// awaits the log's events for the rooms still pending, then lists again.
+pub async fn list_all_whole(client: &mut Client) -> (Vec<proto::Room>, u64) {
+    loop {
+        let (rooms, revision) = list_all(client).await;
+        let mut pending: BTreeSet<String> = rooms
+            .iter()
+            .filter(|r| r.details_pending)
+            .map(|r| r.arn.clone())
+            .collect();
+        if pending.is_empty() {
+            return (rooms, revision);
+        }
+        let mut stream = client
+            .watch_rooms(WatchRoomsRequest {
+                after_revision: Some(revision),
+                ..Default::default()
+            })
+            .await
+            .expect("watch the rooms still pending")
+            .into_inner();
+        within("the rooms listed to be read whole", async {
+            while !pending.is_empty() {
+                // A stream ended early (a server's connection age): list again.
+                let Ok(Some(message)) = stream.message().await else {
+                    return;
+                };
+                if let Some(Kind::Event(event)) = message.kind
+                    && let Some(room) = event.room
+                    && (!room.details_pending || event.r#type == EventType::Deleted as i32)
+                {
+                    pending.remove(&room.arn);
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -203,10 +244,21 @@ pub fn fold(events: &[proto::RoomEvent]) -> Vec<proto::Room> {
 
 /// Asserts that every room an event shows (after and before the change) is
 /// a version the emulator really had (from [`Emulator::versions`]).
+/// A room a listing put in (`details_pending`, its limits 0) counts as the
+/// version it shows.
 pub fn assert_real_versions(events: &[proto::RoomEvent], versions: &[Room]) {
     let versions: BTreeSet<String> = versions
         .iter()
-        .map(|room| format!("{:?}", as_proto(room)))
+        .flat_map(|room| {
+            let whole = as_proto(room);
+            let listed = proto::Room {
+                maximum_message_rate_per_second: 0,
+                maximum_message_length: 0,
+                details_pending: true,
+                ..whole.clone()
+            };
+            [format!("{whole:?}"), format!("{listed:?}")]
+        })
         .collect();
     for event in events {
         for room in event.room.iter().chain(&event.previous) {

@@ -332,6 +332,7 @@ pub fn room(id: &str, update_nanos: i64, name: &str) -> Room {
         message_review_handler: None,
         tags: Default::default(),
         logging_configuration_identifiers: Vec::new(),
+        details_pending: false,
     }
 }
 

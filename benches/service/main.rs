@@ -1,4 +1,4 @@
-//! The performance measures P1-P6: `cargo bench --bench service [-- --quick] [P1 P4 ...]`.
+//! The performance measures P1-P9: `cargo bench --bench service [-- --quick] [P1 P4 ...]`.
 //!
 //! Everything runs in-process on loopback: an emulator, the real server
 //! (`server::run` on port 0, a fresh SQLite database in a temporary
@@ -13,16 +13,22 @@
 //!
 //! | id | value | target |
 //! |---|---|---|
-//! | P1 | cached GetRoom throughput ÷ a bare tonic server's, same load | ≥ 0.9 |
+//! | P1 | cached GetRoom throughput ÷ a bare tonic server's, same load, the service with the layers it ships with | ≥ 0.95 |
 //! | P2 | upstream GetRoom calls for 1,000 concurrent cold GetRoom of one room | 1 |
 //! | P3 | most upstream calls of one operation in any 1 s, clients pushing 10× the budget | ≤ 5 |
-//! | P4 | p99 delivery latency with N watchers ÷ with 1; RSS KiB per idle watcher | ≤ 10; ≤ 16 |
+//! | P4 | one change to 10,000 watchers (100 connections) in a process of their own: p99 delivery latency of the service ÷ etcd's (a put, one watch per stream) and ÷ a bare tonic broadcast's; RSS KiB per idle watcher of the service's process | ≤ 0.5; ≤ 1.2; ≤ 8 |
 //! | P5 | cached GetRoom throughput with 100,000 rooms ÷ with 100 | ≥ 0.9 |
-//! | P6 | UpdateRoom through the service ÷ straight through the SDK (5 ms upstream) | ≤ 1.1 |
+//! | P6 | latency UpdateRoom through the service adds to the SDK's call (5 ms upstream) ÷ its floor measured alongside: a bare tonic hop + the durable SQLite commit of the same transaction (the room, its event, the revision) | ≤ 1.1 |
 //! | P7 | three replicas on one Postgres, each offered 10× the rate: most UpdateRoom calls in any 1 s ÷ rate; calls per second ÷ rate | ≤ 1; ≥ 0.9 |
+//! | P8 | a cold cache of 2,500 rooms, the emulator at 5 TPS: time until ListRooms is served ÷ (N / 250 s); until every room is whole ÷ (N / 5 s) | ≤ 1.1; ≤ 1.05 |
 //! | P9 | 1,000 rooms read CACHED at `--max-staleness 10s`, the emulator at 5 TPS and 30 ms, for 3 × the staleness: share of hits; p99 ÷ p50 | ≥ 0.99; ≤ 3 |
 //!
-//! P2 prints a second line, the same cold reads spread over three replicas
+//! P4 prints two more lines: `fanout_1000` (1,000 watchers over 10
+//! connections; targets ≤ 0.7 beside etcd, ≤ 1.2 beside the bare broadcast)
+//! and `one_watcher`, the time from the service's cache commit (the store's
+//! TRACE event as it commits, heard by a tracing layer in this process) to
+//! delivery ÷ etcd's from Put to delivery (≤ 1). Without `etcd` on the PATH
+//! its ratios read `no-etcd`. P2 prints a second line, the same cold reads spread over three replicas
 //! sharing Postgres (target 1). P7 prints a second line,
 //! `fleet_budget_two_regions`, with two regions served and each offered 10×
 //! its rate: for us-east-1 then eu-west-1, the most in 1 s ÷ rate and calls
@@ -33,7 +39,7 @@
 //! database of its own and drops it after.
 //!
 //! Lines starting with `# ` are context: absolute rates, latencies, the
-//! counts used. `--quick` uses smaller counts (P4: 2,000 watchers, P5:
+//! counts used. `--quick` uses smaller counts (P4: 2,000 and 500 watchers, P5:
 //! 20,000 rooms) and shorter runs. Any non-flag argument selects the measures
 //! whose id starts with it. The servers run with their defaults except for
 //! the flags each measure names; every flag is also an `IVSCHAT_ROOMS_*`
@@ -42,9 +48,10 @@
 //! servers' logs (stderr). `BENCH_P4_UPDATES` sets how many updates P4
 //! measures with N watchers (a longer run to profile).
 //!
-//! P4 runs the service and the emulator on a tokio runtime of their own
-//! (threads named `bench-service`), apart from the clients' (`bench-client`),
-//! and splits the CPU per delivered event between them.
+//! P4 runs the service, the emulator and the bare broadcast server on a tokio
+//! runtime of their own (threads named `bench-service`), and the watchers in
+//! child processes (`fanout`), and prints the CPU per delivery of each server
+//! and of the watchers.
 //!
 //! A measure that cannot be taken (a failed call, a missing message) panics:
 //! the run then exits non-zero.
@@ -52,11 +59,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
+use fanout::{BareBroadcast, Etcd, Target, WatcherProcess};
 use futures::StreamExt as _;
 use ivschat_rooms::config::{Cli, Command, ServeConfig};
 use ivschat_rooms::domain::{EventSource, Room, Timestamp};
@@ -65,15 +73,16 @@ use ivschat_rooms::grpc::proto;
 use ivschat_rooms::grpc::proto::room_service_client::RoomServiceClient;
 use ivschat_rooms::grpc::proto::room_service_server::{self, RoomServiceServer};
 use ivschat_rooms::store::Store;
-use prost::Message as _;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-const MEASURES: [&str; 8] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P9"];
+mod fanout;
+
+const MEASURES: [&str; 9] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"];
 
 /// The upstream budget the service allows per operation by default (AWS's
 /// 5 TPS): P3's target.
@@ -82,6 +91,9 @@ const BUDGET_PER_SECOND: usize = 5;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    if let Some(at) = args.iter().position(|a| a == "--watchers") {
+        return fanout::watchers_main(&args[at + 1..]);
+    }
     if let Some(at) = args.iter().position(|a| a == "--measure") {
         let id = args.get(at + 1).expect("--measure needs an id").clone();
         run_measure(&id, Scale::new(quick));
@@ -132,6 +144,16 @@ fn run_measure(id: &str, scale: Scale) {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
             .init();
+    } else if let Ok(filter) = std::env::var("BENCH_LOG_SINK") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::sink)
+            .init();
+    } else if id == "P4" {
+        // When the service's cache commits, for the one-watcher latency.
+        fanout::CommitClock::install();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -159,6 +181,7 @@ fn run_measure(id: &str, scale: Scale) {
             "P5" => p5_many_rooms(&scale).await,
             "P6" => p6_update_overhead(&scale).await,
             "P7" => p7_fleet_budget(&scale).await,
+            "P8" => p8_cold_start(&scale).await,
             "P9" => p9_working_set(&scale).await,
             other => panic!("unknown measure {other}"),
         }
@@ -188,14 +211,18 @@ struct Scale {
     cold_gets: usize,
     /// P3: how long clients push 10× the budget.
     overload: Duration,
-    /// P4: watchers, and updates measured with them and with one watcher.
-    watchers: usize,
+    /// P4: watchers and the connections they share (the first sets the
+    /// headline figures), and changes measured with them and with one
+    /// watcher.
+    fanouts: [(usize, usize); 2],
     many_watcher_updates: usize,
     one_watcher_updates: usize,
     /// P5: rooms in the big cache.
     rooms: usize,
     /// P6: pairs of updates.
     update_pairs: usize,
+    /// P8: rooms of the account a cold cache starts on.
+    cold_rooms: usize,
     /// P9: rooms read, and the staleness they are read at.
     working_set: usize,
     working_staleness: Duration,
@@ -210,11 +237,12 @@ impl Scale {
                 warmup: Duration::from_secs(1),
                 cold_gets: 1000,
                 overload: Duration::from_secs(4),
-                watchers: 2000,
+                fanouts: [(2000, 20), (500, 5)],
                 many_watcher_updates: 3,
                 one_watcher_updates: 11,
                 rooms: 20_000,
                 update_pairs: 10,
+                cold_rooms: 250,
                 working_set: 250,
                 working_staleness: Duration::from_secs(4),
             }
@@ -225,11 +253,12 @@ impl Scale {
                 warmup: Duration::from_secs(2),
                 cold_gets: 1000,
                 overload: Duration::from_secs(10),
-                watchers: 10_000,
-                many_watcher_updates: 5,
+                fanouts: [(10_000, 100), (1000, 10)],
+                many_watcher_updates: 7,
                 one_watcher_updates: 21,
                 rooms: 100_000,
                 update_pairs: 40,
+                cold_rooms: 2500,
                 working_set: 1000,
                 working_staleness: Duration::from_secs(10),
             }
@@ -260,19 +289,31 @@ async fn p1_cached_get_vs_bare(scale: &Scale) {
         .expect("CreateRoom through the service")
         .into_inner();
     let bare = BareServer::start(room.clone()).await;
+    let layered = BareServer::start_layered(room.clone()).await;
 
     let requests = Arc::new(vec![cached_get(&room.arn)]);
     let service_side = LoadTarget::connect(&service.uri(), requests.clone()).await;
-    let bare_side = LoadTarget::connect(&bare.uri(), requests).await;
+    let bare_side = LoadTarget::connect(&bare.uri(), requests.clone()).await;
+    let layered_side = LoadTarget::connect(&layered.uri(), requests).await;
     let (service_rate, bare_rate) =
         compare_throughput("P1", scale, &service_side, &bare_side).await;
     println!(
         "# P1 cached GetRoom: service {service_rate:.0}/s, bare tonic server {bare_rate:.0}/s"
     );
+    // Where the rest goes: the same bare server inside the layers the
+    // service ships with, against the bare server, in the same way.
+    let (layered_rate, bare_again) =
+        compare_throughput("P1 ablation", scale, &layered_side, &bare_side).await;
+    println!(
+        "# P1 ablation: the bare server inside the shipped layers (access log and request metrics, authentication) {layered_rate:.0}/s ÷ bare {bare_again:.0}/s = {:.3}: the layers' share; the rest of the gap is the service's own work (routing, codec, the memory layer, conversion, cache headers)",
+        layered_rate / bare_again
+    );
     println!(
         "P1 cached_get_throughput_ratio {:.3}",
         service_rate / bare_rate
     );
+    bar("≥ 0.95");
+    layered.stop().await;
     bare.stop().await;
     service.stop().await;
 }
@@ -334,6 +375,7 @@ async fn p2_cold_gets_coalesce(scale: &Scale) {
         "P2 upstream_get_calls_for_{}_cold_gets {upstream}",
         scale.cold_gets
     );
+    bar("= 1");
     service.stop().await;
 
     // The same over three replicas sharing Postgres: a room's turn is taken
@@ -379,6 +421,7 @@ async fn p2_cold_gets_coalesce(scale: &Scale) {
         "P2 upstream_get_calls_for_{}_cold_gets_3_replicas {upstream}",
         scale.cold_gets
     );
+    bar("= 1");
 
     // Connections: the same number of cold reads, each of another room (the
     // worst case: every read a flight holding a room's turn), over the three
@@ -440,6 +483,7 @@ async fn p7_fleet_budget(scale: &Scale) {
     let rate = Operation::UpdateRoom.aws_rate().get() as f64;
     let (most, steady) = fleet_budget(scale, &["us-east-1"]).await[0];
     println!("P7 fleet_budget {:.2} {:.2}", most / rate, steady / rate);
+    bar("≤ 1, ≥ 0.9");
     let regions = fleet_budget(scale, &["us-east-1", "eu-west-1"]).await;
     println!(
         "P7 fleet_budget_two_regions {:.2} {:.2} {:.2} {:.2}",
@@ -448,6 +492,7 @@ async fn p7_fleet_budget(scale: &Scale) {
         regions[1].0 / rate,
         regions[1].1 / rate
     );
+    bar("≤ 1, ≥ 0.9, ≤ 1, ≥ 0.9");
 }
 
 /// Three replicas on one Postgres serving `regions`, each replica offered
@@ -556,21 +601,21 @@ async fn fleet_budget(scale: &Scale, regions: &[&str]) -> Vec<(f64, f64)> {
     figures
 }
 
-/// P9: a working set larger than GetRoom's budget could re-read within
-/// `--max-staleness` (1,000 rooms at 10 s: 5 GetRoom per second re-read 50),
-/// last updated a minute apart, the emulator at AWS's rates with 30 ms of
-/// latency; 16 clients read random rooms CACHED (1 s deadlines) for three
-/// staleness periods. The share of hits, and p99 ÷ p50 of the reads. The
-/// listings alone should keep every room fresh (no GetRoom upstream).
-async fn p9_working_set(scale: &Scale) {
-    let n = scale.working_set;
-    let staleness = scale.working_staleness;
+/// N rooms last updated a minute apart in an emulator at AWS's rates
+/// (`--tps-limit aws`) with `latency` per call, made in a scratch emulator
+/// and loaded from a state file; the emulator, its URL, the rooms and the
+/// directory holding the state.
+async fn account_of(
+    n: usize,
+    latency: Duration,
+) -> (Emulator, String, Vec<Room>, tempfile::TempDir) {
     let (scratch, scratch_url) = emulator(Faults::default()).await;
     let client = sdk(&scratch_url);
     for i in 0..n {
         client
             .create_room()
-            .name(format!("p9-{i}"))
+            .name(format!("room-{i}"))
+            .maximum_message_rate_per_second(1 + (i % 100) as i32)
             .send()
             .await
             .expect("CreateRoom in the emulator");
@@ -584,9 +629,8 @@ async fn p9_working_set(scale: &Scale) {
         room.create_time = at;
         room.update_time = at;
     }
-    let db = TempDb::new();
     let dir = tempfile::tempdir().expect("temporary directory");
-    let state = dir.path().join("p9-emulator.json");
+    let state = dir.path().join("emulator.json");
     std::fs::write(
         &state,
         serde_json::to_vec(&serde_json::json!({ "rooms": rooms })).expect("JSON"),
@@ -595,17 +639,142 @@ async fn p9_working_set(scale: &Scale) {
     let emulator = Emulator::new(EmulatorConfig {
         state_file: Some(state),
         faults: Faults {
-            latency: Duration::from_millis(30),
+            latency,
             tps_limit: Some(ivschat_rooms::emulator::TpsLimit::Aws),
             ..Faults::default()
         },
         ..EmulatorConfig::default()
     })
     .expect("emulator");
-    let emulator_url = emulator
+    let url = emulator
         .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("emulator listens");
+    (emulator, url, rooms, dir)
+}
+
+/// P8: a fresh cache in front of an account of N rooms, the emulator at
+/// AWS's rates with 30 ms per call. ListRooms (one call, waiting for the
+/// first listing) is served once the listing is in, its rooms marked
+/// `details_pending`; the floor is the listing's, N / 250 s (50 rooms per
+/// call, 5 calls per second). Then every room is read whole, one GetRoom
+/// each: the floor is N / 5 s. Meanwhile a user reads a random room CACHED
+/// twice a second (1 s deadlines), and must be answered in time: users come
+/// before the warm-up. Prints both times ÷ their floors.
+async fn p8_cold_start(scale: &Scale) {
+    let n = scale.cold_rooms;
+    let (emulator, emulator_url, rooms, _state) = account_of(n, Duration::from_millis(30)).await;
+    let db = TempDb::new();
+    let started = Instant::now();
+    let service = Service::spawn(serve_config(
+        &db.url,
+        &emulator_url,
+        &["--listing-wait", "1h"],
+    ))
+    .await;
+    let mut client = service.client().await;
+    // Every room read whole: the log's completions, from the first revision.
+    let mut log = client
+        .watch_rooms(proto::WatchRoomsRequest {
+            after_revision: Some(0),
+            ..Default::default()
+        })
+        .await
+        .expect("WatchRooms")
+        .into_inner();
+    let completed = tokio::spawn(async move {
+        let mut whole = std::collections::BTreeSet::new();
+        while whole.len() < n {
+            let message = log
+                .message()
+                .await
+                .expect("the log streams")
+                .expect("the log goes on");
+            if let Some(proto::watch_rooms_response::Kind::Event(event)) = message.kind
+                && let Some(room) = event.room
+                && !room.details_pending
+                && event.r#type != proto::EventType::Deleted as i32
+            {
+                whole.insert(room.arn);
+            }
+        }
+        started.elapsed()
+    });
+    let page = client
+        .list_rooms(proto::ListRoomsRequest::default())
+        .await
+        .expect("ListRooms is served once the first listing is in")
+        .into_inner();
+    let listed = started.elapsed();
+    let pending_on_first_page = page.rooms.iter().filter(|r| r.details_pending).count();
+    // A user, twice a second, while the warm-up runs.
+    let arns: Vec<String> = rooms.iter().map(|r| r.arn.clone()).collect();
+    let user = {
+        let mut client = service.client().await;
+        let completed = completed.abort_handle();
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+            let mut samples = Vec::new();
+            let (mut in_time, mut reads) = (0usize, 0usize);
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            while !completed.is_finished() {
+                tick.tick().await;
+                let mut request = Request::new(cached_get(&arns[rng.random_range(0..arns.len())]));
+                request.set_timeout(Duration::from_secs(1));
+                let asked = Instant::now();
+                let answer = client.get_room(request).await;
+                let took = asked.elapsed();
+                reads += 1;
+                if answer.is_ok_and(|r| !r.get_ref().details_pending)
+                    && took < Duration::from_secs(1)
+                {
+                    in_time += 1;
+                }
+                samples.push(took);
+            }
+            (in_time, reads, samples)
+        })
+    };
+    let whole = completed.await.expect("every room read whole");
+    let (in_time, reads, samples) = user.await.expect("the user");
+    let listing_floor = Duration::from_secs_f64(n as f64 / 250.0);
+    let details_floor = Duration::from_secs_f64(n as f64 / 5.0);
+    println!(
+        "# P8 {n} rooms, emulator at AWS's rates, 30 ms: ListRooms served after {:.2} s \
+         ({pending_on_first_page} of {} on its first page pending; floor {:.2} s), every room \
+         whole after {:.1} s (floor {:.1} s); upstream ListRooms {}, GetRoom {}; a user's \
+         cached reads meanwhile: {in_time} of {reads} answered whole within their 1 s \
+         deadline, p50 {:.1} ms, p99 {:.1} ms",
+        listed.as_secs_f64(),
+        page.rooms.len(),
+        listing_floor.as_secs_f64(),
+        whole.as_secs_f64(),
+        details_floor.as_secs_f64(),
+        emulator.calls(Operation::ListRooms),
+        emulator.calls(Operation::GetRoom),
+        ms(median(&samples)),
+        ms(p99(samples)),
+    );
+    println!(
+        "P8 cold_start {:.3} {:.3}",
+        listed.as_secs_f64() / listing_floor.as_secs_f64(),
+        whole.as_secs_f64() / details_floor.as_secs_f64()
+    );
+    bar("≤ 1.1, ≤ 1.05");
+    service.stop().await;
+}
+
+/// P9: a working set larger than GetRoom's budget could re-read within
+/// `--max-staleness` (1,000 rooms at 10 s: 5 GetRoom per second re-read 50),
+/// last updated a minute apart, the emulator at AWS's rates with 30 ms of
+/// latency; 16 clients read random rooms CACHED (1 s deadlines) for three
+/// staleness periods. The share of hits, and p99 ÷ p50 of the reads. The
+/// listings alone should keep every room fresh (no GetRoom upstream).
+async fn p9_working_set(scale: &Scale) {
+    let n = scale.working_set;
+    let staleness = scale.working_staleness;
+    let (emulator, emulator_url, rooms, _state) = account_of(n, Duration::from_millis(30)).await;
+    let db = TempDb::new();
     seed(&db.url, &rooms).await;
     let staleness_flag = humantime::format_duration(staleness).to_string();
     let service = Service::start(serve_config(
@@ -675,6 +844,7 @@ async fn p9_working_set(scale: &Scale) {
         hits as f64 / reads as f64,
         p99.as_secs_f64() / p50.as_secs_f64()
     );
+    bar("≥ 0.99, ≤ 3");
     service.stop().await;
 }
 
@@ -828,11 +998,14 @@ async fn p3_upstream_budget(scale: &Scale) {
         println!("# P3 {op}: {n} {outcome}");
     }
     println!("P3 max_upstream_calls_per_1s_window {worst}");
+    bar("≤ 5");
     service.stop().await;
 }
 
-/// P4: p99 delivery latency of one update to N watchers ÷ to 1 watcher, and
-/// the RSS growth per idle watcher.
+/// P4: one change fanned out to N watchers living in a process of their own,
+/// the service beside etcd and beside a bare tonic broadcast, measured in
+/// turn in one run (see `fanout`); and the RSS per idle watcher of the
+/// service's process.
 async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
     let db = TempDb::new();
     let config = serve_config(&db.url, "http://unused", &[]);
@@ -853,97 +1026,258 @@ async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
         .await
         .expect("CreateRoom through the service")
         .into_inner();
-    let mut updates = 0usize;
-    // Updates 250 ms apart: the upstream budget (5/s) never delays one.
+    let (event, progress) = fanout::encoded_messages(&room);
+    let bare = BareBroadcast::new(progress);
+    let (bare_uri, _bare_stop) = service_runtime
+        .spawn(fanout::serve_bare(bare.clone()))
+        .await
+        .expect("start the bare broadcast server on the service's runtime");
+    let etcd = Etcd::start().await;
+    match &etcd {
+        Some(_) => println!("# P4 etcd: {} (one watch per stream)", Etcd::version()),
+        None => {
+            println!("# P4 etcd: not installed (Debian's etcd-server): its ratios are not measured")
+        }
+    }
+    let etcd_uri = etcd.as_ref().map(|e| e.uri.clone()).unwrap_or_default();
+    let uri = |target: Target| match target {
+        Target::Service => service.uri(),
+        Target::Etcd => etcd_uri.clone(),
+        Target::Bare => bare_uri.clone(),
+    };
+    let targets: Vec<Target> = Target::ALL
+        .into_iter()
+        .filter(|t| *t != Target::Etcd || etcd.is_some())
+        .collect();
+    println!(
+        "# P4 an encoded room event is {} bytes: etcd's value and the bare server's message",
+        event.len()
+    );
+    let mut changes = Changes {
+        updater,
+        arn: room.arn.clone(),
+        etcd,
+        bare,
+        event,
+        made: 0,
+    };
+    // Changes 250 ms apart: the upstream budget (5/s) never delays one.
     let pace = Duration::from_millis(250);
 
-    // One watcher.
-    let channels = connect_many(&service.uri(), 1).await;
-    let one = Watchers::open(&channels, 1).await;
-    let mut one_latencies = Vec::new();
-    for _ in 0..scale.one_watcher_updates {
-        tokio::time::sleep(pace).await;
-        one_latencies.push(p99(one
-            .deliver(&mut updater, &room.arn, &mut updates)
-            .await));
+    // One watcher each: the latency floor of each path.
+    let mut processes = Vec::new();
+    for &target in &targets {
+        processes.push(
+            WatcherProcess::start(target, &uri(target), 1, 1, target == Target::Service).await,
+        );
     }
-    one.close();
+    let mut one: BTreeMap<&str, Vec<fanout::Delivery>> = BTreeMap::new();
+    for _ in 0..scale.one_watcher_updates {
+        for process in &mut processes {
+            tokio::time::sleep(pace).await;
+            let (delivery, _) = changes.deliver(process).await;
+            one.entry(process.target.name()).or_default().push(delivery);
+        }
+    }
+    for process in processes {
+        process.stop().await;
+    }
+    let one_median = |target: Target, of: fn(&fanout::Delivery) -> Option<Duration>| {
+        let samples: Vec<Duration> = one
+            .get(target.name())
+            .map(|d| d.iter().filter_map(of).collect())
+            .unwrap_or_default();
+        (!samples.is_empty()).then(|| median(&samples))
+    };
+    let service_sent = one_median(Target::Service, |d| Some(d.first)).expect("service deliveries");
+    let service_transaction = one_median(Target::Service, |d| d.from_observed)
+        .expect("the service's events carry observed_at");
+    let service_commit = one_median(Target::Service, |d| {
+        fanout::CommitClock::last_before(d.first_at)
+            .map(|commit| Duration::from_nanos(d.first_at - commit))
+    });
+    let etcd_put = one_median(Target::Etcd, |d| Some(d.first));
+    let bare_sent = one_median(Target::Bare, |d| Some(d.first)).expect("bare deliveries");
+    println!(
+        "# P4 1 watcher, medians of {} changes: service: cache commit -> delivery {}, cache transaction (from observed_at, before the commit) -> delivery {:.2} ms, UpdateRoom sent -> delivery {:.2} ms; etcd: Put sent -> delivery {}; bare broadcast: send -> delivery {:.2} ms",
+        scale.one_watcher_updates,
+        service_commit.map_or("not heard".to_owned(), |d| format!("{:.2} ms", ms(d))),
+        ms(service_transaction),
+        ms(service_sent),
+        etcd_put.map_or("not measured".to_owned(), |d| format!("{:.2} ms", ms(d))),
+        ms(bare_sent),
+    );
 
-    // N watchers.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_before = rss_kib();
-    let opened = Instant::now();
-    let channels = connect_many(&service.uri(), scale.watchers.div_ceil(100)).await;
-    let many = Watchers::open(&channels, scale.watchers).await;
-    let open_time = opened.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = rss_kib();
-    // More updates make a longer run to profile (`perf record`).
-    let many_watcher_updates = std::env::var("BENCH_P4_UPDATES")
+    // Many watchers.
+    let many_updates = std::env::var("BENCH_P4_UPDATES")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(scale.many_watcher_updates);
-    let (mut many_latencies, mut spreads, mut cpu) = (Vec::new(), Vec::new(), CpuTime::default());
-    for _ in 0..many_watcher_updates {
-        tokio::time::sleep(pace).await;
-        let cpu_before = CpuTime::now();
-        let latencies = many.deliver(&mut updater, &room.arn, &mut updates).await;
-        cpu += CpuTime::now() - cpu_before;
-        let first = latencies.iter().min().copied().unwrap_or_default();
-        let last = latencies.iter().max().copied().unwrap_or_default();
-        spreads.push(last - first);
-        many_latencies.push(p99(latencies));
+    let mut lines = Vec::new();
+    for &(watchers, connections) in &scale.fanouts {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_before = rss_kib();
+        let mut processes = vec![
+            WatcherProcess::start(
+                Target::Service,
+                &uri(Target::Service),
+                watchers,
+                connections,
+                false,
+            )
+            .await,
+        ];
+        // Settled: the streams' buffers are allocated as they are first used.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss_after = rss_kib();
+        let kib_per_watcher = rss_after.saturating_sub(rss_before) as f64 / watchers as f64;
+        for &target in &targets[1..] {
+            processes.push(
+                WatcherProcess::start(target, &uri(target), watchers, connections, false).await,
+            );
+        }
+        let mut runs: BTreeMap<&str, Vec<(fanout::Delivery, Duration)>> = BTreeMap::new();
+        for _ in 0..many_updates {
+            for process in &mut processes {
+                tokio::time::sleep(pace).await;
+                let delivered = changes.deliver(process).await;
+                runs.entry(process.target.name())
+                    .or_default()
+                    .push(delivered);
+            }
+        }
+        for process in processes {
+            process.stop().await;
+        }
+        let p99_of = |target: Target| {
+            runs.get(target.name())
+                .map(|r| median(&r.iter().map(|(d, _)| d.p99).collect::<Vec<_>>()))
+        };
+        let per_delivery = |target: Target, of: fn(&(fanout::Delivery, Duration)) -> Duration| {
+            runs.get(target.name()).map(|r| {
+                r.iter().map(of).sum::<Duration>().as_secs_f64() * 1e6 / (watchers * r.len()) as f64
+            })
+        };
+        println!(
+            "# P4 {watchers} watchers on {connections} connections, medians over {many_updates} changes each, in turn:"
+        );
+        for &target in &targets {
+            let spread = median(
+                &runs[target.name()]
+                    .iter()
+                    .map(|(d, _)| d.last - d.first)
+                    .collect::<Vec<_>>(),
+            );
+            println!(
+                "#   {:8} p99 {:7.2} ms (per change: {}), first to last {:.2} ms; CPU per delivery: server {:.1} µs, watcher process {:.1} µs",
+                target.name(),
+                ms(p99_of(target).expect("measured")),
+                list_ms(
+                    &runs[target.name()]
+                        .iter()
+                        .map(|(d, _)| d.p99)
+                        .collect::<Vec<_>>()
+                ),
+                ms(spread),
+                per_delivery(target, |(_, server)| *server).expect("measured"),
+                per_delivery(target, |(d, _)| d.watcher_cpu).expect("measured"),
+            );
+        }
+        if lines.is_empty() {
+            // Later sizes reuse what the first left allocated: not a measure.
+            println!(
+                "# P4 {watchers} watchers: the service's process (service, emulator and bare server, no watchers) {rss_before} KiB -> {rss_after} KiB: {kib_per_watcher:.2} KiB per idle watcher"
+            );
+        }
+        let service_p99 = p99_of(Target::Service).expect("measured").as_secs_f64();
+        let beside_etcd = p99_of(Target::Etcd).map_or("no-etcd".to_owned(), |etcd| {
+            format!("{:.2}", service_p99 / etcd.as_secs_f64())
+        });
+        let beside_bare = service_p99 / p99_of(Target::Bare).expect("measured").as_secs_f64();
+        lines.push(if lines.is_empty() {
+            format!("P4 fanout_{watchers} {beside_etcd} {beside_bare:.2} {kib_per_watcher:.2}")
+        } else {
+            format!("P4 fanout_{watchers} {beside_etcd} {beside_bare:.2}")
+        });
     }
-
-    let one_p99 = median(&one_latencies);
-    let many_p99 = median(&many_latencies);
-    let kib_per_watcher = rss_after.saturating_sub(rss_before) as f64 / scale.watchers as f64;
+    for (i, line) in lines.into_iter().enumerate() {
+        println!("{line}");
+        bar(if i == 0 {
+            "≤ 0.5, ≤ 1.2, ≤ 8"
+        } else {
+            "≤ 0.7, ≤ 1.2"
+        });
+    }
+    // The commit is heard through the tracing layer P4 installs, unless the
+    // run logs (RUST_LOG, BENCH_LOG_SINK) with a subscriber of its own.
     println!(
-        "# P4 latency = UpdateRoom sent through the service -> event received by a watcher; per update the p99 over its watchers, then the median over {} updates (1 watcher) and {} updates ({} watchers)",
-        scale.one_watcher_updates, many_watcher_updates, scale.watchers
+        "P4 one_watcher {}",
+        match (service_commit, etcd_put) {
+            (Some(commit), Some(etcd)) =>
+                format!("{:.2}", commit.as_secs_f64() / etcd.as_secs_f64()),
+            (None, _) => "commit-not-heard".to_owned(),
+            (_, None) => "no-etcd".to_owned(),
+        }
     );
-    println!(
-        "# P4 1 watcher: median {:.2} ms (per update: {})",
-        ms(one_p99),
-        list_ms(&one_latencies)
-    );
-    println!(
-        "# P4 {} watchers on {} connections (opened in {} ms): median p99 {:.2} ms (per update: {})",
-        scale.watchers,
-        channels.len(),
-        open_time.as_millis(),
-        ms(many_p99),
-        list_ms(&many_latencies)
-    );
-    let deliveries = (scale.watchers * many_watcher_updates) as f64;
-    let per_delivery = |cpu: Duration| cpu.as_secs_f64() * 1e6 / deliveries;
-    println!(
-        "# P4 {} watchers: first to last arrival of an update {} ms (median), {:.1} µs of CPU (all threads: service, emulator and clients) per event delivered",
-        scale.watchers,
-        list_ms(&[median(&spreads)]),
-        per_delivery(cpu.total())
-    );
-    println!(
-        "# P4 {} watchers: CPU per event delivered: service {:.1} µs (its runtime {:.1}, SQLite {:.1}; the emulator's share is one call), clients {:.1} µs, other threads {:.1} µs",
-        scale.watchers,
-        per_delivery(cpu.service + cpu.sqlite),
-        per_delivery(cpu.service),
-        per_delivery(cpu.sqlite),
-        per_delivery(cpu.clients),
-        per_delivery(cpu.other),
-    );
-    println!(
-        "# P4 RSS {rss_before} KiB -> {rss_after} KiB with {} idle watchers; clients, service and emulator share the process, so this includes the client side of each stream",
-        scale.watchers
-    );
-    println!(
-        "P4 watchers_{} {:.2} {:.2}",
-        scale.watchers,
-        many_p99.as_secs_f64() / one_p99.as_secs_f64(),
-        kib_per_watcher
-    );
-    many.close();
+    bar("≤ 1");
     service.stop().await;
+}
+
+/// How P4 makes a change for each target: an UpdateRoom through the service,
+/// a put to etcd, a message given to the bare broadcast.
+struct Changes {
+    updater: RoomServiceClient<Channel>,
+    arn: String,
+    etcd: Option<Etcd>,
+    bare: BareBroadcast,
+    event: prost::bytes::Bytes,
+    made: usize,
+}
+
+impl Changes {
+    /// Makes a change that `process` watches and returns how it arrived and
+    /// the CPU its server used meanwhile (the service's and the bare
+    /// server's threads in this process; etcd's process).
+    async fn deliver(&mut self, process: &mut WatcherProcess) -> (fanout::Delivery, Duration) {
+        self.made += 1;
+        let etcd_pid = self.etcd.as_ref().map(Etcd::pid).unwrap_or_default();
+        let server_cpu = |target: Target| match target {
+            Target::Etcd => fanout::process_cpu(&etcd_pid),
+            // The service's runtime (the bare server runs there too) and
+            // sqlx's SQLite worker threads (the service's database).
+            Target::Service | Target::Bare => fanout::threads_cpu("self", |name| {
+                name.starts_with(SERVICE_THREADS) || name.starts_with("sqlx-sqlite")
+            }),
+        };
+        let before = server_cpu(process.target);
+        let delivery = match process.target {
+            Target::Service => {
+                let (updater, arn, name) =
+                    (&mut self.updater, &self.arn, format!("p4-{}", self.made));
+                process
+                    .deliver(async move {
+                        updater
+                            .update_room(proto::UpdateRoomRequest {
+                                identifier: arn.clone(),
+                                name: Some(name),
+                                ..Default::default()
+                            })
+                            .await
+                            .expect("UpdateRoom through the service");
+                    })
+                    .await
+            }
+            Target::Etcd => {
+                let (etcd, event) = (self.etcd.as_mut().expect("etcd"), &self.event);
+                process.deliver(async move { etcd.put(event).await }).await
+            }
+            Target::Bare => {
+                let (bare, event) = (&self.bare, self.event.clone());
+                process.deliver(async move { bare.send(event) }).await
+            }
+        };
+        (delivery, server_cpu(process.target).saturating_sub(before))
+    }
 }
 
 /// P5: cached GetRoom of random rooms with a big cache ÷ with 100 rooms,
@@ -1007,14 +1341,52 @@ async fn p5_many_rooms(scale: &Scale) {
         rooms.len(),
         big_rate / small_rate
     );
+    bar("≥ 0.9");
     big.stop().await;
     small.stop().await;
 }
 
-/// P6: UpdateRoom through the service ÷ the same call straight through the
-/// SDK, against one emulator answering after 5 ms.
+/// P6: the latency UpdateRoom through the service adds to the same call
+/// straight through the SDK (same emulator, answering after 5 ms), ÷ its
+/// floor measured in the same run: a GetRoom from a bare tonic server (the
+/// gRPC hop) plus the cache write an UpdateRoom must commit before it answers
+/// (the room, its event and the revision, one durable SQLite transaction).
+/// The same at 30 ms upstream, for reference.
 async fn p6_update_overhead(scale: &Scale) {
-    let upstream_latency = Duration::from_millis(5);
+    let mut ratios = Vec::new();
+    for latency in [Duration::from_millis(5), Duration::from_millis(30)] {
+        let figures = p6_at(scale, latency).await;
+        let added = figures.service.saturating_sub(figures.sdk);
+        let floor = figures.bare_hop + figures.cache_write;
+        println!(
+            "# P6 {} ms upstream: service ÷ SDK {:.3}; added {:.2} ms ÷ floor {:.2} ms (bare hop {:.2} + cache write {:.2}) = {:.3}",
+            latency.as_millis(),
+            figures.service.as_secs_f64() / figures.sdk.as_secs_f64(),
+            ms(added),
+            ms(floor),
+            ms(figures.bare_hop),
+            ms(figures.cache_write),
+            added.as_secs_f64() / floor.as_secs_f64()
+        );
+        ratios.push(added.as_secs_f64() / floor.as_secs_f64());
+    }
+    println!("P6 added_over_floor {:.3}", ratios[0]);
+    bar("≤ 1.1");
+}
+
+/// P6's medians at one upstream latency.
+struct P6Figures {
+    service: Duration,
+    sdk: Duration,
+    bare_hop: Duration,
+    cache_write: Duration,
+}
+
+/// P6's calls against an emulator answering after `upstream_latency`: in
+/// turn, UpdateRoom through the service and through the SDK, a cached
+/// GetRoom through the service, a GetRoom from a bare tonic server, a cache
+/// write on a store of its own.
+async fn p6_at(scale: &Scale, upstream_latency: Duration) -> P6Figures {
     let (emulator, emulator_url) = emulator(Faults {
         latency: upstream_latency,
         ..Faults::default()
@@ -1118,29 +1490,28 @@ async fn p6_update_overhead(scale: &Scale) {
         })
         .collect();
     println!(
-        "# P6 upstream calls per service UpdateRoom: {}",
+        "# P6 {} ms upstream: upstream calls per service UpdateRoom: {}",
+        upstream_latency.as_millis(),
         per_update.join(", ")
     );
-    let (service_median, sdk_median) = (median(&through_service), median(&through_sdk));
+    let figures = P6Figures {
+        service: median(&through_service),
+        sdk: median(&through_sdk),
+        bare_hop: median(&bare_hops),
+        cache_write: median(&cache_writes),
+    };
     println!(
-        "# P6 UpdateRoom, upstream latency {} ms, {} pairs (after {warmup} warm-up pairs): service median {:.2} ms, SDK median {:.2} ms",
+        "# P6 {} ms upstream, {} pairs (after {warmup} warm-up pairs), medians: UpdateRoom through the service {:.2} ms, through the SDK {:.2} ms; a cached GetRoom through the service {:.2} ms, from a bare tonic server {:.2} ms; a cache write (Store::put: one transaction, SQLite synchronous=FULL) {:.2} ms",
         upstream_latency.as_millis(),
         scale.update_pairs,
-        ms(service_median),
-        ms(sdk_median)
-    );
-    println!(
-        "# P6 where the difference ({:.2} ms) goes, medians: a cached GetRoom through the service {:.2} ms (the gRPC hop; from a bare tonic server {:.2} ms), a cache write (Store::put: one transaction, SQLite synchronous=FULL) {:.2} ms",
-        ms(service_median.saturating_sub(sdk_median)),
+        ms(figures.service),
+        ms(figures.sdk),
         ms(median(&hops)),
-        ms(median(&bare_hops)),
-        ms(median(&cache_writes))
-    );
-    println!(
-        "P6 update_latency_ratio {:.3}",
-        service_median.as_secs_f64() / sdk_median.as_secs_f64()
+        ms(figures.bare_hop),
+        ms(figures.cache_write)
     );
     service.stop().await;
+    figures
 }
 
 // ---------------------------------------------------------------------------
@@ -1287,233 +1658,15 @@ fn rate(result: &LoadResult) -> f64 {
     result.completed as f64 / result.elapsed.as_secs_f64()
 }
 
-// ---------------------------------------------------------------------------
-// Watchers (P4)
-// ---------------------------------------------------------------------------
-
-/// Open WatchRooms streams whose client only notes when a message arrives.
-struct Watchers {
-    count: usize,
-    tasks: Vec<JoinHandle<()>>,
-    round: Arc<Round>,
-}
-
-/// Where watchers record the arrival of the current update's event.
-struct Round {
-    base: Instant,
-    /// Per watcher: when its event arrived, in nanoseconds after `base`.
-    arrived: Vec<AtomicU64>,
-    /// Watchers yet to receive the current update's event.
-    waiting: AtomicUsize,
-    all_arrived: Notify,
-    /// Streams that have received their first message (a progress).
-    established: AtomicUsize,
-    all_established: Notify,
-}
-
-impl Watchers {
-    /// Opens `count` streams spread over `channels` and waits until each has
-    /// received its first message.
-    async fn open(channels: &[Channel], count: usize) -> Watchers {
-        let round = Arc::new(Round {
-            base: Instant::now(),
-            arrived: (0..count).map(|_| AtomicU64::new(0)).collect(),
-            waiting: AtomicUsize::new(0),
-            all_arrived: Notify::new(),
-            established: AtomicUsize::new(0),
-            all_established: Notify::new(),
-        });
-        // Streams are opened a bounded number at a time, as clients
-        // reconnecting after a deploy would not all arrive in one instant.
-        let opening = Arc::new(Semaphore::new(256));
-        let tasks = (0..count)
-            .map(|i| {
-                let channel = channels[i % channels.len()].clone();
-                let round = round.clone();
-                let opening = opening.clone();
-                tokio::spawn(async move {
-                    let permit = opening.acquire_owned().await.expect("semaphore");
-                    let mut stream = watch_notices(channel).await;
-                    let first = stream.message().await;
-                    if !matches!(first, Ok(Some(Notice::Progress))) {
-                        fail(&format!(
-                            "watch stream {i} began with {first:?}, not a progress"
-                        ));
-                    }
-                    drop(permit);
-                    if round.established.fetch_add(1, Ordering::SeqCst) + 1 == count {
-                        round.all_established.notify_one();
-                    }
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(Notice::Event)) => {
-                                let at = round.base.elapsed().as_nanos() as u64;
-                                round.arrived[i].store(at, Ordering::Relaxed);
-                                if round.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
-                                    round.all_arrived.notify_one();
-                                }
-                            }
-                            Ok(Some(Notice::Progress)) => {}
-                            other => fail(&format!("watch stream {i} ended: {other:?}")),
-                        }
-                    }
-                })
-            })
-            .collect();
-        if round.established.load(Ordering::SeqCst) < count {
-            tokio::time::timeout(Duration::from_secs(120), round.all_established.notified())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "only {} of {count} watch streams established in 120 s",
-                        round.established.load(Ordering::SeqCst)
-                    )
-                });
-        }
-        Watchers {
-            count,
-            tasks,
-            round,
-        }
-    }
-
-    /// Updates the room through the service and returns, per watcher, how
-    /// long after the request was sent its event arrived.
-    async fn deliver(
-        &self,
-        client: &mut RoomServiceClient<Channel>,
-        arn: &str,
-        updates: &mut usize,
-    ) -> Vec<Duration> {
-        *updates += 1;
-        self.round.waiting.store(self.count, Ordering::SeqCst);
-        let all = self.round.all_arrived.notified();
-        let sent = self.round.base.elapsed();
-        client
-            .update_room(proto::UpdateRoomRequest {
-                identifier: arn.to_owned(),
-                name: Some(format!("p4-{updates}")),
-                ..Default::default()
-            })
-            .await
-            .expect("UpdateRoom through the service");
-        tokio::time::timeout(Duration::from_secs(60), all)
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "{} of {} watchers did not get the update in 60 s",
-                    self.round.waiting.load(Ordering::SeqCst),
-                    self.count
-                )
-            });
-        self.round
-            .arrived
-            .iter()
-            .map(|at| Duration::from_nanos(at.load(Ordering::Relaxed)).saturating_sub(sent))
-            .collect()
-    }
-
-    fn close(self) {
-        for task in self.tasks {
-            task.abort();
-        }
-    }
-}
-
-/// What arrived on a watch stream; its content is not decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Notice {
-    Event,
-    Progress,
-    Other,
-}
-
-/// WatchRooms from now on, every room, with a client that only tells events
-/// from progress messages (by the oneof's field tag) and keeps small buffers.
-async fn watch_notices(channel: Channel) -> tonic::codec::Streaming<Notice> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    if let Err(e) = grpc.ready().await {
-        fail(&format!("channel not ready for WatchRooms: {e}"));
-    }
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/ivschat.rooms.v1.RoomService/WatchRooms",
-    );
-    match grpc
-        .server_streaming(
-            Request::new(proto::WatchRoomsRequest::default()),
-            path,
-            NoticeCodec,
-        )
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => fail(&format!("WatchRooms refused: {status:?}")),
-    }
+/// Prints the bar a measure's line is held to, right after the line.
+fn bar(bar: &str) {
+    println!("#   bar: {bar}");
 }
 
 /// Ends the measure from a task whose panic nobody would see soon.
 fn fail(message: &str) -> ! {
     eprintln!("{message}");
     std::process::exit(1)
-}
-
-struct NoticeCodec;
-struct RequestEncoder;
-struct NoticeDecoder;
-
-impl tonic::codec::Codec for NoticeCodec {
-    type Encode = proto::WatchRoomsRequest;
-    type Decode = Notice;
-    type Encoder = RequestEncoder;
-    type Decoder = NoticeDecoder;
-
-    fn encoder(&mut self) -> RequestEncoder {
-        RequestEncoder
-    }
-
-    fn decoder(&mut self) -> NoticeDecoder {
-        NoticeDecoder
-    }
-}
-
-impl tonic::codec::Encoder for RequestEncoder {
-    type Item = proto::WatchRoomsRequest;
-    type Error = Status;
-
-    fn encode(
-        &mut self,
-        item: proto::WatchRoomsRequest,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Status> {
-        item.encode(dst)
-            .map_err(|e| Status::internal(format!("encode WatchRoomsRequest: {e}")))
-    }
-
-    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
-        tonic::codec::BufferSettings::new(128, 32 * 1024)
-    }
-}
-
-impl tonic::codec::Decoder for NoticeDecoder {
-    type Item = Notice;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Notice>, Status> {
-        use prost::bytes::Buf as _;
-        // WatchRoomsResponse: `event` is field 1, `progress` field 2, both
-        // length-delimited.
-        let notice = match src.chunk().first() {
-            Some(0x0a) => Notice::Event,
-            Some(0x12) => Notice::Progress,
-            _ => Notice::Other,
-        };
-        src.advance(src.remaining());
-        Ok(Some(notice))
-    }
-
-    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
-        tonic::codec::BufferSettings::new(1024, 32 * 1024)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1681,6 +1834,18 @@ impl Service {
     /// Starts the server and waits until it serves and its startup listing is
     /// done (ListRooms waits for it).
     async fn start(config: ServeConfig) -> Service {
+        let service = Service::spawn(config).await;
+        service
+            .client()
+            .await
+            .list_rooms(proto::ListRoomsRequest::default())
+            .await
+            .expect("the service's startup listing completes");
+        service
+    }
+
+    /// Starts the server and waits until it serves.
+    async fn spawn(config: ServeConfig) -> Service {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local address");
         let (stop, stopped) = oneshot::channel();
@@ -1696,10 +1861,6 @@ impl Service {
             let outcome = service.task.await;
             panic!("the service did not start: {status:?}; it said {outcome:?}");
         }
-        RoomServiceClient::new(channel)
-            .list_rooms(proto::ListRoomsRequest::default())
-            .await
-            .expect("the service's startup listing completes");
         service
     }
 
@@ -1796,6 +1957,17 @@ struct BareServer {
 
 impl BareServer {
     async fn start(room: proto::Room) -> BareServer {
+        BareServer::serve(room, false).await
+    }
+
+    /// The bare service inside the layers the service ships with: the access
+    /// log (and its metrics) around everything, authentication (no tokens)
+    /// around RoomService.
+    async fn start_layered(room: proto::Room) -> BareServer {
+        BareServer::serve(room, true).await
+    }
+
+    async fn serve(room: proto::Room, layered: bool) -> BareServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local address");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
@@ -1804,13 +1976,24 @@ impl BareServer {
             Ok::<_, std::io::Error>(conn)
         });
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(RoomServiceServer::new(BareService { room }))
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stopped.await;
-                }),
-        );
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        let service = RoomServiceServer::new(BareService { room });
+        let task = if layered {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .layer(ivschat_rooms::grpc::AccessLogLayer)
+                    .add_service(ivschat_rooms::grpc::Authenticated::new(service, None))
+                    .serve_with_incoming_shutdown(incoming, stopped),
+            )
+        } else {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, stopped),
+            )
+        };
         BareServer { addr, stop, task }
     }
 
@@ -1881,6 +2064,7 @@ fn rooms(n: usize) -> Vec<Room> {
                 message_review_handler: None,
                 tags: BTreeMap::new(),
                 logging_configuration_identifiers: Vec::new(),
+                details_pending: false,
             }
         })
         .collect()
@@ -1959,81 +2143,6 @@ fn total_calls(emulator: &Emulator) -> u64 {
         .into_iter()
         .map(|op| emulator.calls(op))
         .sum()
-}
-
-/// CPU time used so far by this process's live threads (Linux schedstat), by
-/// what the threads run, told by their names.
-#[derive(Debug, Default, Clone, Copy)]
-struct CpuTime {
-    /// Threads named [`SERVICE_THREADS`] (P4's service and emulator).
-    service: Duration,
-    /// sqlx's SQLite worker threads (the service's database).
-    sqlite: Duration,
-    /// Threads named [`CLIENT_THREADS`].
-    clients: Duration,
-    other: Duration,
-}
-
-impl CpuTime {
-    fn now() -> CpuTime {
-        let mut cpu = CpuTime::default();
-        let tasks = std::fs::read_dir("/proc/self/task").expect("read /proc/self/task");
-        for task in tasks.flatten() {
-            let path = task.path();
-            let (Ok(name), Ok(stat)) = (
-                std::fs::read_to_string(path.join("comm")),
-                std::fs::read_to_string(path.join("schedstat")),
-            ) else {
-                continue;
-            };
-            let Some(nanos) = stat
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let name = name.trim_end();
-            let bucket = if name.starts_with(SERVICE_THREADS) {
-                &mut cpu.service
-            } else if name.starts_with("sqlx-sqlite") {
-                &mut cpu.sqlite
-            } else if name.starts_with(CLIENT_THREADS) {
-                &mut cpu.clients
-            } else {
-                &mut cpu.other
-            };
-            *bucket += Duration::from_nanos(nanos);
-        }
-        cpu
-    }
-
-    fn total(&self) -> Duration {
-        self.service + self.sqlite + self.clients + self.other
-    }
-}
-
-impl std::ops::Sub for CpuTime {
-    type Output = CpuTime;
-
-    /// Threads that ended in between make a part smaller: it saturates at 0.
-    fn sub(self, rhs: CpuTime) -> CpuTime {
-        CpuTime {
-            service: self.service.saturating_sub(rhs.service),
-            sqlite: self.sqlite.saturating_sub(rhs.sqlite),
-            clients: self.clients.saturating_sub(rhs.clients),
-            other: self.other.saturating_sub(rhs.other),
-        }
-    }
-}
-
-impl std::ops::AddAssign for CpuTime {
-    fn add_assign(&mut self, rhs: CpuTime) {
-        self.service += rhs.service;
-        self.sqlite += rhs.sqlite;
-        self.clients += rhs.clients;
-        self.other += rhs.other;
-    }
 }
 
 /// This process's resident set, in KiB (Linux).

@@ -43,6 +43,12 @@ pub const BUDGET_UNUSED: &str = "ivschat_rooms_budget_slots_unused_total";
 pub const BUDGET_FLEET_BOOKED: &str = "ivschat_rooms_budget_fleet_booked_seconds";
 /// Watch streams open in this process.
 pub const WATCHERS: &str = "ivschat_rooms_watchers";
+/// This process's `--max-watchers` (alerts compare the streams open with it).
+pub const MAX_WATCHERS: &str = "ivschat_rooms_max_watchers";
+/// Cache database errors by `kind`: `unavailable` (unreachable, no
+/// connection in time) or `busy` (locked, deadlock, restarting): a rate
+/// above zero for minutes means the database needs a person.
+pub const STORE_ERRORS: &str = "ivschat_rooms_store_errors_total";
 /// The newest event-log revision this process has taken in.
 pub const EVENT_REVISION: &str = "ivschat_rooms_event_revision";
 /// Revisions known committed but not yet taken in by this process's feed.
@@ -123,6 +129,8 @@ fn describe() {
         "how far ahead the fleet has booked the shared budget, as last seen"
     );
     describe_gauge!(WATCHERS, "watch streams open");
+    describe_gauge!(MAX_WATCHERS, "watch streams this process serves at most");
+    describe_counter!(STORE_ERRORS, "cache database errors by kind");
     describe_gauge!(EVENT_REVISION, "newest event-log revision taken in");
     describe_gauge!(
         EVENT_LAG,
