@@ -438,6 +438,17 @@ pub struct Delivery {
     pub first_at: u64,
 }
 
+impl Delivery {
+    /// The p99 arrival counted from the service's cache commit (the newest
+    /// commit [`CommitClock`] heard before the first arrival), as etcd's is
+    /// counted from its Put: the upstream call before the commit is not the
+    /// watch system's. None when no commit was heard.
+    pub fn p99_from_commit(&self) -> Option<Duration> {
+        let commit = CommitClock::last_before(self.first_at)?;
+        Some(Duration::from_nanos(self.first_at - commit) + self.p99.saturating_sub(self.first))
+    }
+}
+
 impl WatcherProcess {
     /// Starts a process with `count` watchers of `target` at `uri` over
     /// `connections` connections and waits until every stream is open.
