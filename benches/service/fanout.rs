@@ -1,5 +1,6 @@
-//! P4: one change fanned out to many watchers, beside etcd and beside a bare
-//! tonic broadcast, side by side in one run.
+//! P4: one change fanned out to many watchers, beside etcd, a bare tonic
+//! broadcast and an h2 writer (the same broadcast on the h2 crate alone),
+//! side by side in one run.
 //!
 //! The watchers live in a child process of their own (this binary with
 //! `--watchers`), as real watchers do: the measuring process holds only the
@@ -52,16 +53,20 @@ pub enum Target {
     Etcd,
     /// The bare broadcast server's WatchRooms.
     Bare,
+    /// The same broadcast from a server on the h2 crate alone, one writer
+    /// task per connection: what the per-connection writer could reach.
+    Writer,
 }
 
 impl Target {
-    pub const ALL: [Target; 3] = [Target::Service, Target::Etcd, Target::Bare];
+    pub const ALL: [Target; 4] = [Target::Service, Target::Etcd, Target::Bare, Target::Writer];
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Service => "service",
             Target::Etcd => "etcd",
             Target::Bare => "bare",
+            Target::Writer => "writer",
         }
     }
 
@@ -196,7 +201,9 @@ impl Arrivals {
             tokio::spawn(async move {
                 let permit = opening.acquire_owned().await.expect("semaphore");
                 let mut stream = match target {
-                    Target::Service | Target::Bare => watch_rooms(channel, decode).await,
+                    Target::Service | Target::Bare | Target::Writer => {
+                        watch_rooms(channel, decode).await
+                    }
                     Target::Etcd => etcd_watch(channel).await,
                 };
                 let first = stream.message().await;
@@ -840,6 +847,83 @@ pub async fn serve_bare(broadcast: BareBroadcast) -> (String, tokio::sync::onesh
             }),
     );
     (format!("http://{addr}"), stop)
+}
+
+/// The floor of a per-connection writer: `broadcast` served with the h2 crate
+/// alone (no hyper, no tonic). One task per connection answers each stream
+/// with the progress message, then writes every broadcast message to all of
+/// its streams (h2 buffers the frames; the same task's next poll of the
+/// connection writes them together). Not how the service works today: what
+/// driving h2 ourselves for WatchRooms could reach.
+pub async fn serve_writer(broadcast: BareBroadcast) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let addr = listener.local_addr().expect("local address");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let accept = async {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = conn.set_nodelay(true);
+                tokio::spawn(write_connection(conn, broadcast.clone()));
+            }
+        };
+        tokio::select! {
+            _ = stopped => {}
+            () = accept => {}
+        }
+    });
+    (format!("http://{addr}"), stop)
+}
+
+/// One connection of [`serve_writer`].
+async fn write_connection(io: tokio::net::TcpStream, broadcast: BareBroadcast) {
+    let Ok(mut connection) = h2::server::handshake(io).await else {
+        return;
+    };
+    let mut events = broadcast.events.subscribe();
+    let progress = grpc_frame(&broadcast.progress);
+    let mut streams: Vec<h2::SendStream<Bytes>> = Vec::new();
+    loop {
+        tokio::select! {
+            request = connection.accept() => {
+                let Some(Ok((_request, mut respond))) = request else {
+                    return;
+                };
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .expect("a response head");
+                if let Ok(mut stream) = respond.send_response(response, false) {
+                    let _ = stream.send_data(progress.clone(), false);
+                    streams.push(stream);
+                }
+            }
+            message = events.recv() => {
+                let Ok(message) = message else {
+                    return;
+                };
+                let framed = grpc_frame(&message);
+                streams.retain_mut(|stream| stream.send_data(framed.clone(), false).is_ok());
+            }
+        }
+    }
+}
+
+/// `message` with gRPC's length prefix (uncompressed).
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(
+        &u32::try_from(message.len())
+            .expect("a small message")
+            .to_be_bytes(),
+    );
+    framed.extend_from_slice(message);
+    Bytes::from(framed)
 }
 
 /// The encoded WatchRoomsResponse messages of a change to `room` and of a

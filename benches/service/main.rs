@@ -25,9 +25,14 @@
 //!
 //! P4 prints two more lines: `fanout_1000` (1,000 watchers over 10
 //! connections; targets ≤ 0.7 beside etcd, ≤ 1.2 beside the bare broadcast)
-//! and `one_watcher`, the time from the service's cache commit (the store's
-//! TRACE event as it commits, heard by a tracing layer in this process) to
-//! delivery ÷ etcd's from Put to delivery (≤ 1). Without `etcd` on the PATH
+//! and `one_watcher`. The service's latencies count from its cache commit
+//! (the store's TRACE event as it commits, heard by a tracing layer in this
+//! process), as etcd's count from its Put and the bare broadcast's from the
+//! message handed to it; the `# ` lines also give them from the UpdateRoom
+//! sent. `one_watcher` is that time with one watcher ÷ etcd's (≤ 1). The
+//! `# ` lines also show a fourth server, the `writer`: the same broadcast
+//! served with the h2 crate alone, one task per connection writing to all of
+//! its streams, the floor of the per-connection writer BENCHMARKS.md names. Without `etcd` on the PATH
 //! its ratios read `no-etcd`. P2 prints a second line, the same cold reads spread over three replicas
 //! sharing Postgres (target 1). P7 prints a second line,
 //! `fleet_budget_two_regions`, with two regions served and each offered 10×
@@ -46,9 +51,11 @@
 //! variable, so e.g. `IVSCHAT_ROOMS_MEMORY_CACHE_ROOMS=200000 cargo bench
 //! --bench service -- P5` tries another setting. `RUST_LOG` turns on the
 //! servers' logs (stderr). `BENCH_P4_UPDATES` sets how many updates P4
-//! measures with N watchers (a longer run to profile).
+//! measures with N watchers (a longer run to profile), and
+//! `BENCH_P4_TARGETS=bare,writer` which servers beside the service it
+//! measures (`BENCH_P4_TARGETS=service`: the service alone, to profile it).
 //!
-//! P4 runs the service, the emulator and the bare broadcast server on a tokio
+//! P4 runs the service, the emulator, the bare broadcast and the writer on a tokio
 //! runtime of their own (threads named `bench-service`), and the watchers in
 //! child processes (`fanout`), and prints the CPU per delivery of each server
 //! and of the watchers.
@@ -1027,11 +1034,16 @@ async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
         .expect("CreateRoom through the service")
         .into_inner();
     let (event, progress) = fanout::encoded_messages(&room);
-    let bare = BareBroadcast::new(progress);
+    let bare = BareBroadcast::new(progress.clone());
     let (bare_uri, _bare_stop) = service_runtime
         .spawn(fanout::serve_bare(bare.clone()))
         .await
         .expect("start the bare broadcast server on the service's runtime");
+    let writer = BareBroadcast::new(progress);
+    let (writer_uri, _writer_stop) = service_runtime
+        .spawn(fanout::serve_writer(writer.clone()))
+        .await
+        .expect("start the h2 writer server on the service's runtime");
     let etcd = Etcd::start().await;
     match &etcd {
         Some(_) => println!("# P4 etcd: {} (one watch per stream)", Etcd::version()),
@@ -1044,6 +1056,7 @@ async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
         Target::Service => service.uri(),
         Target::Etcd => etcd_uri.clone(),
         Target::Bare => bare_uri.clone(),
+        Target::Writer => writer_uri.clone(),
     };
     // BENCH_P4_TARGETS=service (a comma-separated list) measures only those,
     // for a profile of one; the lines then say what was not measured.
@@ -1065,6 +1078,7 @@ async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
         arn: room.arn.clone(),
         etcd,
         bare,
+        writer,
         event,
         made: 0,
     };
@@ -1205,6 +1219,7 @@ async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
             (from_commit.len() == runs[Target::Service.name()].len()).then(|| median(&from_commit));
         let sent_p99 = p99_of(Target::Service).expect("measured");
         let bare_p99 = p99_of(Target::Bare);
+        let writer_p99 = p99_of(Target::Writer);
         let beside = |p99: Duration, of: Option<Duration>, none: &str| {
             of.map_or(none.to_owned(), |of| {
                 format!("{:.2}", p99.as_secs_f64() / of.as_secs_f64())
@@ -1222,6 +1237,17 @@ async fn p4_watchers(scale: &Scale, service_runtime: &tokio::runtime::Handle) {
             ms(sent_p99),
             beside(sent_p99, etcd_p99, no_etcd),
             beside(sent_p99, bare_p99, "not-measured"),
+        );
+        // The writer floor beside etcd: how far the per-connection writer
+        // could take the first ratio.
+        println!(
+            "#   h2 writer (one task per connection, no hyper or tonic) p99 ÷ etcd's {}; the service's from its commit ÷ the writer's {}",
+            writer_p99.map_or("not-measured".to_owned(), |w| beside(w, etcd_p99, no_etcd)),
+            service_p99.map_or("not heard".to_owned(), |p| beside(
+                p,
+                writer_p99,
+                "not-measured"
+            )),
         );
         let (beside_etcd, beside_bare) = match service_p99 {
             Some(p99) => (
@@ -1266,6 +1292,7 @@ struct Changes {
     arn: String,
     etcd: Option<Etcd>,
     bare: BareBroadcast,
+    writer: BareBroadcast,
     event: prost::bytes::Bytes,
     made: usize,
 }
@@ -1281,9 +1308,11 @@ impl Changes {
             Target::Etcd => fanout::process_cpu(&etcd_pid),
             // The service's runtime (the bare server runs there too) and
             // sqlx's SQLite worker threads (the service's database).
-            Target::Service | Target::Bare => fanout::threads_cpu("self", |name| {
-                name.starts_with(SERVICE_THREADS) || name.starts_with("sqlx-sqlite")
-            }),
+            Target::Service | Target::Bare | Target::Writer => {
+                fanout::threads_cpu("self", |name| {
+                    name.starts_with(SERVICE_THREADS) || name.starts_with("sqlx-sqlite")
+                })
+            }
         };
         let before = server_cpu(process.target);
         let delivery = match process.target {
@@ -1310,6 +1339,10 @@ impl Changes {
             Target::Bare => {
                 let (bare, event) = (&self.bare, self.event.clone());
                 process.deliver(async move { bare.send(event) }).await
+            }
+            Target::Writer => {
+                let (writer, event) = (&self.writer, self.event.clone());
+                process.deliver(async move { writer.send(event) }).await
             }
         };
         (delivery, server_cpu(process.target).saturating_sub(before))
