@@ -282,12 +282,8 @@ impl Scale {
 async fn p1_cached_get_vs_bare(scale: &Scale) {
     let (_emulator, emulator_url) = emulator(Faults::default()).await;
     let db = TempDb::new();
-    let service = Service::start(serve_config(
-        &db.url,
-        &emulator_url,
-        &["--max-staleness", "1h"],
-    ))
-    .await;
+    let config = serve_config(&db.url, &emulator_url, &["--max-staleness", "1h"]);
+    let service = Service::start(config.clone()).await;
     let room = service
         .client()
         .await
@@ -296,7 +292,7 @@ async fn p1_cached_get_vs_bare(scale: &Scale) {
         .expect("CreateRoom through the service")
         .into_inner();
     let bare = BareServer::start(room.clone()).await;
-    let layered = BareServer::start_layered(room.clone()).await;
+    let layered = BareServer::start_layered(room.clone(), &config).await;
 
     let requests = Arc::new(vec![cached_get(&room.arn)]);
     let service_side = LoadTarget::connect(&service.uri(), requests.clone()).await;
@@ -312,7 +308,7 @@ async fn p1_cached_get_vs_bare(scale: &Scale) {
     let (layered_rate, bare_again) =
         compare_throughput("P1 ablation", scale, &layered_side, &bare_side).await;
     println!(
-        "# P1 ablation: the bare server inside the shipped layers (access log and request metrics, authentication) {layered_rate:.0}/s ÷ bare {bare_again:.0}/s = {:.3}: the layers' share; the rest of the gap is the service's own work (routing, codec, the memory layer, conversion, cache headers)",
+        "# P1 ablation: the bare server inside the shipped layers (access log and request metrics, authentication) and with the service's connection settings (HTTP/2 keepalive, stream limit, unvectored writes) {layered_rate:.0}/s ÷ bare {bare_again:.0}/s = {:.3}: their share; the rest of the gap is the service's own work (routing, codec, the memory layer, conversion, cache headers)",
         layered_rate / bare_again
     );
     println!(
@@ -2026,17 +2022,18 @@ struct BareServer {
 
 impl BareServer {
     async fn start(room: proto::Room) -> BareServer {
-        BareServer::serve(room, false).await
+        BareServer::serve(room, None).await
     }
 
-    /// The bare service inside the layers the service ships with: the access
-    /// log (and its metrics) around everything, authentication (no tokens)
-    /// around RoomService.
-    async fn start_layered(room: proto::Room) -> BareServer {
-        BareServer::serve(room, true).await
+    /// The bare service inside the layers the service ships with (the access
+    /// log and its metrics around everything, authentication without tokens
+    /// around RoomService) and with the connection settings `config` gives
+    /// the service (HTTP/2 keepalive, the stream limit, unvectored writes).
+    async fn start_layered(room: proto::Room, config: &ServeConfig) -> BareServer {
+        BareServer::serve(room, Some(config)).await
     }
 
-    async fn serve(room: proto::Room, layered: bool) -> BareServer {
+    async fn serve(room: proto::Room, shipped: Option<&ServeConfig>) -> BareServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().expect("local address");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
@@ -2049,19 +2046,24 @@ impl BareServer {
             let _ = stopped.await;
         };
         let service = RoomServiceServer::new(BareService { room });
-        let task = if layered {
-            tokio::spawn(
+        let task = match shipped {
+            Some(config) => tokio::spawn(
                 tonic::transport::Server::builder()
                     .layer(ivschat_rooms::grpc::AccessLogLayer)
+                    .max_concurrent_streams(config.max_concurrent_streams)
+                    .http2_keepalive_interval(Some(config.keepalive_interval))
+                    .http2_keepalive_timeout(Some(config.keepalive_timeout))
                     .add_service(ivschat_rooms::grpc::Authenticated::new(service, None))
-                    .serve_with_incoming_shutdown(incoming, stopped),
-            )
-        } else {
-            tokio::spawn(
+                    .serve_with_incoming_shutdown(
+                        incoming.map(|conn| conn.map(ivschat_rooms::grpc::Unvectored)),
+                        stopped,
+                    ),
+            ),
+            None => tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(service)
                     .serve_with_incoming_shutdown(incoming, stopped),
-            )
+            ),
         };
         BareServer { addr, stop, task }
     }
