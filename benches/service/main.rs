@@ -32,9 +32,10 @@
 //! sent. `one_watcher` is that time with one watcher ÷ etcd's (≤ 1). The
 //! `# ` lines also show a fourth server, the `writer`: the same broadcast
 //! served with the h2 crate alone, one task per connection writing to all of
-//! its streams, the floor of the per-connection writer BENCHMARKS.md names. Without `etcd` on the PATH
-//! its ratios read `no-etcd`. P2 prints a second line, the same cold reads spread over three replicas
-//! sharing Postgres (target 1). P7 prints a second line,
+//! its streams, the floor of the per-connection writer BENCHMARKS.md names.
+//! Without `etcd` on the PATH its ratios read `no-etcd`. P2 prints a second
+//! line, the same cold reads spread over three replicas sharing Postgres
+//! (target 1). P7 prints a second line,
 //! `fleet_budget_two_regions`, with two regions served and each offered 10×
 //! its rate: for us-east-1 then eu-west-1, the most in 1 s ÷ rate and calls
 //! per second ÷ rate (targets ≤ 1 and ≥ 0.9 each: every region has its own
