@@ -128,8 +128,33 @@ impl Encoded {
     }
 }
 
-/// The encoding buffer a response (a unary reply, or a watch stream for as
-/// long as it lives) starts with.
+/// One message as gRPC frames it on the wire: not compressed, its length
+/// (4 bytes, big-endian), the message. Cloning it shares the bytes.
+#[derive(Debug, Clone)]
+pub(super) struct Framed(Bytes);
+
+impl Framed {
+    pub(super) fn of(message: &impl Message) -> Framed {
+        let len = message.encoded_len();
+        let mut framed = Vec::with_capacity(5 + len);
+        framed.push(0);
+        framed.extend_from_slice(
+            &u32::try_from(len)
+                .expect("a message under 4 GiB")
+                .to_be_bytes(),
+        );
+        message
+            .encode(&mut framed)
+            .expect("a Vec grows to fit the message");
+        Framed(framed.into())
+    }
+
+    pub(super) fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+/// The encoding buffer a unary reply starts with.
 const ENCODED_BUFFER_BYTES: usize = 1024;
 
 /// Sends [`Encoded`] messages (by copying them) and decodes a `U` request
@@ -172,10 +197,8 @@ impl Encoder for EncodedEncoder {
         Ok(())
     }
 
-    /// A watch stream's buffer lives as long as the stream, idle or not:
-    /// start it at 1 KiB (a room or its event is a few hundred bytes; it
-    /// grows for a bigger one), not tonic's 8 KiB, which was most of an idle
-    /// watcher's memory (and a unary reply's needless allocation). Writes
+    /// Start at 1 KiB (a room is a few hundred bytes; it grows for a bigger
+    /// one), not tonic's 8 KiB, a unary reply's needless allocation. Writes
     /// yield at tonic's usual 32 KiB.
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::new(ENCODED_BUFFER_BYTES, 32 * 1024)

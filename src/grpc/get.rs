@@ -66,7 +66,7 @@ fn encoded(answer: Answer) -> Encoded {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
     use prost::Message as _;
@@ -75,7 +75,7 @@ mod tests {
     use crate::domain::{Derived, Room, Timestamp};
     use crate::store::CachedRoom;
 
-    fn room(name: &str) -> Room {
+    pub(in crate::grpc) fn room(name: &str) -> Room {
         Room {
             arn: "arn:aws:ivschat:us-east-1:123456789012:room/abcdEFGH1234".into(),
             id: "abcdEFGH1234".into(),

@@ -92,12 +92,17 @@ where
                 Box::pin(async move { Ok(encoded(limits).unary(get, request).await) })
             }
             WATCH_ROOMS => {
+                let started = watch::Started::default();
                 let watch = watch::WatchRooms {
                     feed: self.feed.clone(),
                     upstreams: self.rooms.upstreams().clone(),
                     limits,
+                    started: started.clone(),
                 };
-                Box::pin(async move { Ok(encoded(limits).server_streaming(watch, request).await) })
+                Box::pin(async move {
+                    let response = encoded(limits).server_streaming(watch, request).await;
+                    Ok(watch::with_items(response, &started))
+                })
             }
             _ => self.generated.call(request),
         };

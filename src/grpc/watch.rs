@@ -1,15 +1,19 @@
-//! WatchRooms served from encoded messages: an event is converted and encoded
-//! once, however many streams it goes out on (`grpc::routes` sends it here).
-//! An event's encoding is kept on the feed's
-//! [`SharedEvent`](crate::feed::SharedEvent), made by the first stream that
-//! sends it. The bytes on the wire are the same: clients decode
-//! `proto::WatchRoomsResponse`.
+//! WatchRooms served from framed messages: an event is converted, encoded
+//! and framed for gRPC once, however many streams it goes out on
+//! (`grpc::routes` sends it here), and each stream's body sends those bytes
+//! as they are: no encoder and no buffer per stream. An event's framing is
+//! kept on the feed's [`SharedEvent`](crate::feed::SharedEvent), made by the
+//! first stream that sends it. The bytes on the wire are the same: clients
+//! decode `proto::WatchRoomsResponse`.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt as _};
-use tonic::codegen::BoxFuture;
+use http_body::Frame;
+use prost::bytes::Bytes;
+use tonic::codegen::{BoxFuture, http};
 use tonic::server::ServerStreamingService;
 use tonic::{Request, Response, Status};
 
@@ -17,7 +21,7 @@ use crate::domain::{Error, Result as DomainResult};
 use crate::feed::{Feed, WatchItem, WatchRequest};
 use crate::upstream::Upstreams;
 
-use super::codec::Encoded;
+use super::codec::{Encoded, Framed};
 use super::io::Connection;
 use super::routes::EdgeLimits;
 use super::{convert, proto, to_status};
@@ -80,39 +84,102 @@ fn served(watch: &WatchRequest, upstreams: &Upstreams) -> DomainResult<()> {
     }
 }
 
-/// The WatchRooms method, answering with encoded messages.
+/// The WatchRooms method. tonic decodes the request and answers a refusal;
+/// a watch that starts leaves its items in `started`, and [`with_items`]
+/// makes them the response's body.
 pub(super) struct WatchRooms {
     pub(super) feed: Feed,
     pub(super) upstreams: Upstreams,
     pub(super) limits: EdgeLimits,
+    pub(super) started: Started,
 }
 
-type EncodedStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
+/// Where [`WatchRooms`] leaves the items of a watch that started.
+pub(super) type Started = Arc<Mutex<Option<Items>>>;
+
+type Items = Pin<Box<dyn Stream<Item = DomainResult<WatchItem>> + Send>>;
 
 impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
     type Response = Encoded;
-    type ResponseStream = EncodedStream;
-    type Future = BoxFuture<Response<EncodedStream>, Status>;
+    type ResponseStream = futures::stream::Empty<Result<Encoded, Status>>;
+    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<proto::WatchRoomsRequest>) -> Self::Future {
         let (feed, limits) = (self.feed.clone(), self.limits);
         let upstreams = self.upstreams.clone();
+        let started = self.started.clone();
         Box::pin(async move {
             let items = watch_items(&feed, &upstreams, limits, request).await?;
-            let messages = items.map(|item| item.map(encode).map_err(to_status));
-            let stream: EncodedStream = Box::pin(QueueConnection::new(Box::pin(messages)));
-            Ok(Response::new(stream))
+            *started.lock().expect("no watch start panics") =
+                Some(Box::pin(QueueConnection::new(Box::pin(items))));
+            Ok(Response::new(futures::stream::empty()))
         })
     }
 }
 
-fn encode(item: WatchItem) -> Encoded {
-    if let WatchItem::Event(event) = &item
-        && let Some(encoded) = event.derived(|e| Encoded::of(&convert::event_response(e)))
-    {
-        return encoded.clone();
+/// tonic's answer to a WatchRooms request, with the body of the watch that
+/// started in its place: each message framed once for every stream that
+/// sends it ([`WatchBody`]), instead of tonic encoding it into each
+/// stream's buffer. A refusal is tonic's answer as it is.
+pub(super) fn with_items(
+    response: http::Response<tonic::body::Body>,
+    started: &Started,
+) -> http::Response<tonic::body::Body> {
+    match started.lock().expect("no watch start panics").take() {
+        Some(items) => response.map(|_| {
+            tonic::body::Body::new(WatchBody {
+                items,
+                ended: false,
+            })
+        }),
+        None => response,
     }
-    Encoded::of(&convert::watch_item(item))
+}
+
+/// A watch stream's HTTP body: one DATA frame per item (a shared event's
+/// framing is made by the first stream that sends it), then the trailers
+/// with the stream's status.
+struct WatchBody {
+    items: Items,
+    ended: bool,
+}
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.items.poll_next_unpin(cx)) {
+            Some(Ok(item)) => return Poll::Ready(Some(Ok(Frame::data(framed(item))))),
+            Some(Err(e)) => to_status(e),
+            None => Status::ok(""),
+        };
+        self.ended = true;
+        let mut trailers = http::HeaderMap::new();
+        Poll::Ready(Some(match status.add_header(&mut trailers) {
+            Ok(()) => Ok(Frame::trailers(trailers)),
+            Err(unsendable) => Err(unsendable),
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
+
+fn framed(item: WatchItem) -> Bytes {
+    if let WatchItem::Event(event) = &item
+        && let Some(framed) = event.derived(|e| Framed::of(&convert::event_response(e)))
+    {
+        return framed.bytes().clone();
+    }
+    Framed::of(&convert::watch_item(item)).bytes().clone()
 }
 
 /// Lets a connection write what many of its streams sent in one go.
@@ -175,5 +242,51 @@ fn spend_budget(cx: &mut Context<'_>) {
             Poll::Ready(progress) => progress.made_progress(),
             Poll::Pending => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prost::Message as _;
+
+    use super::*;
+    use crate::domain::{EventSource, RoomEvent, Timestamp};
+    use crate::feed::SharedEvent;
+    use crate::grpc::get::tests::room;
+
+    /// The message `framed` carries, once its gRPC framing is checked.
+    fn unframed(framed: &Bytes) -> proto::WatchRoomsResponse {
+        assert_eq!(framed[0], 0, "the compressed flag");
+        let len = u32::from_be_bytes(framed[1..5].try_into().expect("4 bytes"));
+        assert_eq!(len as usize, framed.len() - 5, "the length prefix");
+        proto::WatchRoomsResponse::decode(&framed[5..]).expect("a WatchRoomsResponse")
+    }
+
+    #[test]
+    fn an_event_is_framed_once_for_every_stream_that_sends_it() {
+        let mut event =
+            RoomEvent::between(None, Some(&room("v1")), EventSource::Api, Timestamp::now())
+                .expect("a creation");
+        event.revision = 7;
+        let shared = Arc::new(SharedEvent::new(event.clone()));
+        let first = framed(WatchItem::Event(shared.clone()));
+        let again = framed(WatchItem::Event(shared));
+        assert_eq!(unframed(&first), convert::event_response(&event));
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "the second stream sends the bytes the first one made"
+        );
+
+        let progress = || WatchItem::Progress {
+            revision: 7,
+            snapshot_complete: true,
+        };
+        assert_eq!(
+            unframed(&framed(progress())),
+            convert::watch_item(progress())
+        );
     }
 }
