@@ -20,8 +20,8 @@ use crate::config::{ServeConfig, UpstreamKind};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::feed::{Feed, FeedSettings};
 use crate::grpc::{
-    AccessLogLayer, Authenticated, EdgeLimits, RoomService, RoomServiceRoutes, Tokens, Unvectored,
-    proto,
+    AccessLogLayer, Authenticated, EdgeLimits, RoomService, RoomServiceRoutes, Router, Tokens,
+    Unvectored, proto,
 };
 use crate::hot::HotRooms;
 use crate::reconciler::{self, Passes, ReconcileSettings};
@@ -174,7 +174,6 @@ pub async fn run(
             Authenticated::new(reflection_v1alpha, tokens.clone()),
         )
     });
-    let (reflection_v1, reflection_v1alpha) = reflection.unzip();
     // Shutdown, step 1: health says NOT_SERVING (the server as a whole and
     // RoomService), then, after --shutdown-delay for load balancers to see
     // it, the server stops accepting and watch streams end.
@@ -209,23 +208,23 @@ pub async fn run(
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("could not set up TLS")?;
     }
-    let serve = builder
-        .add_service(health_service)
-        .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .add_service(Authenticated::new(
-            RoomServiceRoutes::new(
-                rooms.clone(),
-                feed.clone(),
-                EdgeLimits {
-                    max_request_size: config.max_request_size as usize,
-                    max_connection_age: config.max_connection_age,
-                    max_connection_age_grace: config.max_connection_age_grace,
-                },
-            ),
-            tokens,
-        ))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown.clone());
+    let mut router = Router::new(Authenticated::new(
+        RoomServiceRoutes::new(
+            rooms.clone(),
+            feed.clone(),
+            EdgeLimits {
+                max_request_size: config.max_request_size as usize,
+                max_connection_age: config.max_connection_age,
+                max_connection_age_grace: config.max_connection_age_grace,
+            },
+        ),
+        tokens,
+    ))
+    .add_service(health_service);
+    if let Some((v1, v1alpha)) = reflection {
+        router = router.add_service(v1).add_service(v1alpha);
+    }
+    let serve = builder.serve_with_incoming_shutdown(router, incoming(listener), shutdown.clone());
     // Watch streams never end by themselves: end them (UNAVAILABLE, with the
     // revision to resume after) as soon as shutdown begins, so that the
     // server's wait for in-flight requests is not a wait for the grace period.

@@ -10,6 +10,7 @@ mod codec;
 mod convert;
 mod get;
 mod io;
+mod router;
 mod routes;
 mod service;
 mod status;
@@ -29,6 +30,7 @@ pub mod proto {
 pub use access::AccessLogLayer;
 pub use auth::{Access, Authenticated, Tokens};
 pub use io::Unvectored;
+pub use router::Router;
 pub use routes::{EdgeLimits, RoomServiceRoutes};
 pub use service::RoomService;
 pub use status::to_status;
