@@ -8,6 +8,7 @@
 //! path naming no service served here is UNIMPLEMENTED, as with tonic.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready, ready};
@@ -24,18 +25,19 @@ type Boxed = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infa
 type Answered = Ready<Result<http::Response<Body>, Infallible>>;
 
 /// `main` (RoomService, whose futures are not boxed again) and the others
-/// (health, reflection).
+/// (health, reflection). The server clones it for every request (hyper-util
+/// calls a clone), so the others are shared, not cloned each time.
 #[derive(Clone)]
 pub struct Router<S> {
     main: S,
-    others: Vec<(&'static str, Boxed)>,
+    others: Arc<[(&'static str, Boxed)]>,
 }
 
 impl<S: NamedService> Router<S> {
     pub fn new(main: S) -> Router<S> {
         Router {
             main,
-            others: Vec::new(),
+            others: Arc::new([]),
         }
     }
 
@@ -50,8 +52,9 @@ impl<S: NamedService> Router<S> {
             + 'static,
         T::Future: Send + 'static,
     {
-        self.others
-            .push((T::NAME, BoxCloneSyncService::new(service)));
+        let mut others = self.others.to_vec();
+        others.push((T::NAME, BoxCloneSyncService::new(service)));
+        self.others = others.into();
         self
     }
 }
@@ -82,7 +85,7 @@ where
         if name == Some(S::NAME) {
             return Either::Left(self.main.call(request));
         }
-        match self.others.iter_mut().find(|(n, _)| Some(*n) == name) {
+        match self.others.iter().find(|(n, _)| Some(*n) == name) {
             Some((_, service)) => Either::Right(Either::Left(service.clone().oneshot(request))),
             None => {
                 let status = Status::unimplemented(format!(
