@@ -296,7 +296,7 @@ fn incoming(
         if let Err(e) = conn.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        Ok(Unvectored(conn))
+        Ok(Unvectored::new(conn))
     })
 }
 

@@ -2056,7 +2056,7 @@ impl BareServer {
                     .http2_keepalive_timeout(Some(config.keepalive_timeout))
                     .add_service(ivschat_rooms::grpc::Authenticated::new(service, None))
                     .serve_with_incoming_shutdown(
-                        incoming.map(|conn| conn.map(ivschat_rooms::grpc::Unvectored)),
+                        incoming.map(|conn| conn.map(ivschat_rooms::grpc::Unvectored::new)),
                         stopped,
                     ),
             ),

@@ -22,7 +22,7 @@ use crate::feed::{Feed, WatchItem, WatchRequest};
 use crate::upstream::Upstreams;
 
 use super::codec::{Encoded, Framed};
-use super::io::Connection;
+use super::io::{Connection, Writes};
 use super::routes::EdgeLimits;
 use super::{convert, proto, to_status};
 
@@ -94,8 +94,8 @@ pub(super) struct WatchRooms {
     pub(super) started: Started,
 }
 
-/// Where [`WatchRooms`] leaves the items of a watch that started.
-pub(super) type Started = Arc<Mutex<Option<Items>>>;
+/// Where [`WatchRooms`] leaves the body of a watch that started.
+pub(super) type Started = Arc<Mutex<Option<WatchBody>>>;
 
 type Items = Pin<Box<dyn Stream<Item = DomainResult<WatchItem>> + Send>>;
 
@@ -108,10 +108,15 @@ impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
         let (feed, limits) = (self.feed.clone(), self.limits);
         let upstreams = self.upstreams.clone();
         let started = self.started.clone();
+        let writes = Connection::of(&request).map(|c| c.writes.clone());
         Box::pin(async move {
             let items = watch_items(&feed, &upstreams, limits, request).await?;
-            *started.lock().expect("no watch start panics") =
-                Some(Box::pin(QueueConnection::new(Box::pin(items))));
+            *started.lock().expect("no watch start panics") = Some(WatchBody {
+                items: Box::pin(items),
+                writes,
+                sent: false,
+                ended: false,
+            });
             Ok(Response::new(futures::stream::empty()))
         })
     }
@@ -126,12 +131,7 @@ pub(super) fn with_items(
     started: &Started,
 ) -> http::Response<tonic::body::Body> {
     match started.lock().expect("no watch start panics").take() {
-        Some(items) => response.map(|_| {
-            tonic::body::Body::new(WatchBody {
-                items,
-                ended: false,
-            })
-        }),
+        Some(body) => response.map(|_| tonic::body::Body::new(body)),
         None => response,
     }
 }
@@ -139,9 +139,57 @@ pub(super) fn with_items(
 /// A watch stream's HTTP body: one DATA frame per item (a shared event's
 /// framing is made by the first stream that sends it), then the trailers
 /// with the stream's status.
-struct WatchBody {
+///
+/// It also lets the connection write what many of its streams sent in one
+/// go. A stream's task hands each message to its connection's task and
+/// wakes it, and tokio runs a task woken that way right after the task that
+/// woke it (its LIFO slot): when one event goes out on many streams of a
+/// connection, the connection would write each message on its own, a system
+/// call and a TCP segment per message for the sender and for the receiver.
+/// So when a stream has sent and has nothing more, and it is the first of its
+/// connection's streams to get there since the connection last wrote, it
+/// spends what is left of its task's cooperative budget: tokio then queues
+/// the connection behind the stream tasks already woken instead, and it
+/// writes their messages together (h2 copies small DATA frames into one
+/// buffer on connections that are not vectored: see `grpc::Unvectored`).
+/// The streams after it find the connection queued already. The items are
+/// polled unconstrained once the budget is spent, so it never makes them
+/// yield.
+pub(super) struct WatchBody {
     items: Items,
+    /// The connection's writes (none for a connection the server did not
+    /// accept itself: every stream then spends its budget).
+    writes: Option<Writes>,
+    /// Whether an item went out since the stream last had nothing to send.
+    sent: bool,
     ended: bool,
+}
+
+impl WatchBody {
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<DomainResult<WatchItem>>> {
+        let polled = if tokio::task::coop::has_budget_remaining() {
+            self.items.poll_next_unpin(cx)
+        } else {
+            Pin::new(&mut tokio::task::coop::unconstrained(self.items.next())).poll(cx)
+        };
+        match polled {
+            Poll::Ready(item) => {
+                self.sent = true;
+                Poll::Ready(item)
+            }
+            Poll::Pending => {
+                if std::mem::take(&mut self.sent)
+                    && self
+                        .writes
+                        .as_ref()
+                        .is_none_or(Writes::first_ask_since_write)
+                {
+                    spend_budget(cx);
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl http_body::Body for WatchBody {
@@ -155,7 +203,7 @@ impl http_body::Body for WatchBody {
         if self.ended {
             return Poll::Ready(None);
         }
-        let status = match std::task::ready!(self.items.poll_next_unpin(cx)) {
+        let status = match std::task::ready!(self.poll_item(cx)) {
             Some(Ok(item)) => return Poll::Ready(Some(Ok(Frame::data(framed(item))))),
             Some(Err(e)) => to_status(e),
             None => Status::ok(""),
@@ -180,55 +228,6 @@ fn framed(item: WatchItem) -> Bytes {
         return framed.bytes().clone();
     }
     Framed::of(&convert::watch_item(item)).bytes().clone()
-}
-
-/// Lets a connection write what many of its streams sent in one go.
-///
-/// A stream's task hands each message to its connection's task and wakes it,
-/// and tokio runs a task woken that way right after the task that woke it
-/// (its LIFO slot): when one event goes out on many streams of a connection,
-/// the connection would write each message on its own, a system call and a
-/// TCP segment per message for the sender and for the receiver. So when a
-/// stream has sent and has nothing more, this spends what is left of its
-/// task's cooperative budget: tokio then queues the connection behind the
-/// stream tasks already woken instead, and it writes their messages together
-/// (h2 copies small DATA frames into one buffer on connections that are not
-/// vectored: see `grpc::Unvectored`). The stream's own futures are polled
-/// unconstrained once the budget is spent, so it never makes them yield.
-struct QueueConnection<S> {
-    inner: S,
-    sent: bool,
-}
-
-impl<S> QueueConnection<S> {
-    fn new(inner: S) -> QueueConnection<S> {
-        QueueConnection { inner, sent: false }
-    }
-}
-
-impl<S: Stream + Unpin> Stream for QueueConnection<S> {
-    type Item = S::Item;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = &mut *self;
-        let polled = if tokio::task::coop::has_budget_remaining() {
-            this.inner.poll_next_unpin(cx)
-        } else {
-            Pin::new(&mut tokio::task::coop::unconstrained(this.inner.next())).poll(cx)
-        };
-        match polled {
-            Poll::Ready(item) => {
-                this.sent = true;
-                Poll::Ready(item)
-            }
-            Poll::Pending => {
-                if std::mem::take(&mut this.sent) {
-                    spend_budget(cx);
-                }
-                Poll::Pending
-            }
-        }
-    }
 }
 
 /// Spends what is left of the task's cooperative budget (tokio gives a task
