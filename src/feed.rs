@@ -333,6 +333,7 @@ impl Feed {
             pending,
             tailed: self.subscribe(request.wake_group),
             bookmark: Box::pin(tokio::time::sleep(self.inner.settings.bookmark_interval)),
+            last_item: Instant::now(),
             end: request
                 .end_at
                 .map(|at| Box::pin(tokio::time::sleep_until(at))),
@@ -436,11 +437,13 @@ struct Watcher {
     /// Items read but not yet sent.
     pending: VecDeque<WatchItem>,
     tailed: watch::Receiver<u64>,
-    /// When the next bookmark is due, unless an item goes out first. One
-    /// timer for the stream's life, moved on after each item (moving a timer
-    /// later is an atomic store, registering a new one takes the timer
-    /// wheel's lock).
+    /// Fires when a bookmark may be due: `bookmark_interval` after the last
+    /// item, which it then checks. Moved on only when it fires early (an item
+    /// went out since it was set), not for every item; one timer for the
+    /// stream's life (registering a new one takes the timer wheel's lock).
     bookmark: Pin<Box<tokio::time::Sleep>>,
+    /// When the last item went out.
+    last_item: Instant,
     /// When the stream ends by itself (`WatchRequest::end_at`).
     end: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
@@ -455,8 +458,7 @@ impl Watcher {
         if item.is_err() {
             self.done = true;
         }
-        let interval = self.feed.inner.settings.bookmark_interval;
-        self.bookmark.as_mut().reset(Instant::now() + interval);
+        self.last_item = Instant::now();
         Some(item)
     }
 
@@ -464,13 +466,6 @@ impl Watcher {
         loop {
             if let Some(item) = self.pending.pop_front() {
                 return Ok(item);
-            }
-            // Busy with events this watcher filters out: still bookmark.
-            if Instant::now() >= self.bookmark.deadline() {
-                return Ok(WatchItem::Progress {
-                    revision: self.next - 1,
-                    snapshot_complete: false,
-                });
             }
             // Marked seen before the stop is checked: `Feed::stop` cancels,
             // then bumps `tailed`, so a stop that comes after this check
@@ -484,6 +479,13 @@ impl Watcher {
             }
             if self.next <= tailed {
                 self.read().await?;
+                // Busy with events this watcher filters out: still bookmark.
+                if self.pending.is_empty() && self.bookmark.is_elapsed() && self.bookmark_due() {
+                    return Ok(WatchItem::Progress {
+                        revision: self.next - 1,
+                        snapshot_complete: false,
+                    });
+                }
                 continue;
             }
             let end = self.end.as_mut();
@@ -498,14 +500,25 @@ impl Watcher {
                         None => std::future::pending().await,
                     }
                 } => return Err(self.moving_on()),
-                () = self.bookmark.as_mut() => {
+                () = self.bookmark.as_mut() => if self.bookmark_due() {
                     return Ok(WatchItem::Progress {
                         revision: self.next - 1,
                         snapshot_complete: false,
                     });
-                }
+                },
             }
         }
+    }
+
+    /// Whether a bookmark is due now that its timer fired; if not (an item
+    /// went out since the timer was set), sets the timer for when it will be.
+    fn bookmark_due(&mut self) -> bool {
+        let due = self.last_item + self.feed.inner.settings.bookmark_interval;
+        if due <= Instant::now() {
+            return true;
+        }
+        self.bookmark.as_mut().reset(due);
+        false
     }
 
     fn moving_on(&self) -> Error {
