@@ -19,8 +19,7 @@
 //!   they are woken group by group ([`WatchRequest::wake_group`]: the edge
 //!   groups a connection's streams), so that what they send leaves together.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::pin::Pin;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -35,6 +34,10 @@ use crate::domain::{Derived, Error, Limit, Result, Room, RoomArn, RoomEvent, Tim
 use crate::hot::HotRooms;
 use crate::store::Store;
 use crate::telemetry;
+
+mod watcher;
+
+use watcher::{Watcher, in_regions};
 
 /// How many events a watcher takes at a time from the ring or the log.
 const BATCH: usize = 256;
@@ -339,10 +342,7 @@ impl Feed {
                 .map(|at| Box::pin(tokio::time::sleep_until(at))),
             done: false,
         };
-        Ok(futures::stream::unfold(watcher, |mut w| async move {
-            let item = w.next_item().await?;
-            Some((item, w))
-        }))
+        Ok(watcher.stream())
     }
 
     /// A receiver of `tailed` through the channel of `group`.
@@ -422,170 +422,4 @@ fn compacted(after: u64, oldest: u64) -> Error {
         ),
         oldest_available_revision: oldest,
     }
-}
-
-/// One watch stream's state: everything it holds is bounded by [`BATCH`].
-struct Watcher {
-    _slot: Slot,
-    feed: Feed,
-    /// Room ARNs to pass; all when empty.
-    arns: HashSet<String>,
-    /// Regions whose rooms pass; all when empty.
-    regions: Vec<String>,
-    /// The next revision this watcher needs.
-    next: u64,
-    /// Items read but not yet sent.
-    pending: VecDeque<WatchItem>,
-    tailed: watch::Receiver<u64>,
-    /// Fires when a bookmark may be due: `bookmark_interval` after the last
-    /// item, which it then checks. Moved on only when it fires early (an item
-    /// went out since it was set), not for every item; one timer for the
-    /// stream's life (registering a new one takes the timer wheel's lock).
-    bookmark: Pin<Box<tokio::time::Sleep>>,
-    /// When the last item went out.
-    last_item: Instant,
-    /// When the stream ends by itself (`WatchRequest::end_at`).
-    end: Option<Pin<Box<tokio::time::Sleep>>>,
-    done: bool,
-}
-
-impl Watcher {
-    async fn next_item(&mut self) -> Option<Result<WatchItem>> {
-        if self.done {
-            return None;
-        }
-        let item = self.next_result().await;
-        if item.is_err() {
-            self.done = true;
-        }
-        self.last_item = Instant::now();
-        Some(item)
-    }
-
-    async fn next_result(&mut self) -> Result<WatchItem> {
-        loop {
-            if let Some(item) = self.pending.pop_front() {
-                return Ok(item);
-            }
-            // Marked seen before the stop is checked: `Feed::stop` cancels,
-            // then bumps `tailed`, so a stop that comes after this check
-            // still ends the wait below.
-            let tailed = *self.tailed.borrow_and_update();
-            if self.feed.inner.stop.is_cancelled() {
-                return Err(self.shutting_down());
-            }
-            if self.end.as_ref().is_some_and(|end| end.is_elapsed()) {
-                return Err(self.moving_on());
-            }
-            if self.next <= tailed {
-                self.read().await?;
-                // Busy with events this watcher filters out: still bookmark.
-                if self.pending.is_empty() && self.bookmark.is_elapsed() && self.bookmark_due() {
-                    return Ok(WatchItem::Progress {
-                        revision: self.next - 1,
-                        snapshot_complete: false,
-                    });
-                }
-                continue;
-            }
-            let end = self.end.as_mut();
-            tokio::select! {
-                biased;
-                changed = self.tailed.changed() => if changed.is_err() {
-                    return Err(self.shutting_down());
-                },
-                () = async {
-                    match end {
-                        Some(end) => end.as_mut().await,
-                        None => std::future::pending().await,
-                    }
-                } => return Err(self.moving_on()),
-                () = self.bookmark.as_mut() => if self.bookmark_due() {
-                    return Ok(WatchItem::Progress {
-                        revision: self.next - 1,
-                        snapshot_complete: false,
-                    });
-                },
-            }
-        }
-    }
-
-    /// Whether a bookmark is due now that its timer fired; if not (an item
-    /// went out since the timer was set), sets the timer for when it will be.
-    fn bookmark_due(&mut self) -> bool {
-        let due = self.last_item + self.feed.inner.settings.bookmark_interval;
-        if due <= Instant::now() {
-            return true;
-        }
-        self.bookmark.as_mut().reset(due);
-        false
-    }
-
-    fn moving_on(&self) -> Error {
-        Error::unavailable(format!(
-            "this connection has reached its maximum age; resume with after_revision {} \
-             (on a new connection)",
-            self.next - 1
-        ))
-    }
-
-    fn shutting_down(&self) -> Error {
-        Error::unavailable(format!(
-            "the server is shutting down; resume with after_revision {}",
-            self.next - 1
-        ))
-    }
-
-    /// Takes the next batch of events, from the ring when it still holds
-    /// `next`, else from the log.
-    async fn read(&mut self) -> Result<()> {
-        let from_ring: Option<Vec<Arc<SharedEvent>>> = {
-            let ring = self.feed.inner.ring.read().expect("ring");
-            match ring.front() {
-                Some(first) if first.revision <= self.next => {
-                    let skip = usize::try_from(self.next - first.revision).unwrap_or(usize::MAX);
-                    Some(ring.iter().skip(skip).take(BATCH).cloned().collect())
-                }
-                _ => None,
-            }
-        };
-        let events = match from_ring {
-            Some(events) if !events.is_empty() => events,
-            _ => self
-                .feed
-                .inner
-                .store
-                .events_after(self.next - 1, BATCH)
-                .await?
-                .into_iter()
-                .map(|event| Arc::new(SharedEvent::new(event)))
-                .collect(),
-        };
-        if events.is_empty() {
-            return Err(compacted(self.next - 1, self.next));
-        }
-        for event in events {
-            // Never skip a revision: a gap means the log was compacted.
-            if event.revision != self.next {
-                return Err(compacted(self.next - 1, event.revision));
-            }
-            self.next = event.revision + 1;
-            if (self.arns.is_empty() || self.arns.contains(&event.room.arn))
-                && in_regions(&self.regions, &event.room.arn)
-            {
-                self.pending.push_back(WatchItem::Event(event));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Whether the room `arn` is in one of `regions` (all when empty).
-fn in_regions(regions: &[String], arn: &str) -> bool {
-    // arn:PARTITION:ivschat:REGION:ACCOUNT:room/ID
-    regions.is_empty()
-        || arn
-            .split(':')
-            .nth(3)
-            .is_some_and(|r| regions.iter().any(|x| x == r))
 }
