@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::Stream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,9 +34,12 @@ use crate::hot::HotRooms;
 use crate::store::Store;
 use crate::telemetry;
 
+mod group;
 mod watcher;
 
-use watcher::{Watcher, in_regions};
+use group::{Group, Member};
+pub use watcher::WatchStream;
+use watcher::in_regions;
 
 /// How many events a watcher takes at a time from the ring or the log.
 const BATCH: usize = 256;
@@ -133,7 +135,7 @@ struct Inner {
     /// The same, one channel per wake group ([`WatchRequest::wake_group`]),
     /// published group by group after `tailed`; watchers wait on their
     /// group's.
-    groups: Mutex<HashMap<u64, watch::Sender<u64>>>,
+    groups: Mutex<HashMap<u64, Arc<Group>>>,
     stop: CancellationToken,
     tasks: TaskTracker,
     /// Watch streams alive in this process.
@@ -177,10 +179,9 @@ impl Feed {
     /// and stops the background tasks.
     pub async fn stop(&self) {
         self.inner.stop.cancel();
-        // Watchers wait on their group's channel alone: wake them all to see
-        // the stop.
+        // Watchers wait on their group alone: wake them all to see the stop.
         for group in self.inner.groups.lock().expect("groups").values() {
-            group.send_modify(|_| {});
+            group.stop();
         }
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
@@ -248,9 +249,10 @@ impl Feed {
             }
             inner.tailed.send_replace(last);
             let mut groups = inner.groups.lock().expect("groups");
-            groups.retain(|_, group| group.receiver_count() > 0);
+            // A group without watchers is held by the map alone.
+            groups.retain(|_, group| Arc::strong_count(group) > 1);
             for group in groups.values() {
-                group.send_replace(last);
+                group.publish(last);
             }
         }
     }
@@ -284,10 +286,7 @@ impl Feed {
     /// after the starting revision, in order, with progress bookmarks when
     /// idle. Fails at once with OUT_OF_RANGE when the log no longer holds
     /// (or does not yet hold) the events after `after_revision`.
-    pub async fn watch(
-        &self,
-        request: WatchRequest,
-    ) -> Result<impl Stream<Item = Result<WatchItem>> + Send + 'static> {
+    pub async fn watch(&self, request: WatchRequest) -> Result<WatchStream> {
         let slot = self.take_slot()?;
         let store = &self.inner.store;
         let mut pending = VecDeque::new();
@@ -327,34 +326,29 @@ impl Feed {
             });
             after + 1
         };
-        let watcher = Watcher {
-            _slot: slot,
-            feed: self.clone(),
-            arns: request.arns.iter().map(|a| a.as_str().to_owned()).collect(),
-            regions: request.regions,
+        let member = self.join(request.wake_group);
+        Ok(WatchStream::new(
+            self.clone(),
+            slot,
+            request,
             next,
             pending,
-            tailed: self.subscribe(request.wake_group),
-            bookmark: Box::pin(tokio::time::sleep(self.inner.settings.bookmark_interval)),
-            last_item: Instant::now(),
-            end: request
-                .end_at
-                .map(|at| Box::pin(tokio::time::sleep_until(at))),
-            done: false,
-        };
-        Ok(watcher.stream())
+            member,
+        ))
     }
 
-    /// A receiver of `tailed` through the channel of `group`.
-    fn subscribe(&self, group: u64) -> watch::Receiver<u64> {
+    /// A new member of the wake group `group`.
+    fn join(&self, group: u64) -> Member {
         let mut groups = self.inner.groups.lock().expect("groups");
         // Read under the lock: the tailer publishes to the groups (under it)
-        // after `tailed`, so a new group starts no older than its next send.
-        let tailed = *self.inner.tailed.borrow();
+        // after `tailed`, so a new group starts no older than its next
+        // publish; and `stop` cancels before it stops the groups (under it),
+        // so a new group knows of a stop that has begun.
+        let (tailed, stopped) = (*self.inner.tailed.borrow(), self.inner.stop.is_cancelled());
         groups
             .entry(group)
-            .or_insert_with(|| watch::Sender::new(tailed))
-            .subscribe()
+            .or_insert_with(|| Group::new(tailed, stopped))
+            .join()
     }
 
     /// Whether every event after `after` is still in the log.

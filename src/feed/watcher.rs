@@ -1,120 +1,209 @@
 //! One watch stream: its position in the feed, what it filters, what it has
 //! read and not yet sent, and its timers.
+//!
+//! It is a hand-written `Stream`, polled by the stream's task for every
+//! event: an event read from the ring goes out from the first poll that
+//! finds it, and a stream that has sent everything registers nothing more
+//! to wait (its waker stays in its wake group, its timers keep theirs), so
+//! that the work per delivery stays small when one event goes to 10,000
+//! streams.
 
 use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use futures::Stream;
-use tokio::sync::watch;
-use tokio::time::Instant;
+use futures::future::BoxFuture;
+use tokio::time::{Instant, Sleep};
 
-use crate::domain::{Error, Result};
+use crate::domain::{Error, Result, RoomEvent};
 
-use super::{BATCH, Feed, SharedEvent, Slot, WatchItem, compacted};
+use super::group::Member;
+use super::{BATCH, Feed, SharedEvent, Slot, WatchItem, WatchRequest, compacted};
 
-/// One watch stream's state: everything it holds is bounded by [`BATCH`].
-pub(super) struct Watcher {
-    pub(super) _slot: Slot,
-    pub(super) feed: Feed,
-    /// Room ARNs to pass; all when empty.
-    pub(super) arns: HashSet<String>,
-    /// Regions whose rooms pass; all when empty.
-    pub(super) regions: Vec<String>,
-    /// The next revision this watcher needs.
-    pub(super) next: u64,
-    /// Items read but not yet sent.
-    pub(super) pending: VecDeque<WatchItem>,
-    pub(super) tailed: watch::Receiver<u64>,
-    /// Fires when a bookmark may be due: `bookmark_interval` after the last
-    /// item, which it then checks. Moved on only when it fires early (an item
-    /// went out since it was set), not for every item; one timer for the
-    /// stream's life (registering a new one takes the timer wheel's lock).
-    pub(super) bookmark: Pin<Box<tokio::time::Sleep>>,
-    /// When the last item went out.
-    pub(super) last_item: Instant,
-    /// When the stream ends by itself (`WatchRequest::end_at`).
-    pub(super) end: Option<Pin<Box<tokio::time::Sleep>>>,
-    pub(super) done: bool,
+pin_project_lite::pin_project! {
+    /// One watch stream ([`Feed::watch`]): the items it starts with, then
+    /// every matching event after its starting revision, in order, with
+    /// progress bookmarks when idle. Everything it holds is bounded by
+    /// [`BATCH`].
+    pub struct WatchStream {
+        state: State,
+        // Fires when a bookmark may be due: `bookmark_interval` after the
+        // last item, which it then checks. Moved on only when it fires early
+        // (an item went out since it was set), not for every item; one timer
+        // for the stream's life (registering a new one takes the timer
+        // wheel's lock).
+        #[pin]
+        bookmark: Sleep,
+        // When the stream ends by itself (`WatchRequest::end_at`).
+        #[pin]
+        end: Option<Sleep>,
+    }
 }
 
-impl Watcher {
-    /// The watch stream: its items, one after the other.
-    pub(super) fn stream(self) -> impl Stream<Item = Result<WatchItem>> + Send + 'static {
-        futures::stream::unfold(self, |mut w| async move {
-            let item = w.next_item().await?;
-            Some((item, w))
-        })
-    }
+struct State {
+    _slot: Slot,
+    feed: Feed,
+    cursor: Cursor,
+    /// Its place in its wake group.
+    member: Member,
+    /// A read from the log, when the ring no longer holds `next`.
+    reading: Option<BoxFuture<'static, Result<Vec<RoomEvent>>>>,
+    /// When the last item went out.
+    last_item: Instant,
+    /// Whether the timers hold the waker the group holds: they need not be
+    /// polled again until one fires, is reset, or the waker changes.
+    timers_armed: bool,
+    done: bool,
+}
 
-    async fn next_item(&mut self) -> Option<Result<WatchItem>> {
-        if self.done {
-            return None;
+/// Where a watcher is in the feed, and what it passes.
+struct Cursor {
+    /// Room ARNs to pass; all when empty.
+    arns: HashSet<String>,
+    /// Regions whose rooms pass; all when empty.
+    regions: Vec<String>,
+    /// The next revision this watcher needs.
+    next: u64,
+    /// Items read but not yet sent.
+    pending: VecDeque<WatchItem>,
+}
+
+impl WatchStream {
+    /// A stream that sends `pending` first, then the events from `next` on.
+    pub(super) fn new(
+        feed: Feed,
+        slot: Slot,
+        request: WatchRequest,
+        next: u64,
+        pending: VecDeque<WatchItem>,
+        member: Member,
+    ) -> WatchStream {
+        let interval = feed.inner.settings.bookmark_interval;
+        WatchStream {
+            state: State {
+                _slot: slot,
+                feed,
+                cursor: Cursor {
+                    arns: request.arns.iter().map(|a| a.as_str().to_owned()).collect(),
+                    regions: request.regions,
+                    next,
+                    pending,
+                },
+                member,
+                reading: None,
+                last_item: Instant::now(),
+                timers_armed: false,
+                done: false,
+            },
+            bookmark: tokio::time::sleep(interval),
+            end: request.end_at.map(tokio::time::sleep_until),
         }
-        let item = self.next_result().await;
+    }
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchItem>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<WatchItem>>> {
+        let this = self.project();
+        let state = this.state;
+        if state.done {
+            return Poll::Ready(None);
+        }
+        let item = ready!(state.poll_item(cx, this.bookmark, this.end));
         if item.is_err() {
-            self.done = true;
+            state.done = true;
         }
-        self.last_item = Instant::now();
-        Some(item)
+        state.last_item = Instant::now();
+        Poll::Ready(Some(item))
     }
+}
 
-    async fn next_result(&mut self) -> Result<WatchItem> {
+impl State {
+    fn poll_item(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut bookmark: Pin<&mut Sleep>,
+        mut end: Pin<&mut Option<Sleep>>,
+    ) -> Poll<Result<WatchItem>> {
         loop {
-            if let Some(item) = self.pending.pop_front() {
-                return Ok(item);
+            if let Some(item) = self.cursor.pending.pop_front() {
+                return Poll::Ready(Ok(item));
             }
-            // Marked seen before the stop is checked: `Feed::stop` cancels,
-            // then bumps `tailed`, so a stop that comes after this check
-            // still ends the wait below.
-            let tailed = *self.tailed.borrow_and_update();
-            if self.feed.inner.stop.is_cancelled() {
-                return Err(self.shutting_down());
+            // Before reading what the group published: a publish after the
+            // read wakes this waker.
+            if self.member.register(cx.waker()) {
+                self.timers_armed = false;
             }
-            if self.end.as_ref().is_some_and(|end| end.is_elapsed()) {
-                return Err(self.moving_on());
-            }
-            if self.next <= tailed {
-                self.read().await?;
-                // Busy with events this watcher filters out: still bookmark.
-                if self.pending.is_empty() && self.bookmark.is_elapsed() && self.bookmark_due() {
-                    return Ok(WatchItem::Progress {
-                        revision: self.next - 1,
-                        snapshot_complete: false,
-                    });
+            if let Some(reading) = &mut self.reading {
+                let events = ready!(reading.as_mut().poll(cx));
+                self.reading = None;
+                self.cursor
+                    .take(events?.into_iter().map(|e| Arc::new(SharedEvent::new(e))))?;
+            } else if self.cursor.next <= self.member.tailed() {
+                if !self.read_ring()? {
+                    let (store, after) = (self.feed.inner.store.clone(), self.cursor.next - 1);
+                    self.reading = Some(Box::pin(
+                        async move { store.events_after(after, BATCH).await },
+                    ));
+                    continue;
+                }
+            } else if self.member.stopped() {
+                return Poll::Ready(Err(self.shutting_down()));
+            } else {
+                // Nothing to send: wait for the group or a timer.
+                if let Some(end) = end.as_mut().as_pin_mut() {
+                    let ended = if self.timers_armed {
+                        end.is_elapsed()
+                    } else {
+                        end.poll(cx).is_ready()
+                    };
+                    if ended {
+                        return Poll::Ready(Err(self.moving_on()));
+                    }
+                }
+                let fired = if self.timers_armed {
+                    bookmark.is_elapsed()
+                } else {
+                    bookmark.as_mut().poll(cx).is_ready()
+                };
+                if !fired {
+                    self.timers_armed = true;
+                    return Poll::Pending;
+                }
+                if self.bookmark_due(bookmark.as_mut()) {
+                    return Poll::Ready(Ok(self.progress()));
                 }
                 continue;
             }
-            let end = self.end.as_mut();
-            tokio::select! {
-                biased;
-                changed = self.tailed.changed() => if changed.is_err() {
-                    return Err(self.shutting_down());
-                },
-                () = async {
-                    match end {
-                        Some(end) => end.as_mut().await,
-                        None => std::future::pending().await,
-                    }
-                } => return Err(self.moving_on()),
-                () = self.bookmark.as_mut() => if self.bookmark_due() {
-                    return Ok(WatchItem::Progress {
-                        revision: self.next - 1,
-                        snapshot_complete: false,
-                    });
-                },
+            // Busy with events this watcher filters out: still bookmark.
+            if self.cursor.pending.is_empty()
+                && bookmark.is_elapsed()
+                && self.bookmark_due(bookmark.as_mut())
+            {
+                return Poll::Ready(Ok(self.progress()));
             }
+        }
+    }
+
+    fn progress(&self) -> WatchItem {
+        WatchItem::Progress {
+            revision: self.cursor.next - 1,
+            snapshot_complete: false,
         }
     }
 
     /// Whether a bookmark is due now that its timer fired; if not (an item
     /// went out since the timer was set), sets the timer for when it will be.
-    fn bookmark_due(&mut self) -> bool {
+    fn bookmark_due(&mut self, bookmark: Pin<&mut Sleep>) -> bool {
         let due = self.last_item + self.feed.inner.settings.bookmark_interval;
         if due <= Instant::now() {
             return true;
         }
-        self.bookmark.as_mut().reset(due);
+        bookmark.reset(due);
+        self.timers_armed = false;
         false
     }
 
@@ -122,46 +211,42 @@ impl Watcher {
         Error::unavailable(format!(
             "this connection has reached its maximum age; resume with after_revision {} \
              (on a new connection)",
-            self.next - 1
+            self.cursor.next - 1
         ))
     }
 
     fn shutting_down(&self) -> Error {
         Error::unavailable(format!(
             "the server is shutting down; resume with after_revision {}",
-            self.next - 1
+            self.cursor.next - 1
         ))
     }
 
-    /// Takes the next batch of events, from the ring when it still holds
-    /// `next`, else from the log.
-    async fn read(&mut self) -> Result<()> {
-        let from_ring: Option<Vec<Arc<SharedEvent>>> = {
-            let ring = self.feed.inner.ring.read().expect("ring");
-            match ring.front() {
-                Some(first) if first.revision <= self.next => {
-                    let skip = usize::try_from(self.next - first.revision).unwrap_or(usize::MAX);
-                    Some(ring.iter().skip(skip).take(BATCH).cloned().collect())
-                }
-                _ => None,
+    /// Takes the next batch of events from the ring, if it still holds
+    /// `next`.
+    fn read_ring(&mut self) -> Result<bool> {
+        let ring = self.feed.inner.ring.read().expect("ring");
+        let skip = match ring.front() {
+            Some(first) if first.revision <= self.cursor.next => {
+                usize::try_from(self.cursor.next - first.revision).unwrap_or(usize::MAX)
             }
+            _ => return Ok(false),
         };
-        let events = match from_ring {
-            Some(events) if !events.is_empty() => events,
-            _ => self
-                .feed
-                .inner
-                .store
-                .events_after(self.next - 1, BATCH)
-                .await?
-                .into_iter()
-                .map(|event| Arc::new(SharedEvent::new(event)))
-                .collect(),
-        };
-        if events.is_empty() {
-            return Err(compacted(self.next - 1, self.next));
+        if skip >= ring.len() {
+            return Ok(false);
         }
+        self.cursor.take(ring.range(skip..).take(BATCH).cloned())?;
+        Ok(true)
+    }
+}
+
+impl Cursor {
+    /// Takes a batch of events read from the ring or the log: the matching
+    /// ones into `pending`.
+    fn take(&mut self, events: impl Iterator<Item = Arc<SharedEvent>>) -> Result<()> {
+        let mut any = false;
         for event in events {
+            any = true;
             // Never skip a revision: a gap means the log was compacted.
             if event.revision != self.next {
                 return Err(compacted(self.next - 1, event.revision));
@@ -172,6 +257,9 @@ impl Watcher {
             {
                 self.pending.push_back(WatchItem::Event(event));
             }
+        }
+        if !any {
+            return Err(compacted(self.next - 1, self.next));
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use futures::{Stream, StreamExt as _};
+use futures::Stream;
 use http_body::Frame;
 use prost::bytes::Bytes;
 use tonic::codegen::{BoxFuture, http};
@@ -18,7 +18,7 @@ use tonic::server::ServerStreamingService;
 use tonic::{Request, Response, Status};
 
 use crate::domain::{Error, Result as DomainResult};
-use crate::feed::{Feed, WatchItem, WatchRequest};
+use crate::feed::{Feed, WatchItem, WatchRequest, WatchStream};
 use crate::upstream::Upstreams;
 
 use super::codec::{Encoded, Framed};
@@ -34,7 +34,7 @@ async fn watch_items(
     upstreams: &Upstreams,
     limits: EdgeLimits,
     request: Request<proto::WatchRoomsRequest>,
-) -> Result<impl Stream<Item = DomainResult<WatchItem>> + Send + 'static, Status> {
+) -> Result<WatchStream, Status> {
     use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
     let connection = Connection::of(&request).cloned();
     let result = async {
@@ -97,8 +97,6 @@ pub(super) struct WatchRooms {
 /// Where [`WatchRooms`] leaves the body of a watch that started.
 pub(super) type Started = Arc<Mutex<Option<WatchBody>>>;
 
-type Items = Pin<Box<dyn Stream<Item = DomainResult<WatchItem>> + Send>>;
-
 impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
     type Response = Encoded;
     type ResponseStream = futures::stream::Empty<Result<Encoded, Status>>;
@@ -112,7 +110,7 @@ impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
         Box::pin(async move {
             let items = watch_items(&feed, &upstreams, limits, request).await?;
             *started.lock().expect("no watch start panics") = Some(WatchBody {
-                items: Box::pin(items),
+                items,
                 writes,
                 sent: false,
                 ended: false,
@@ -136,6 +134,7 @@ pub(super) fn with_items(
     }
 }
 
+pin_project_lite::pin_project! {
 /// A watch stream's HTTP body: one DATA frame per item (a shared event's
 /// framing is made by the first stream that sends it), then the trailers
 /// with the stream's status.
@@ -156,30 +155,38 @@ pub(super) fn with_items(
 /// polled unconstrained once the budget is spent, so it never makes them
 /// yield.
 pub(super) struct WatchBody {
-    items: Items,
-    /// The connection's writes (none for a connection the server did not
-    /// accept itself: every stream then spends its budget).
-    writes: Option<Writes>,
-    /// Whether an item went out since the stream last had nothing to send.
-    sent: bool,
-    ended: bool,
+        #[pin]
+        items: WatchStream,
+        // The connection's writes (none for a connection the server did not
+        // accept itself: every stream then spends its budget).
+        writes: Option<Writes>,
+        // Whether an item went out since the stream last had nothing to send.
+        sent: bool,
+        ended: bool,
+    }
 }
 
 impl WatchBody {
-    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<DomainResult<WatchItem>>> {
+    fn poll_item(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<DomainResult<WatchItem>>> {
+        let mut this = self.project();
         let polled = if tokio::task::coop::has_budget_remaining() {
-            self.items.poll_next_unpin(cx)
+            this.items.as_mut().poll_next(cx)
         } else {
-            Pin::new(&mut tokio::task::coop::unconstrained(self.items.next())).poll(cx)
+            let items = &mut this.items;
+            let next = std::future::poll_fn(|cx| items.as_mut().poll_next(cx));
+            Pin::new(&mut tokio::task::coop::unconstrained(next)).poll(cx)
         };
         match polled {
             Poll::Ready(item) => {
-                self.sent = true;
+                *this.sent = true;
                 Poll::Ready(item)
             }
             Poll::Pending => {
-                if std::mem::take(&mut self.sent)
-                    && self
+                if std::mem::take(this.sent)
+                    && this
                         .writes
                         .as_ref()
                         .is_none_or(Writes::first_ask_since_write)
@@ -203,12 +210,12 @@ impl http_body::Body for WatchBody {
         if self.ended {
             return Poll::Ready(None);
         }
-        let status = match std::task::ready!(self.poll_item(cx)) {
+        let status = match std::task::ready!(self.as_mut().poll_item(cx)) {
             Some(Ok(item)) => return Poll::Ready(Some(Ok(Frame::data(framed(item))))),
             Some(Err(e)) => to_status(e),
             None => Status::ok(""),
         };
-        self.ended = true;
+        *self.as_mut().project().ended = true;
         let mut trailers = http::HeaderMap::new();
         Poll::Ready(Some(match status.add_header(&mut trailers) {
             Ok(()) => Ok(Frame::trailers(trailers)),
