@@ -382,6 +382,65 @@ async fn idle_watchers_get_bookmarks_every_interval() {
     feed.stop().await;
 }
 
+/// A watcher catching up through more events than one batch, none of them
+/// its own, still gets its bookmark when one is due, saying how far it got:
+/// it does not wait for the end of the backlog.
+#[tokio::test]
+async fn a_watcher_busy_with_events_it_filters_out_still_gets_bookmarks() {
+    let db = TestDb::sqlite();
+    let store = Store::open(&db.url).await.unwrap();
+    let interval = Duration::from_secs(10);
+    let feed = Feed::start(
+        store.clone(),
+        FeedSettings {
+            bookmark_interval: interval,
+            ..FeedSettings::default()
+        },
+        HotRooms::off(),
+    )
+    .await
+    .unwrap();
+    let own = RoomArn::parse("arn", &room_arn("quiet")).unwrap();
+    let mut watcher = Box::pin(
+        feed.watch(WatchRequest {
+            arns: vec![own],
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let start = watcher.next().await.unwrap().unwrap();
+    assert!(matches!(start, WatchItem::Progress { revision: 0, .. }));
+
+    // More than a batch (256) of other rooms' events.
+    let others: Vec<_> = (0..600)
+        .map(|i| room(&format!("busy{i:06}"), 1, "b"))
+        .collect();
+    store
+        .put_many(&others, Timestamp::now(), EventSource::Api)
+        .await
+        .unwrap();
+    feed.caught_up(600).await;
+    tokio::time::pause();
+    tokio::time::advance(interval + Duration::from_millis(1)).await;
+
+    let item = watcher.next().await.unwrap().unwrap();
+    match item {
+        WatchItem::Progress { revision, .. } => assert!(
+            (1..600).contains(&revision),
+            "a bookmark part way through the backlog, not {revision}"
+        ),
+        other => panic!("a bookmark, not {other:?}"),
+    }
+    // Then the rest, and the next bookmark an interval later.
+    let next = watcher.next().await.unwrap().unwrap();
+    assert!(
+        matches!(next, WatchItem::Progress { revision: 600, .. }),
+        "{next:?}"
+    );
+    feed.stop().await;
+}
+
 /// Clocks need not agree with revision order (replicas' clocks differ, NTP
 /// steps back): compaction by age still removes only a prefix of the log, so
 /// a watcher never skips a revision in the middle.

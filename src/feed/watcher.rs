@@ -178,9 +178,10 @@ impl State {
                 }
                 continue;
             }
-            // Busy with events this watcher filters out: still bookmark.
+            // Busy with events this watcher filters out: still bookmark (by
+            // the clock: a timer never polled is never elapsed).
             if self.cursor.pending.is_empty()
-                && bookmark.is_elapsed()
+                && bookmark.deadline() <= Instant::now()
                 && self.bookmark_due(bookmark.as_mut())
             {
                 return Poll::Ready(Ok(self.progress()));
