@@ -132,9 +132,8 @@ struct Inner {
     ring: RwLock<VecDeque<Arc<SharedEvent>>>,
     /// The newest revision in the ring (every event up to it has been read).
     tailed: watch::Sender<u64>,
-    /// The same, one channel per wake group ([`WatchRequest::wake_group`]),
-    /// published group by group after `tailed`; watchers wait on their
-    /// group's.
+    /// The same, per wake group ([`WatchRequest::wake_group`]), published
+    /// group by group after `tailed`; watchers wait on their group.
     groups: Mutex<HashMap<u64, Arc<Group>>>,
     stop: CancellationToken,
     tasks: TaskTracker,
