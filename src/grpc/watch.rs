@@ -135,26 +135,26 @@ pub(super) fn with_items(
 }
 
 pin_project_lite::pin_project! {
-/// A watch stream's HTTP body: one DATA frame per item (a shared event's
-/// framing is made by the first stream that sends it), then the trailers
-/// with the stream's status.
-///
-/// It also lets the connection write what many of its streams sent in one
-/// go. A stream's task hands each message to its connection's task and
-/// wakes it, and tokio runs a task woken that way right after the task that
-/// woke it (its LIFO slot): when one event goes out on many streams of a
-/// connection, the connection would write each message on its own, a system
-/// call and a TCP segment per message for the sender and for the receiver.
-/// So when a stream has sent and has nothing more, and it is the first of its
-/// connection's streams to get there since the connection last wrote, it
-/// spends what is left of its task's cooperative budget: tokio then queues
-/// the connection behind the stream tasks already woken instead, and it
-/// writes their messages together (h2 copies small DATA frames into one
-/// buffer on connections that are not vectored: see `grpc::Unvectored`).
-/// The streams after it find the connection queued already. The items are
-/// polled unconstrained once the budget is spent, so it never makes them
-/// yield.
-pub(super) struct WatchBody {
+    /// A watch stream's HTTP body: one DATA frame per item (a shared event's
+    /// framing is made by the first stream that sends it), then the trailers
+    /// with the stream's status.
+    ///
+    /// It also lets the connection write what many of its streams sent in one
+    /// go. A stream's task hands each message to its connection's task and
+    /// wakes it, and tokio runs a task woken that way right after the task that
+    /// woke it (its LIFO slot): when one event goes out on many streams of a
+    /// connection, the connection would write each message on its own, a system
+    /// call and a TCP segment per message for the sender and for the receiver.
+    /// So when a stream has sent and has nothing more, and it is the first of its
+    /// connection's streams to get there since the connection last wrote, it
+    /// spends what is left of its task's cooperative budget: tokio then queues
+    /// the connection behind the stream tasks already woken instead, and it
+    /// writes their messages together (h2 copies small DATA frames into one
+    /// buffer on connections that are not vectored: see `grpc::Unvectored`).
+    /// The streams after it find the connection queued already. The items are
+    /// polled unconstrained once the budget is spent, so it never makes them
+    /// yield.
+    pub(super) struct WatchBody {
         #[pin]
         items: WatchStream,
         // The connection's writes (none for a connection the server did not
