@@ -298,23 +298,26 @@ async fn one_replica_leads_at_a_time_on_postgres() {
     other_region.resign().await;
 }
 
+/// A store on `db` and a feed over it that bookmarks every `interval`.
+async fn feed_with_bookmarks(db: &TestDb, interval: Duration) -> (Store, Feed) {
+    let store = Store::open(&db.url).await.unwrap();
+    let settings = FeedSettings {
+        bookmark_interval: interval,
+        ..FeedSettings::default()
+    };
+    let feed = Feed::start(store.clone(), settings, HotRooms::off())
+        .await
+        .unwrap();
+    (store, feed)
+}
+
 /// Bookmarks: an idle watcher gets a progress every interval, on its own
 /// timer; an event delivered restarts it. Paused time, no waiting.
 #[tokio::test]
 async fn idle_watchers_get_bookmarks_every_interval() {
     let db = TestDb::sqlite();
-    let store = Store::open(&db.url).await.unwrap();
     let interval = Duration::from_secs(10);
-    let feed = Feed::start(
-        store.clone(),
-        FeedSettings {
-            bookmark_interval: interval,
-            ..FeedSettings::default()
-        },
-        HotRooms::off(),
-    )
-    .await
-    .unwrap();
+    let (store, feed) = feed_with_bookmarks(&db, interval).await;
     let mut watcher = Box::pin(feed.watch(WatchRequest::default()).await.unwrap());
     // Another watcher that nobody reads must not matter.
     let ignored = feed.watch(WatchRequest::default()).await.unwrap();
@@ -388,18 +391,8 @@ async fn idle_watchers_get_bookmarks_every_interval() {
 #[tokio::test]
 async fn a_watcher_busy_with_events_it_filters_out_still_gets_bookmarks() {
     let db = TestDb::sqlite();
-    let store = Store::open(&db.url).await.unwrap();
     let interval = Duration::from_secs(10);
-    let feed = Feed::start(
-        store.clone(),
-        FeedSettings {
-            bookmark_interval: interval,
-            ..FeedSettings::default()
-        },
-        HotRooms::off(),
-    )
-    .await
-    .unwrap();
+    let (store, feed) = feed_with_bookmarks(&db, interval).await;
     let own = RoomArn::parse("arn", &room_arn("quiet")).unwrap();
     let mut watcher = Box::pin(
         feed.watch(WatchRequest {

@@ -28,15 +28,16 @@ use super::{convert, proto, to_status};
 
 /// The items of a WatchRooms stream, or why it cannot start. The streams of
 /// one connection share a wake group (see `WatchRequest::wake_group`) and,
-/// with a maximum connection age, end half way through its grace period.
+/// with a maximum connection age, end half way through its grace period
+/// (`connection`: the one the request came on).
 async fn watch_items(
     feed: &Feed,
     upstreams: &Upstreams,
     limits: EdgeLimits,
+    connection: Option<&Connection>,
     request: Request<proto::WatchRoomsRequest>,
 ) -> Result<WatchStream, Status> {
     use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
-    let connection = Connection::of(&request).cloned();
     let result = async {
         let mut watch = convert::watch_request(request.into_inner())?;
         served(&watch, upstreams)?;
@@ -106,12 +107,13 @@ impl ServerStreamingService<proto::WatchRoomsRequest> for WatchRooms {
         let (feed, limits) = (self.feed.clone(), self.limits);
         let upstreams = self.upstreams.clone();
         let started = self.started.clone();
-        let writes = Connection::of(&request).map(|c| c.writes.clone());
+        let connection = Connection::of(&request).cloned();
         Box::pin(async move {
-            let items = watch_items(&feed, &upstreams, limits, request).await?;
+            let items =
+                watch_items(&feed, &upstreams, limits, connection.as_ref(), request).await?;
             *started.lock().expect("no watch start panics") = Some(WatchBody {
                 items,
-                writes,
+                writes: connection.map(|c| c.writes),
                 sent: false,
                 ended: false,
             });
