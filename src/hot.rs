@@ -5,8 +5,11 @@
 //! at startup, every row) in a map, and keeps it exact with the change log:
 //!
 //! - The feed's tailer applies every event, in revision order, from this
-//!   process and (through Postgres notifications) from other replicas, by
-//!   dropping the room's entry; `through` is the newest revision applied.
+//!   process and (through Postgres notifications) from other replicas: the
+//!   room's entry becomes the row the event leaves (each event carries it
+//!   whole, with when IVS Chat confirmed it), so a room changed recently is
+//!   still in memory when the database goes away; `through` is the newest
+//!   revision applied.
 //! - A row is filled in only with the revision it was read at, in the same
 //!   read transaction, and only if no event after that revision has been
 //!   applied yet (else it may already be out of date).
@@ -28,7 +31,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::domain::{Derived, Result, RoomArn, RoomEvent};
+use crate::domain::{Derived, EventKind, Result, RoomArn, RoomEvent};
 use crate::store::{CachedRoom, Store};
 
 /// The in-memory rows. Cheap to clone; clones share the map.
@@ -135,7 +138,8 @@ impl HotRooms {
     }
 
     /// Applies events `after + 1 ..` in order: the rooms they touch are
-    /// dropped. A gap (events compacted before this process read them) drops
+    /// held as the events leave them (dropped, for events that do not say
+    /// when the row was confirmed). A gap (events compacted before this process read them) drops
     /// everything.
     pub fn apply<'a>(&self, after: u64, events: impl IntoIterator<Item = &'a RoomEvent>) {
         let mut state = self.inner.state.write().expect("hot rooms");
@@ -146,7 +150,27 @@ impl HotRooms {
             }
             expected = event.revision + 1;
             if let Ok(arn) = RoomArn::parse("arn", &event.room.arn) {
-                state.rooms.remove(&arn);
+                match event.validated_at {
+                    // The row as the change left it, whole in the event:
+                    // held (if there is room), so that a room changed
+                    // recently is still answered while the database is away.
+                    Some(validated_at)
+                        if state.rooms.contains_key(&arn)
+                            || state.rooms.len() < self.inner.capacity =>
+                    {
+                        let row = CachedRoom {
+                            room: event.room.clone(),
+                            validated_at,
+                            deleted: event.kind == EventKind::Deleted,
+                        };
+                        state.rooms.insert(arn, Arc::new(Derived::new(row)));
+                    }
+                    // An event logged before events carried their row's
+                    // confirmation: read the row again when asked.
+                    _ => {
+                        state.rooms.remove(&arn);
+                    }
+                }
             }
             state.through = state.through.max(event.revision);
         }

@@ -66,6 +66,10 @@ pub struct RoomEvent {
     pub changed_fields: Vec<String>,
     pub source: EventSource,
     pub observed_at: Timestamp,
+    /// When IVS Chat last confirmed the room as the event leaves it (the
+    /// cache row's, after the change); unknown for events logged before
+    /// the log recorded it.
+    pub validated_at: Option<Timestamp>,
 }
 
 impl RoomEvent {
@@ -97,6 +101,7 @@ impl RoomEvent {
             changed_fields: changed_fields.into_iter().map(str::to_owned).collect(),
             source,
             observed_at,
+            validated_at: None,
         })
     }
 }

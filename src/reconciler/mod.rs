@@ -27,7 +27,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::store::{Leadership, Store};
+use crate::store::{Fence, Store, fenced};
+
+/// How often a replica that does not lead asks for the lead: with the
+/// lease's [`crate::store::LEASE_TTL`], the bound on a takeover after the
+/// leader is cut off.
+const CANDIDATE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// After a failed pass, the first and the longest wait before the next
 /// (never longer than the interval).
@@ -88,14 +93,20 @@ pub async fn run(
                     tracing::warn!(error = %e, region, "could not ask for the reconciler's turn")
                 }
             }
-            if pause(&stop, settings.interval).await.is_err() {
+            // A lease that runs out unrenewed is taken within this.
+            if pause(&stop, settings.interval.min(CANDIDATE_INTERVAL))
+                .await
+                .is_err()
+            {
                 return;
             }
         };
+        // Every write of the passes is fenced by this lease (none on SQLite).
+        let fence = leadership.fence();
         tracing::info!(region, "this replica reconciles the cache with IVS Chat");
         // Beside the passes, for as long as this replica leads: reading
         // listed rooms whole (GetRoom's budget, not ListRooms').
-        let mut details = std::pin::pin!(passes.complete_details());
+        let mut details = std::pin::pin!(under(fence.clone(), passes.complete_details()));
         let mut next_full = Instant::now();
         let mut backoff = FIRST_RETRY;
         loop {
@@ -110,12 +121,12 @@ pub async fn run(
                     leadership.resign().await;
                     return;
                 }
-                lost = watch_leadership(&mut leadership, settings.interval) => {
+                lost = leadership.hold() => {
                     tracing::warn!(error = %lost, region, "lost the reconciler's turn");
                     leadership.resign().await;
                     break;
                 }
-                pass = one_pass(&passes, full) => pass,
+                pass = under(fence.clone(), one_pass(&passes, full)) => pass,
                 never = &mut details => match never {},
             };
             let wait = match pass {
@@ -136,17 +147,21 @@ pub async fn run(
                 }
             };
             let paused = tokio::select! {
-                paused = pause(&stop, wait) => paused,
+                paused = pause(&stop, wait) => Ok(paused),
+                lost = leadership.hold() => Err(lost),
                 never = &mut details => match never {},
             };
-            if paused.is_err() {
-                leadership.resign().await;
-                return;
-            }
-            if let Err(e) = leadership.check().await {
-                tracing::warn!(error = %e, region, "lost the reconciler's turn");
-                leadership.resign().await;
-                break;
+            match paused {
+                Ok(Ok(())) => {}
+                Ok(Err(())) => {
+                    leadership.resign().await;
+                    return;
+                }
+                Err(lost) => {
+                    tracing::warn!(error = %lost, region, "lost the reconciler's turn");
+                    leadership.resign().await;
+                    break;
+                }
             }
         }
     }
@@ -197,14 +212,11 @@ async fn pass(passes: &Passes, full: bool) -> crate::domain::Result<()> {
     Ok(())
 }
 
-/// Checks the turn every `every` (at least every 5 s); completes when it is lost.
-async fn watch_leadership(leadership: &mut Leadership, every: Duration) -> crate::domain::Error {
-    let every = every.min(Duration::from_secs(5));
-    loop {
-        tokio::time::sleep(every).await;
-        if let Err(e) = leadership.check().await {
-            return e;
-        }
+/// `work` with its cache writes fenced by `fence`, when there is one.
+async fn under<T>(fence: Option<Fence>, work: impl Future<Output = T>) -> T {
+    match fence {
+        Some(fence) => fenced(fence, work).await,
+        None => work.await,
     }
 }
 

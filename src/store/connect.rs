@@ -41,6 +41,11 @@ impl Store {
             .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
+                    if backend == Backend::Postgres {
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(health::session_settings()))
+                            .execute(&mut *conn)
+                            .await?;
+                    }
                     if backend == Backend::Sqlite {
                         // WAL lets readers go on while one connection writes;
                         // writers wait up to busy_timeout rather than fail.
@@ -73,14 +78,11 @@ impl Store {
                 .acquire_timeout(ROOM_TURN_TIMEOUT)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        // A replica that vanishes (host down, network cut)
-                        // frees its turns within about half a minute.
-                        sqlx::raw_sql(
-                            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
-                             SET tcp_keepalives_count = 3",
-                        )
-                        .execute(conn)
-                        .await?;
+                        // A replica cut off while it holds a turn frees it
+                        // within HELD_LOCK_BOUND of its last heartbeat.
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(health::session_settings()))
+                            .execute(conn)
+                            .await?;
                         Ok(())
                     })
                 })
@@ -93,6 +95,7 @@ impl Store {
             url: url.into(),
             committed: Arc::new(watch::Sender::new(0)),
             pauses: tokio::sync::broadcast::Sender::new(64),
+            health: Default::default(),
         };
         let revision = store.revision().await?;
         store.committed.send_replace(revision);

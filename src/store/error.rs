@@ -11,13 +11,18 @@ pub(super) fn transient(e: &sqlx::Error) -> bool {
     // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (and their extended codes).
     // Postgres: serialization failure, deadlock, admin or crash shutdown,
     // cannot connect now, lock not available (lock_timeout), too many
-    // connections.
+    // connections; a session ended by a bound of ours; a lost connection.
     let sqlite_busy = code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
     sqlite_busy
         || matches!(
             code.as_ref(),
             "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03" | "53300"
+            // A session ended for idling in a transaction, a statement
+            // cancelled by its timeout: the bounds of `health.rs`.
+            | "25P03" | "57014"
         )
+        // Connection exceptions.
+        || code.starts_with("08")
 }
 
 /// The cache database error counters, `unavailable` and `busy`, registered
@@ -40,13 +45,24 @@ pub(super) fn count_error(kind: &'static str) {
     }
 }
 
+/// The first words of the UNAVAILABLE of a connection that failed (or of a
+/// statement that got no answer): the database may be away.
+pub(super) const CONNECTION_FAILED: &str = "the cache database is unavailable";
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => {
                 tracing::error!(error = %e, "cache database unavailable");
                 count_error("unavailable");
-                Error::unavailable("the cache database is unavailable")
+                Error::unavailable(format!("{CONNECTION_FAILED}: {e}"))
+            }
+            // Every connection busy (a loaded replica), or shutting down:
+            // the database itself may be fine.
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+                tracing::error!(error = %e, "cache database unavailable");
+                count_error("unavailable");
+                Error::unavailable("no connection to the cache database is free (pool timed out)")
             }
             e if transient(&e) => {
                 tracing::warn!(error = %e, "cache database busy");

@@ -5,7 +5,8 @@
 use super::*;
 
 impl Store {
-    /// Starts a transaction that writes the cache. It takes the database's
+    /// Starts a transaction that writes the cache (refused, in a
+    /// reconciler's pass, once its lease has ended: `locks::fenced`). It takes the database's
     /// write lock at once (SQLite: BEGIN IMMEDIATE) or the `revision` row's
     /// lock (Postgres: its first statement) until commit, so writers, and the revisions they hand out,
     /// go one at a time in commit order, in this process or any other.
@@ -18,6 +19,9 @@ impl Store {
         sqlx::query("UPDATE cache_state SET value = value WHERE key = 'revision'")
             .execute(&mut *tx)
             .await?;
+        // A reconciler's pass writes only while its lease holds: checked
+        // under the revision lock, which a takeover takes too.
+        super::locks::check_fence(&mut tx).await?;
         Ok(tx)
     }
 
@@ -34,11 +38,13 @@ impl Store {
         fn visible(c: Option<&CachedRoom>) -> Option<&Room> {
             c.filter(|c| !c.deleted).map(|c| &c.room)
         }
-        let Some(event) =
+        let Some(mut event) =
             RoomEvent::between(visible(before), visible(after), source, Timestamp::now())
         else {
             return Ok(None);
         };
+        // A DELETED event leaves the tombstone, confirmed when IVS Chat said so.
+        event.validated_at = after.map(|a| a.validated_at);
         let revision: i64 = sqlx::query_scalar(
             "UPDATE cache_state SET value = value + 1 WHERE key = 'revision' RETURNING value",
         )
@@ -47,7 +53,7 @@ impl Store {
         sqlx::query(concat!(
             "INSERT INTO room_events (",
             event_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ))
         .bind(revision)
         .bind(event.room.arn.as_str())
@@ -64,6 +70,7 @@ impl Store {
                 .context("could not encode a room")?,
         )
         .bind(serde_json::to_string(&event.changed_fields).context("could not encode fields")?)
+        .bind(event.validated_at.map(Timestamp::as_nanos))
         .execute(&mut **tx)
         .await?;
         Ok(Some(revision_from(revision)?))
@@ -72,10 +79,13 @@ impl Store {
     /// Commits a write transaction whose newest event (if any) is `revision`,
     /// and announces it: to this process at once, and on Postgres to other
     /// replicas (NOTIFY is delivered when, and only if, the commit happens).
+    /// `committing` is told before the COMMIT is sent: a failure after that
+    /// leaves the write's outcome unknown, and says so.
     pub(super) async fn commit(
         &self,
         mut tx: Transaction<'static, Any>,
         revision: Option<u64>,
+        committing: &health::Committing,
     ) -> Result<()> {
         if let Some(revision) = revision
             && self.backend == Backend::Postgres
@@ -86,7 +96,14 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        tx.commit().await?;
+        committing.start();
+        if let Err(e) = tx.commit().await {
+            let e = Error::from(e);
+            return Err(match &e {
+                Error::Unavailable { message, .. } => health::uncertain(message),
+                _ => e,
+            });
+        }
         if let Some(revision) = revision {
             self.saw_committed(revision);
             tracing::trace!(target: super::COMMITS, revision, "committed");
@@ -182,15 +199,19 @@ impl Store {
 
     /// The newest revision handed out (0 before the first change).
     pub async fn revision(&self) -> Result<u64> {
+        self.bounded(async {
         let revision: i64 =
             sqlx::query_scalar("SELECT value FROM cache_state WHERE key = 'revision'")
                 .fetch_one(&self.pool)
                 .await?;
         revision_from(revision)
+        })
+        .await
     }
 
     /// Up to `limit` events with a revision greater than `after`, in order.
     pub async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<RoomEvent>> {
+        self.bounded(async {
         let rows = sqlx::query(concat!(
             "SELECT ",
             event_columns!(),
@@ -201,14 +222,19 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event).collect()
+        })
+        .await
     }
 
     /// The oldest revision the log still holds, if any.
     pub async fn oldest_revision(&self) -> Result<Option<u64>> {
+        self.bounded(async {
         let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(revision) FROM room_events")
             .fetch_one(&self.pool)
             .await?;
         oldest.map(revision_from).transpose()
+        })
+        .await
     }
 
     /// Deletes events beyond the newest `keep`, and those up to the newest
@@ -217,6 +243,7 @@ impl Store {
     /// agree with revision order, and a hole in the middle would be skipped
     /// by watchers. Returns how many were deleted.
     pub async fn compact(&self, keep: u64, older_than: Option<Timestamp>) -> Result<u64> {
+        self.bounded(async {
         let newest = self.revision().await?;
         let by_count = newest.saturating_sub(keep.max(1));
         let result = sqlx::query(
@@ -232,6 +259,8 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected())
+        })
+        .await
     }
 
     /// The live rooms among `arns` (all live rooms when empty) and the revision
@@ -239,6 +268,7 @@ impl Store {
     #[tracing::instrument(target = SPANS, name = "cache.snapshot", skip_all, err,
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn snapshot(&self, arns: &[RoomArn]) -> Result<Snapshot> {
+        self.bounded(async {
         let mut tx = self.begin_read().await?;
         let revision = revision_in(&mut tx).await?;
         let rooms = if arns.is_empty() {
@@ -263,6 +293,8 @@ impl Store {
         };
         tx.commit().await?;
         Ok(Snapshot { revision, rooms })
+        })
+        .await
     }
 }
 

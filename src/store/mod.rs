@@ -20,6 +20,8 @@
 //! - `locks.rs`: the reconciler's leadership and rooms' turns among replicas;
 //! - `requests.rs`: CreateRoom request_ids and creations in flight;
 //! - `budget.rs`: the fleet's shared upstream budget;
+//! - `health.rs`: the bounds on waiting for the database and on locks a
+//!   cut-off session holds; whether the database answers this replica;
 //! - `rows.rs`: decoding rows; `error.rs`: sqlx errors as ours.
 //!
 //! For traces, each transaction (and each read and turn of a request's
@@ -30,6 +32,7 @@
 mod budget;
 mod connect;
 mod error;
+mod health;
 mod locks;
 mod log;
 mod requests;
@@ -37,7 +40,8 @@ mod rooms;
 mod rows;
 
 pub use budget::{BudgetPause, Slot};
-pub use locks::{Leadership, RoomLock};
+pub use health::{Away, DATABASE_DEADLINE, HELD_LOCK_BOUND, LOCK_WAIT, TURN_HEARTBEAT};
+pub use locks::{DEPOSED, Fence, LEASE_RENEWAL, LEASE_TTL, Leadership, RoomLock, fenced};
 pub use requests::Claim;
 
 /// The target of the TRACE event logged as each write that has an event
@@ -58,7 +62,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Row as _, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, Row as _, Transaction};
 use tokio::sync::watch;
 
 use crate::domain::{
@@ -117,6 +121,8 @@ pub struct Store {
     committed: Arc<watch::Sender<u64>>,
     /// Throttling pauses of the fleet's budget, as replicas announce them.
     pauses: tokio::sync::broadcast::Sender<BudgetPause>,
+    /// Whether the database answers this process.
+    health: health::SharedHealth,
 }
 
 /// Rooms as of one revision of the change log.

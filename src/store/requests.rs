@@ -46,6 +46,7 @@ impl Store {
         lease_until: Timestamp,
         expired_before: Timestamp,
     ) -> Result<Claim> {
+        self.bounded(async {
         // A row released between the two statements: claim again.
         loop {
             let won = sqlx::query(
@@ -94,6 +95,8 @@ impl Store {
                 claimed_at: Timestamp::from_nanos(row.try_get(1)?),
             });
         }
+        })
+        .await
     }
 
     /// Takes over a claim from `from`, whose lease ended before
@@ -106,6 +109,7 @@ impl Store {
         lease_until: Timestamp,
         expired_before: Timestamp,
     ) -> Result<bool> {
+        self.bounded(async {
         let result = sqlx::query(
             "UPDATE create_requests SET owner = $3, lease_until = $4 \
              WHERE request_id = $1 AND owner = $2 AND room IS NULL AND lease_until < $5",
@@ -118,6 +122,8 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Extends (or, with an earlier time, shortens) `owner`'s claim to
@@ -128,6 +134,7 @@ impl Store {
         owner: &str,
         lease_until: Timestamp,
     ) -> Result<bool> {
+        self.bounded(async {
         let result = sqlx::query(
             "UPDATE create_requests SET lease_until = $3 \
              WHERE request_id = $1 AND owner = $2 AND room IS NULL",
@@ -138,6 +145,8 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Records that `owner`'s request created `room` (as returned to it).
@@ -148,6 +157,7 @@ impl Store {
         owner: &str,
         room: &Room,
     ) -> Result<bool> {
+        self.bounded(async {
         let result = sqlx::query(
             "UPDATE create_requests SET arn = $3, room = $4, lease_until = NULL \
              WHERE request_id = $1 AND owner = $2 AND room IS NULL",
@@ -159,11 +169,14 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
+        })
+        .await
     }
 
     /// Gives up `owner`'s claim: no room was created, the next attempt
     /// starts afresh.
     pub async fn release_request(&self, request_id: &str, owner: &str) -> Result<()> {
+        self.bounded(async {
         sqlx::query(
             "DELETE FROM create_requests WHERE request_id = $1 AND owner = $2 AND room IS NULL",
         )
@@ -172,15 +185,20 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+        })
+        .await
     }
 
     /// Forgets request_ids first claimed before `before`. How many.
     pub async fn purge_requests(&self, before: Timestamp) -> Result<u64> {
+        self.bounded(async {
         let result = sqlx::query("DELETE FROM create_requests WHERE claimed_at < $1")
             .bind(before.as_nanos())
             .execute(&self.pool)
             .await?;
         Ok(result.rows_affected())
+        })
+        .await
     }
 }
 
@@ -191,6 +209,7 @@ impl Store {
     /// Records a CreateRoom about to be sent, for at most `lasts`; returns
     /// its mark (`None` on SQLite).
     pub async fn begin_creation(&self, lasts: std::time::Duration) -> Result<Option<String>> {
+        self.bounded(async {
         if !self.is_shared() {
             return Ok(None);
         }
@@ -205,6 +224,8 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(Some(id))
+        })
+        .await
     }
 
     /// The CreateRoom of `mark` is over (its room cached, or it failed);
@@ -241,6 +262,7 @@ impl Store {
 
     /// Whether a CreateRoom may be in flight on another replica.
     pub async fn creations_in_flight(&self) -> Result<bool> {
+        self.bounded(async {
         if !self.is_shared() {
             return Ok(false);
         }
@@ -252,5 +274,7 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(any)
+        })
+        .await
     }
 }

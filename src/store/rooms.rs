@@ -27,8 +27,11 @@ impl Store {
     #[tracing::instrument(target = SPANS, name = "cache.get", skip_all, err,
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn get(&self, arn: &RoomArn) -> Result<Option<CachedRoom>> {
+        self.bounded(async {
         let mut conn = self.pool.acquire().await?;
         get_row(&mut conn, arn).await
+        })
+        .await
     }
 
     /// The cached row for `arn` and the change-log revision it reflects, read
@@ -36,11 +39,14 @@ impl Store {
     #[tracing::instrument(target = SPANS, name = "cache.get_at_revision", skip_all, err,
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn get_at_revision(&self, arn: &RoomArn) -> Result<(Option<CachedRoom>, u64)> {
+        self.bounded(async {
         let mut tx = self.begin_read().await?;
         let revision = revision_in(&mut tx).await?;
         let row = get_row(&mut tx, arn).await?;
         tx.commit().await?;
         Ok((row, revision))
+        })
+        .await
     }
 
     /// Up to `limit` cached rows (tombstones included), most recently
@@ -48,6 +54,7 @@ impl Store {
     #[tracing::instrument(target = SPANS, name = "cache.rows_at_revision", skip_all, err,
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn rows_at_revision(&self, limit: usize) -> Result<(Vec<CachedRoom>, u64)> {
+        self.bounded(async {
         let mut tx = self.begin_read().await?;
         let revision = revision_in(&mut tx).await?;
         let rows = sqlx::query(concat!(
@@ -61,6 +68,8 @@ impl Store {
         tx.commit().await?;
         let rows = rows.iter().map(cached_room).collect::<Result<_>>()?;
         Ok((rows, revision))
+        })
+        .await
     }
 
     /// Stores `room` as IVS Chat returned it to a call that started at
@@ -78,13 +87,17 @@ impl Store {
         validated_at: Timestamp,
         source: EventSource,
     ) -> Result<CachedRoom> {
+        let committing = health::Committing::default();
+        self.bounded_write(&committing, async {
         let mut tx = self.begin_write().await?;
         let (before, after) = upsert(&mut tx, room, validated_at).await?;
         let revision = self
             .append_event(&mut tx, before.as_ref(), Some(&after), source)
             .await?;
-        self.commit(tx, revision).await?;
+        self.commit(tx, revision, &committing).await?;
         Ok(after)
+        })
+        .await
     }
 
     /// [`Store::put`] for many rooms in one transaction (one commit, each
@@ -97,6 +110,8 @@ impl Store {
         validated_at: Timestamp,
         source: EventSource,
     ) -> Result<()> {
+        let committing = health::Committing::default();
+        self.bounded_write(&committing, async {
         let mut tx = self.begin_write().await?;
         let mut newest = None;
         for room in rooms {
@@ -106,7 +121,9 @@ impl Store {
                 .await?
                 .or(newest);
         }
-        self.commit(tx, newest).await
+        self.commit(tx, newest, &committing).await
+        })
+        .await
     }
 
     /// Sets the tags of the cached room `arn` to `tags`, as IVS Chat listed
@@ -124,6 +141,8 @@ impl Store {
         asked_at: Timestamp,
         source: EventSource,
     ) -> Result<Option<CachedRoom>> {
+        let committing = health::Committing::default();
+        self.bounded_write(&committing, async {
         let mut tx = self.begin_write().await?;
         let Some(before) = get_row(&mut tx, arn).await?.filter(|row| !row.deleted) else {
             return Ok(None);
@@ -141,8 +160,10 @@ impl Store {
         let revision = self
             .append_event(&mut tx, Some(&before), after.as_ref(), source)
             .await?;
-        self.commit(tx, revision).await?;
+        self.commit(tx, revision, &committing).await?;
         Ok(after)
+        })
+        .await
     }
 
     /// Records that IVS Chat said at `at` that the room is gone, unless a call
@@ -158,6 +179,8 @@ impl Store {
         at: Timestamp,
         source: EventSource,
     ) -> Result<()> {
+        let committing = health::Committing::default();
+        self.bounded_write(&committing, async {
         let mut tx = self.begin_write().await?;
         let before = get_row(&mut tx, arn).await?;
         sqlx::query(concat!(
@@ -177,7 +200,9 @@ impl Store {
         let revision = self
             .append_event(&mut tx, before.as_ref(), after.as_ref(), source)
             .await?;
-        self.commit(tx, revision).await
+        self.commit(tx, revision, &committing).await
+        })
+        .await
     }
 
     /// One page of live rooms, newest `update_time` first, as ListRooms pages,
@@ -191,6 +216,7 @@ impl Store {
         query: &ListQuery,
         regions: &[&str],
     ) -> Result<(ListedPage<Room>, u64, Option<Timestamp>)> {
+        self.bounded(async {
         let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => Some(PageCursor::decode(token)?),
             None => None,
@@ -265,6 +291,8 @@ impl Store {
             None
         };
         Ok((ListedPage { rooms, next_token }, revision, validated_at))
+        })
+        .await
     }
 
     /// Live rooms of `region` not confirmed by IVS Chat since `before`: after
@@ -275,6 +303,7 @@ impl Store {
         region: &str,
         before: Timestamp,
     ) -> Result<Vec<RoomArn>> {
+        self.bounded(async {
         let rows = sqlx::query(
             "SELECT arn FROM rooms \
              WHERE deleted_at IS NULL AND validated_at < $1 AND arn LIKE $2",
@@ -286,12 +315,15 @@ impl Store {
         rows.iter()
             .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
             .collect()
+        })
+        .await
     }
 
     /// Up to `limit` live rooms of `region` whose details (the message
     /// limits) are still to be read: rooms a full listing put in from their
     /// summaries, newest update first.
     pub async fn rooms_pending_details(&self, region: &str, limit: usize) -> Result<Vec<RoomArn>> {
+        self.bounded(async {
         let rows = sqlx::query(
             "SELECT arn FROM rooms \
              WHERE details_pending = 1 AND deleted_at IS NULL AND arn LIKE $1 \
@@ -304,6 +336,8 @@ impl Store {
         rows.iter()
             .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
             .collect()
+        })
+        .await
     }
 
     /// Marks `arn` as confirmed at `at` without changing it (a listing showed
@@ -314,6 +348,7 @@ impl Store {
         update_time: Timestamp,
         at: Timestamp,
     ) -> Result<()> {
+        self.bounded(async {
         sqlx::query(CONFIRM)
             .bind(at.as_nanos())
             .bind(arn.as_str())
@@ -321,6 +356,8 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+        })
+        .await
     }
 
     /// [`Store::confirm`] for each of `listed` (a room and the updateTime a
@@ -328,10 +365,16 @@ impl Store {
     #[tracing::instrument(target = SPANS, name = "cache.confirm_many", skip_all, err,
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn confirm_many(&self, listed: &[(RoomArn, Timestamp)], at: Timestamp) -> Result<()> {
+        self.bounded(async {
         if listed.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        // A pass's confirmations are fenced by its lease like its writes.
+        let mut tx = if super::locks::current_fence().is_some() {
+            self.begin_write().await?
+        } else {
+            self.pool.begin().await?
+        };
         for (arn, update_time) in listed {
             sqlx::query(CONFIRM)
                 .bind(at.as_nanos())
@@ -342,28 +385,39 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+        })
+        .await
     }
 
     /// When a full listing of `region`'s IVS Chat last completed, if ever:
     /// until then the cache cannot answer ListRooms for it.
     pub async fn full_listing_at(&self, region: &str) -> Result<Option<Timestamp>> {
+        self.bounded(async {
         let value: Option<i64> = sqlx::query_scalar("SELECT value FROM cache_state WHERE key = $1")
             .bind(full_listing_key(region))
             .fetch_optional(&self.pool)
             .await?;
         Ok(value.map(Timestamp::from_nanos))
+        })
+        .await
     }
 
     pub async fn set_full_listing_at(&self, region: &str, at: Timestamp) -> Result<()> {
+        self.bounded(async {
+        // A pass's record is fenced by its lease like its writes.
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO cache_state (key, value) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(full_listing_key(region))
         .bind(at.as_nanos())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
+        })
+        .await
     }
 
     /// Carries a cache written when one region was served (its listing state

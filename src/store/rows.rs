@@ -16,7 +16,7 @@ macro_rules! columns {
 /// The `room_events` columns, in the order `event` reads them.
 macro_rules! event_columns {
     () => {
-        "revision, arn, kind, source, observed_at, room, previous, changed_fields"
+        "revision, arn, kind, source, observed_at, room, previous, changed_fields, validated_at"
     };
 }
 
@@ -37,6 +37,9 @@ pub(super) fn event(row: &AnyRow) -> Result<RoomEvent> {
         source: EventSource::parse(&source)
             .with_context(|| format!("unknown event source {source:?} in the change log"))?,
         observed_at: Timestamp::from_nanos(row.try_get("observed_at")?),
+        validated_at: row
+            .try_get::<Option<i64>, _>("validated_at")?
+            .map(Timestamp::from_nanos),
         room: serde_json::from_str(&room).context("corrupt room in the change log")?,
         previous: previous
             .as_deref()

@@ -6,6 +6,7 @@ pub mod binary;
 pub mod load;
 pub mod pg;
 pub mod pki;
+pub mod proxy;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

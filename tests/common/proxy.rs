@@ -1,0 +1,327 @@
+//! A loopback TCP proxy that plays network faults between a replica and
+//! Postgres: a silent partition (packets dropped, no RST, every socket kept
+//! open), a loud reset, and the heal. Real sockets fail in ways a mock store
+//! cannot: a client blocked on a read that never returns, a server that never
+//! learns its client is gone.
+//!
+//! Each accepted connection is one task. Its two copy directions read from
+//! their source only while the link passes, so during a blackhole bytes wait
+//! in kernel buffers (or in the proxy, if a read had just completed) and are
+//! delivered, in order, on heal: what TCP retransmission does after a
+//! partition.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+/// A fault-injecting TCP proxy on a loopback port in front of one upstream
+/// server; dropping it stops the proxy and closes every connection.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    link: watch::Sender<Link>,
+    open: Arc<AtomicUsize>,
+    acceptor: JoinHandle<()>,
+}
+
+/// What the server's side of a connection does during a blackhole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerSide {
+    /// The proxy keeps its connection to the server open during a blackhole, as HAProxy,
+    /// PgBouncer or a cloud SQL proxy would (they answer the server's keepalives): the
+    /// server never notices the client is gone.
+    Kept,
+    /// Plays the server's own TCP keepalive noticing a silent peer: `after` this long in a
+    /// blackhole, the proxy closes its connection to the server (so Postgres ends that
+    /// session and frees its locks) while the client side stays open and silent.
+    CutAfter(Duration),
+}
+
+/// The state every connection task watches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Link {
+    mode: Mode,
+    /// How many times `reset` was called: a connection that saw a lower count
+    /// when it was accepted is to be reset.
+    resets: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Pass,
+    /// `since` dates the start of the blackhole, so that `CutAfter` counts
+    /// from it even for a connection whose task looked later.
+    Blackhole {
+        server_side: ServerSide,
+        since: Instant,
+    },
+}
+
+/// How a connection's relaying ended.
+enum End {
+    /// Both directions closed normally, or the proxy is gone.
+    Closed,
+    /// `reset` was called, or a side failed: RST both sides.
+    Reset,
+    /// A `CutAfter` blackhole lasted long enough: close the server side only.
+    Cut,
+}
+
+impl FaultProxy {
+    /// A proxy to `upstream` listening on 127.0.0.1:0, passing traffic.
+    pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+        let addr = listener.local_addr().expect("local address");
+        let (link, watching) = watch::channel(Link {
+            mode: Mode::Pass,
+            resets: 0,
+        });
+        let open = Arc::new(AtomicUsize::new(0));
+        let acceptor = tokio::spawn(accept(listener, upstream, watching, open.clone()));
+        FaultProxy {
+            addr,
+            link,
+            open,
+            acceptor,
+        }
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `url` (postgres://user@host:port/db?params) with host:port replaced by the proxy's.
+    pub fn url_for(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        // The user (and password) end at the last '@' of the authority.
+        let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
+        format!("{scheme}://{user}{}{tail}", self.addr)
+    }
+
+    /// Forward both ways. Bytes held during a blackhole are delivered now (as TCP
+    /// retransmission would after a partition heals); a connection whose server side was cut
+    /// meanwhile gets its client side reset (RST: what the client's retransmission meets).
+    pub fn pass(&self) {
+        self.link.send_modify(|link| link.mode = Mode::Pass);
+    }
+
+    /// Silently drop the link: nothing is forwarded either way and every socket stays open;
+    /// new connections are accepted but nothing is forwarded on them (and they are not
+    /// connected upstream) until `pass`.
+    pub fn blackhole(&self, server_side: ServerSide) {
+        self.link.send_modify(|link| {
+            let since = match link.mode {
+                Mode::Blackhole { since, .. } => since,
+                Mode::Pass => Instant::now(),
+            };
+            link.mode = Mode::Blackhole { server_side, since };
+        });
+    }
+
+    /// Loud failure: every current connection is closed with RST (SO_LINGER 0) on both sides
+    /// at once; the mode is then `pass` for new connections.
+    pub fn reset(&self) {
+        self.link.send_modify(|link| {
+            link.resets += 1;
+            link.mode = Mode::Pass;
+        });
+    }
+
+    /// Connections currently open through the proxy (client sides).
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        // The acceptor owns the connection tasks (a JoinSet): aborting it
+        // drops the listener and aborts them all, closing their sockets.
+        self.acceptor.abort();
+    }
+}
+
+/// Decrements the open-connection count when a connection task ends, however
+/// it ends (aborted included).
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    link: watch::Receiver<Link>,
+    open: Arc<AtomicUsize>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                // An accept error is about one connection (it went away
+                // before we took it): keep listening.
+                let Ok((client, _)) = accepted else { continue };
+                open.fetch_add(1, Ordering::SeqCst);
+                let guard = Open(open.clone());
+                let link = link.clone();
+                connections.spawn(async move {
+                    let _guard = guard;
+                    relay(client, upstream, link).await;
+                });
+            }
+            // Reaps finished tasks so the set does not grow.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One connection, from accept to close.
+async fn relay(client: TcpStream, upstream: SocketAddr, mut link: watch::Receiver<Link>) {
+    let resets = link.borrow().resets;
+    // A blackholed link forwards nothing, not even the connection itself.
+    let state = until(&mut link, |l| l.resets != resets || l.mode == Mode::Pass).await;
+    if state.resets != resets {
+        return rst(client);
+    }
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        // What the client would meet if the server refused it.
+        return rst(client);
+    };
+    let mut client = client;
+    // Small writes (Postgres's messages) go out at once, as without a proxy.
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let end = {
+        let (client_read, client_write) = client.split();
+        let (server_read, server_write) = server.split();
+        let (mut control, mut up, mut down) = (link.clone(), link.clone(), link.clone());
+        let directions = async {
+            tokio::try_join!(
+                pump(client_read, server_write, &mut up),
+                pump(server_read, client_write, &mut down),
+            )
+        };
+        tokio::select! {
+            // A fault wins over data ready in the same poll: after `reset`
+            // the mode is Pass, and held bytes must not leak out first.
+            biased;
+            end = fault(&mut control, resets) => end,
+            done = directions => match done {
+                Ok(_) => End::Closed,
+                // One side failed: the other meets the same loud failure.
+                Err(_) => End::Reset,
+            },
+        }
+    };
+    match end {
+        End::Closed => {}
+        End::Reset => {
+            rst(server);
+            rst(client);
+        }
+        End::Cut => {
+            // A FIN: the server's session ends and Postgres frees its locks.
+            drop(server);
+            // The client stays open and silent until the partition heals;
+            // its retransmission then meets a peer that has forgotten it.
+            until(&mut link, |l| l.resets != resets || l.mode == Mode::Pass).await;
+            rst(client);
+        }
+    }
+}
+
+/// Copies `from` to `to`, reading only while the link passes; bytes (or an
+/// EOF) read just as a blackhole began are held and delivered on `pass`.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    link: &mut watch::Receiver<Link>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        until(link, |l| l.mode == Mode::Pass).await;
+        let n = tokio::select! {
+            biased;
+            // Reading is cancel-safe: nothing was taken from the socket.
+            _ = until(link, |l| l.mode != Mode::Pass) => continue,
+            n = from.read(&mut buf) => n?,
+        };
+        if n == 0 {
+            until(link, |l| l.mode == Mode::Pass).await;
+            // Half-close, as the peer did: the other direction carries on.
+            return to.shutdown().await;
+        }
+        let mut written = 0;
+        while written < n {
+            until(link, |l| l.mode == Mode::Pass).await;
+            // Writing piecewise, so a blackhole that begins mid-write stops it.
+            tokio::select! {
+                biased;
+                _ = until(link, |l| l.mode != Mode::Pass) => {}
+                w = to.write(&buf[written..n]) => written += w?,
+            }
+        }
+    }
+}
+
+/// Waits for the connection's fault: a reset, or a `CutAfter` blackhole that
+/// has lasted its time.
+async fn fault(link: &mut watch::Receiver<Link>, resets: u64) -> End {
+    loop {
+        let state = *link.borrow_and_update();
+        if state.resets != resets {
+            return End::Reset;
+        }
+        let cut_at = match state.mode {
+            Mode::Blackhole {
+                server_side: ServerSide::CutAfter(after),
+                since,
+            } => Some(since + after),
+            _ => None,
+        };
+        let cut = async {
+            match cut_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            // A heal that comes with the deadline wins: re-read the state.
+            biased;
+            changed = link.changed() => if changed.is_err() {
+                return End::Closed;
+            },
+            () = cut => return End::Cut,
+        }
+    }
+}
+
+/// The link's state once it satisfies `ok`. Never returns once the proxy is
+/// gone: its tasks are being aborted then.
+async fn until(link: &mut watch::Receiver<Link>, ok: impl FnMut(&Link) -> bool) -> Link {
+    // The copy is taken at once: the borrowed state locks the channel.
+    let state = link.wait_for(ok).await.map(|state| *state);
+    match state {
+        Ok(state) => state,
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Closes `stream` with an RST rather than a FIN.
+fn rst(stream: TcpStream) {
+    // SO_LINGER 0 does not block on close (a nonzero linger would).
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
