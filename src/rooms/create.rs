@@ -209,7 +209,9 @@ impl Rooms {
                 }
             };
             match upstream.create_room_once(&new, caller, ready).await {
-                Ok(room) => Ok(self.keep(room, asked_at, EventSource::Api).await),
+                // Unrecorded, the claim runs out and a retry finds the
+                // room by its tag.
+                Ok(room) => self.keep_ours(room, asked_at).await,
                 Err(failure) => {
                     // The next call looks for the room before creating one,
                     // also after a takeover (a room may exist that the

@@ -294,7 +294,7 @@ impl Rooms {
                 .creating(async {
                     let asked_at = Timestamp::now();
                     let room = upstream.create_room(&new, caller).await?;
-                    Ok(rooms.keep(room, asked_at, EventSource::Api).await)
+                    rooms.keep_ours(room, asked_at).await
                 })
                 .await
         })
@@ -379,6 +379,29 @@ impl Rooms {
         }
     }
 
+    /// Stores a room IVS Chat returned to a write through this service, as
+    /// an API change, and answers with what the cache holds after. A write
+    /// is acknowledged only once it is in the change log: when the cache
+    /// cannot record it (the database away, or a commit whose outcome is
+    /// unknown), the client is told UNAVAILABLE, saying that IVS Chat made
+    /// the change; the reconciler records IVS Chat's state later.
+    async fn keep_ours(&self, room: Room, asked_at: Timestamp) -> Result<Room> {
+        match self.inner.store.put(&room, asked_at, EventSource::Api).await {
+            Ok(cached) if !cached.deleted && !cached.room.details_pending => Ok(cached.room),
+            Ok(_) => Ok(room),
+            Err(e) => Err(unrecorded(&room.arn, &e)),
+        }
+    }
+
+    /// Records a deletion made through this service (as [`Rooms::keep_ours`]).
+    async fn forget_ours(&self, arn: &RoomArn) -> Result<()> {
+        self.inner
+            .store
+            .mark_deleted(arn, Timestamp::now(), EventSource::Api)
+            .await
+            .map_err(|e| unrecorded(arn.as_str(), &e))
+    }
+
     /// Passes `result` on; a NOT_FOUND from IVS Chat also forgets the room,
     /// which was deleted behind this service's back.
     async fn gone_if_not_found<T>(&self, arn: &RoomArn, result: Result<T>) -> Result<T> {
@@ -401,4 +424,15 @@ impl Rooms {
             tracing::error!(error = %e, %arn, "could not record a deleted room in the cache");
         }
     }
+}
+
+/// The error of a write IVS Chat carried out that the cache could not record
+/// (`cause`).
+fn unrecorded(arn: &str, cause: &Error) -> Error {
+    tracing::error!(error = %cause, arn, "could not cache a change made in IVS Chat");
+    Error::unavailable(format!(
+        "IVS Chat made the change to {arn}, but the cache could not record it ({cause}); \
+         the change may not be in the change log yet: the reconciler records IVS Chat's state. \
+         Read the room before retrying"
+    ))
 }

@@ -39,9 +39,12 @@ impl Rooms {
         // Whether there is something to answer with if IVS Chat cannot be
         // asked in time; only then is waiting for it cut short.
         let mut fallback = false;
-        // The database did not answer this request: memory answers for it.
-        let mut database_away = false;
         if consistency == Consistency::Cached {
+            // Known away: memory answers at once, or nothing does (a read
+            // through needs the database too, for the room's turn).
+            if let Some(away) = self.inner.store.away() {
+                return self.from_memory(&arn, &away.describe());
+            }
             match by(answer_by, self.cached(&arn)).await {
                 Ok(Some(row)) if self.is_fresh(&row) => {
                     return Read {
@@ -50,14 +53,10 @@ impl Rooms {
                     };
                 }
                 Ok(row) => fallback = row.is_some_and(|row| self.may_serve_stale(&row)),
-                // The database is down: IVS Chat may answer, or memory.
-                Err(Error::Unavailable { .. }) => {
-                    database_away = true;
-                    fallback = self
-                        .inner
-                        .hot
-                        .get(&arn)
-                        .is_some_and(|row| self.may_serve_stale(&row));
+                // The database did not answer: memory answers, or nothing.
+                Err(Error::Unavailable { message, .. }) => {
+                    self.inner.store.suspect(&message);
+                    return self.from_memory(&arn, &message);
                 }
                 Err(e) => return Read::failed(e),
             }
@@ -68,11 +67,7 @@ impl Rooms {
             Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
                 // Anything the cache still holds, within the hard limit, beats
                 // no answer.
-                let row = if database_away {
-                    self.inner.hot.get(&arn)
-                } else {
-                    self.last_known(&arn, deadline).await
-                };
+                let row = self.last_known(&arn, deadline).await;
                 if let Some(row) = row
                     && self.may_serve_stale(&row)
                 {
@@ -93,6 +88,26 @@ impl Rooms {
             }
             answer => Read {
                 answer: answer.map(Answer::Fetched),
+                cache: Some(CacheInfo::MISS),
+            },
+        }
+    }
+
+    /// A cached read while the database does not answer this replica
+    /// (`cause`): the row memory holds, marked stale whatever its age (other
+    /// replicas' changes cannot reach this one meanwhile), within
+    /// `--stale-if-error`; otherwise UNAVAILABLE at once, saying why.
+    fn from_memory(&self, arn: &RoomArn, cause: &str) -> Read {
+        match self.inner.hot.get(arn) {
+            Some(row) if self.may_serve_stale(&row) => Read {
+                cache: Some(CacheInfo::of(CacheStatus::Stale, &row)),
+                answer: cached_answer(row),
+            },
+            _ => Read {
+                answer: Err(Error::unavailable(format!(
+                    "{cause}, and this replica holds no copy of the room in memory \
+                     recent enough to answer with"
+                ))),
                 cache: Some(CacheInfo::MISS),
             },
         }

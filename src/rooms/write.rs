@@ -21,7 +21,7 @@ impl Rooms {
                 let room = rooms
                     .gone_if_not_found(&arn, upstream.update_room(&arn, &patch, caller).await)
                     .await?;
-                Ok(rooms.keep(room, asked_at, EventSource::Api).await)
+                rooms.keep_ours(room, asked_at).await
             };
             rooms.in_write_turn(&arn, expected, caller, write).await
         })
@@ -43,8 +43,7 @@ impl Rooms {
                 rooms
                     .gone_if_not_found(&arn, upstream.delete_room(&arn, caller).await)
                     .await?;
-                rooms.forget(&arn, EventSource::Api).await;
-                Ok(())
+                rooms.forget_ours(&arn).await
             };
             rooms.in_write_turn(&arn, expected, caller, write).await
         })
@@ -168,22 +167,8 @@ impl Rooms {
             Ok(Some(cached)) if !cached.room.details_pending => Ok(cached.room),
             // Not cached, or listed without its details: read it whole.
             Ok(_) => self.refresh(arn, EventSource::Api, caller).await,
-            Err(e) => {
-                // IVS Chat has tagged the room: say so, with the tags it has.
-                tracing::error!(error = %e, %arn, "could not cache a room's tags");
-                let mut room = self
-                    .inner
-                    .store
-                    .get(arn)
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|c| !c.deleted)
-                    .map(|c| c.room)
-                    .ok_or(e)?;
-                room.tags = tags;
-                Ok(room)
-            }
+            // IVS Chat has tagged the room; acknowledged once logged only.
+            Err(e) => Err(unrecorded(arn.as_str(), &e)),
         }
     }
 }
