@@ -5,11 +5,8 @@
 //! at startup, every row) in a map, and keeps it exact with the change log:
 //!
 //! - The feed's tailer applies every event, in revision order, from this
-//!   process and (through Postgres notifications) from other replicas: the
-//!   room's entry becomes the row the event leaves (each event carries it
-//!   whole, with when IVS Chat confirmed it), so a room changed recently is
-//!   still in memory when the database goes away; `through` is the newest
-//!   revision applied.
+//!   process and (through Postgres notifications) from other replicas, by
+//!   dropping the room's entry; `through` is the newest revision applied.
 //! - A row is filled in only with the revision it was read at, in the same
 //!   read transaction, and only if no event after that revision has been
 //!   applied yet (else it may already be out of date).
@@ -18,6 +15,13 @@
 //!   up with a commit (its own, or one a replica announced), reads go to SQL.
 //!
 //! So an entry is never older than the store as far as this process knows.
+//!
+//! Beside the entries, the layer keeps each room's *last known* row: the row
+//! as the newest applied event left it (each event carries it whole, with
+//! when IVS Chat confirmed it) or as last filled in. It never answers a
+//! normal read (another replica's commit may be on its way); it answers only
+//! while the database does not answer this replica, marked stale, so that a
+//! room changed recently is still readable then.
 //! Each entry is a [`HotRow`]: the row with room for one value derived from
 //! it, where the gRPC edge keeps the room's encoding, made by the first read
 //! that answers with it. A changed row is a new entry, so what was derived
@@ -57,6 +61,8 @@ struct State {
     /// Every event up to this revision has been applied.
     through: u64,
     rooms: HashMap<RoomArn, Arc<HotRow>>,
+    /// Each room's row as the newest applied event (or fill) left it.
+    known: HashMap<RoomArn, Arc<HotRow>>,
 }
 
 impl HotRooms {
@@ -69,6 +75,7 @@ impl HotRooms {
                 state: RwLock::new(State {
                     through,
                     rooms: HashMap::new(),
+                    known: HashMap::new(),
                 }),
                 committed,
             }),
@@ -118,6 +125,7 @@ impl HotRooms {
             return row;
         }
         state.rooms.insert(arn.clone(), row.clone());
+        state.known.insert(arn.clone(), row.clone());
         row
     }
 
@@ -132,14 +140,15 @@ impl HotRooms {
                 break;
             }
             if let Ok(arn) = RoomArn::parse("arn", &row.room.arn) {
-                state.rooms.insert(arn, Arc::new(Derived::new(row)));
+                let row = Arc::new(Derived::new(row));
+                state.known.insert(arn.clone(), row.clone());
+                state.rooms.insert(arn, row);
             }
         }
     }
 
     /// Applies events `after + 1 ..` in order: the rooms they touch are
-    /// held as the events leave them (dropped, for events that do not say
-    /// when the row was confirmed). A gap (events compacted before this process read them) drops
+    /// dropped (their last known rows become the events'). A gap (events compacted before this process read them) drops
     /// everything.
     pub fn apply<'a>(&self, after: u64, events: impl IntoIterator<Item = &'a RoomEvent>) {
         let mut state = self.inner.state.write().expect("hot rooms");
@@ -147,33 +156,45 @@ impl HotRooms {
         for event in events {
             if event.revision != expected {
                 state.rooms.clear();
+                state.known.clear();
             }
             expected = event.revision + 1;
             if let Ok(arn) = RoomArn::parse("arn", &event.room.arn) {
+                state.rooms.remove(&arn);
                 match event.validated_at {
-                    // The row as the change left it, whole in the event:
-                    // held (if there is room), so that a room changed
-                    // recently is still answered while the database is away.
                     Some(validated_at)
-                        if state.rooms.contains_key(&arn)
-                            || state.rooms.len() < self.inner.capacity =>
+                        if state.known.contains_key(&arn)
+                            || state.known.len() < self.inner.capacity =>
                     {
                         let row = CachedRoom {
                             room: event.room.clone(),
                             validated_at,
                             deleted: event.kind == EventKind::Deleted,
                         };
-                        state.rooms.insert(arn, Arc::new(Derived::new(row)));
+                        state.known.insert(arn, Arc::new(Derived::new(row)));
                     }
                     // An event logged before events carried their row's
-                    // confirmation: read the row again when asked.
+                    // confirmation: nothing known of the row after it.
                     _ => {
-                        state.rooms.remove(&arn);
+                        state.known.remove(&arn);
                     }
                 }
             }
             state.through = state.through.max(event.revision);
         }
+    }
+
+    /// The room's row as the newest event this process applied (or the
+    /// last fill) left it, whether or not the layer is up to date: for
+    /// answering, marked stale, while the database does not answer.
+    pub fn last_known(&self, arn: &RoomArn) -> Option<Arc<HotRow>> {
+        self.inner
+            .state
+            .read()
+            .expect("hot rooms")
+            .known
+            .get(arn)
+            .cloned()
     }
 
     /// How many rows are held.

@@ -19,9 +19,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 const ROOM: &str = "hotRoom00001";
 
 /// The layer's rules, driven directly: a commit not yet applied hides every
-/// entry, an applied event leaves the room's entry exactly as the store's
-/// row (so a room changed recently stays in memory), and a row read before
-/// the last applied event is not taken in.
+/// entry, an applied event drops the room's (and leaves its row as the last
+/// known, exactly the store's), and a row read before the last applied event
+/// is not taken in.
 async fn memory_never_serves_past_a_known_commit(db: TestDb) {
     let store = Store::open(&db.url).await.unwrap();
     let v1 = room(ROOM, 10, "v1");
@@ -48,11 +48,14 @@ async fn memory_never_serves_past_a_known_commit(db: TestDb) {
     tokio::time::timeout(PATIENCE, feed.caught_up(as_of))
         .await
         .unwrap();
+    assert!(hot.get(&arn).is_none(), "the event dropped the entry");
     assert_eq!(
-        **hot.get(&arn).expect("the event left the new row in memory"),
+        **hot.last_known(&arn).expect("the event's row is known"),
         row,
-        "the row in memory is the store's, confirmation included"
+        "the last known row is the store's, confirmation included"
     );
+    hot.fill(&arn, row, as_of);
+    assert_eq!(hot.get(&arn).unwrap().room.name, "v2");
 
     // A slow reader's row, read before the next change was applied.
     let (old_row, old_as_of) = store.get_at_revision(&arn).await.unwrap();
@@ -65,28 +68,27 @@ async fn memory_never_serves_past_a_known_commit(db: TestDb) {
         .await
         .unwrap();
     hot.fill(&arn, old_row.unwrap(), old_as_of);
-    assert_eq!(
-        hot.get(&arn).unwrap().room.name,
-        "v3",
-        "a row older than an applied event is not taken in"
-    );
-    let (row, _) = store.get_at_revision(&arn).await.unwrap();
-    assert_eq!(**hot.get(&arn).unwrap(), row.unwrap());
+    assert!(hot.get(&arn).is_none(), "a row older than an applied event");
+    let (row, as_of) = store.get_at_revision(&arn).await.unwrap();
+    hot.fill(&arn, row.unwrap(), as_of);
+    assert_eq!(hot.get(&arn).unwrap().room.name, "v3");
 
-    // Deleting leaves the tombstone, which answers as such.
+    // Deleting drops it too, and the tombstone read back answers as such.
     store
         .mark_deleted(&arn, Timestamp::now(), EventSource::Api)
         .await
         .unwrap();
-    assert!(hot.get(&arn).is_none(), "a known commit not yet applied");
+    assert!(hot.get(&arn).is_none());
     let newest = store.revision().await.unwrap();
     tokio::time::timeout(PATIENCE, feed.caught_up(newest))
         .await
         .unwrap();
-    let (row, _) = store.get_at_revision(&arn).await.unwrap();
-    let held = hot.get(&arn).expect("the tombstone is held");
-    assert!(held.deleted);
-    assert_eq!(**held, row.unwrap());
+    let (row, as_of) = store.get_at_revision(&arn).await.unwrap();
+    let known = hot.last_known(&arn).expect("the tombstone is known");
+    assert!(known.deleted);
+    assert_eq!(**known, *row.as_ref().unwrap());
+    hot.fill(&arn, row.unwrap(), as_of);
+    assert!(hot.get(&arn).unwrap().deleted);
     feed.stop().await;
 
     // A layer of capacity 0 holds nothing.

@@ -98,7 +98,7 @@ impl Rooms {
     /// replicas' changes cannot reach this one meanwhile), within
     /// `--stale-if-error`; otherwise UNAVAILABLE at once, saying why.
     fn from_memory(&self, arn: &RoomArn, cause: &str) -> Read {
-        match self.inner.hot.get(arn) {
+        match self.inner.hot.last_known(arn) {
             Some(row) if self.may_serve_stale(&row) => Read {
                 cache: Some(CacheInfo::of(CacheStatus::Stale, &row)),
                 answer: cached_answer(row),

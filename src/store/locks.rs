@@ -275,6 +275,22 @@ impl Store {
             std::process::id(),
             rand::random::<u64>()
         );
+        // Most asks find the lease held: one read, no revision lock.
+        let free: Option<bool> = self
+            .bounded(async {
+                Ok(sqlx::query_scalar(concat!(
+                    "SELECT expires_at <= ",
+                    db_now!(),
+                    " FROM leader_leases WHERE scope = $1"
+                ))
+                .bind(region)
+                .fetch_optional(&self.pool)
+                .await?)
+            })
+            .await?;
+        if free == Some(false) {
+            return Ok(None);
+        }
         let sent = tokio::time::Instant::now();
         let committing = health::Committing::default();
         let generation = self

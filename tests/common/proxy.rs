@@ -25,7 +25,8 @@ use tokio::time::Instant;
 /// server; dropping it stops the proxy and closes every connection.
 pub struct FaultProxy {
     addr: SocketAddr,
-    link: watch::Sender<Link>,
+    link: Arc<watch::Sender<Link>>,
+    trigger: Arc<Trigger>,
     open: Arc<AtomicUsize>,
     acceptor: JoinHandle<()>,
 }
@@ -41,6 +42,38 @@ pub enum ServerSide {
     /// blackhole, the proxy closes its connection to the server (so Postgres ends that
     /// session and frees its locks) while the client side stays open and silent.
     CutAfter(Duration),
+}
+
+/// A blackhole armed to begin just after the client sends given bytes.
+struct Trigger {
+    armed: std::sync::Mutex<Option<(Vec<u8>, ServerSide)>>,
+    link: Arc<watch::Sender<Link>>,
+}
+
+impl Trigger {
+    /// `sent` was just forwarded to the server: if it holds the armed
+    /// bytes, the blackhole begins now (the server has them, the client
+    /// hears nothing more).
+    fn check(&self, sent: &[u8]) {
+        let mut armed = self.armed.lock().expect("trigger");
+        let Some((needle, _)) = armed.as_ref() else {
+            return;
+        };
+        if sent.windows(needle.len()).any(|w| w == needle.as_slice()) {
+            let (_, server_side) = armed.take().expect("armed");
+            blackhole(&self.link, server_side);
+        }
+    }
+}
+
+fn blackhole(link: &watch::Sender<Link>, server_side: ServerSide) {
+    link.send_modify(|link| {
+        let since = match link.mode {
+            Mode::Blackhole { since, .. } => since,
+            Mode::Pass => Instant::now(),
+        };
+        link.mode = Mode::Blackhole { server_side, since };
+    });
 }
 
 /// The state every connection task watches.
@@ -83,10 +116,22 @@ impl FaultProxy {
             resets: 0,
         });
         let open = Arc::new(AtomicUsize::new(0));
-        let acceptor = tokio::spawn(accept(listener, upstream, watching, open.clone()));
+        let link = Arc::new(link);
+        let trigger = Arc::new(Trigger {
+            armed: std::sync::Mutex::new(None),
+            link: link.clone(),
+        });
+        let acceptor = tokio::spawn(accept(
+            listener,
+            upstream,
+            watching,
+            open.clone(),
+            trigger.clone(),
+        ));
         FaultProxy {
             addr,
             link,
+            trigger,
             open,
             acceptor,
         }
@@ -118,13 +163,23 @@ impl FaultProxy {
     /// new connections are accepted but nothing is forwarded on them (and they are not
     /// connected upstream) until `pass`.
     pub fn blackhole(&self, server_side: ServerSide) {
-        self.link.send_modify(|link| {
-            let since = match link.mode {
-                Mode::Blackhole { since, .. } => since,
-                Mode::Pass => Instant::now(),
-            };
-            link.mode = Mode::Blackhole { server_side, since };
-        });
+        blackhole(&self.link, server_side);
+    }
+
+    /// Arms a blackhole that begins just after a client sends `bytes` (on
+    /// any connection): the server gets them, then nothing more either way.
+    /// What a replica cut off just after it sent a statement meets.
+    pub fn blackhole_after(&self, bytes: &[u8], server_side: ServerSide) {
+        *self.trigger.armed.lock().expect("trigger") = Some((bytes.to_vec(), server_side));
+    }
+
+    /// Waits until the link is blackholed (by `blackhole` or an armed
+    /// `blackhole_after`).
+    pub async fn blackholed(&self) {
+        let mut link = self.link.subscribe();
+        let _ = link
+            .wait_for(|l| matches!(l.mode, Mode::Blackhole { .. }))
+            .await;
     }
 
     /// Loud failure: every current connection is closed with RST (SO_LINGER 0) on both sides
@@ -165,6 +220,7 @@ async fn accept(
     upstream: SocketAddr,
     link: watch::Receiver<Link>,
     open: Arc<AtomicUsize>,
+    trigger: Arc<Trigger>,
 ) {
     let mut connections = JoinSet::new();
     loop {
@@ -176,9 +232,10 @@ async fn accept(
                 open.fetch_add(1, Ordering::SeqCst);
                 let guard = Open(open.clone());
                 let link = link.clone();
+                let trigger = trigger.clone();
                 connections.spawn(async move {
                     let _guard = guard;
-                    relay(client, upstream, link).await;
+                    relay(client, upstream, link, &trigger).await;
                 });
             }
             // Reaps finished tasks so the set does not grow.
@@ -188,7 +245,12 @@ async fn accept(
 }
 
 /// One connection, from accept to close.
-async fn relay(client: TcpStream, upstream: SocketAddr, mut link: watch::Receiver<Link>) {
+async fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut link: watch::Receiver<Link>,
+    trigger: &Trigger,
+) {
     let resets = link.borrow().resets;
     // A blackholed link forwards nothing, not even the connection itself.
     let state = until(&mut link, |l| l.resets != resets || l.mode == Mode::Pass).await;
@@ -209,8 +271,8 @@ async fn relay(client: TcpStream, upstream: SocketAddr, mut link: watch::Receive
         let (mut control, mut up, mut down) = (link.clone(), link.clone(), link.clone());
         let directions = async {
             tokio::try_join!(
-                pump(client_read, server_write, &mut up),
-                pump(server_read, client_write, &mut down),
+                pump(client_read, server_write, &mut up, Some(trigger)),
+                pump(server_read, client_write, &mut down, None),
             )
         };
         tokio::select! {
@@ -248,6 +310,7 @@ async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     link: &mut watch::Receiver<Link>,
+    trigger: Option<&Trigger>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0; 64 * 1024];
     loop {
@@ -272,6 +335,9 @@ async fn pump(
                 _ = until(link, |l| l.mode != Mode::Pass) => {}
                 w = to.write(&buf[written..n]) => written += w?,
             }
+        }
+        if let Some(trigger) = trigger {
+            trigger.check(&buf[..n]);
         }
     }
 }
