@@ -6,6 +6,507 @@
 
 mod common;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::binary::within;
+use common::load::{assert_same_rooms, fold, list_all, log_through, upstream_rooms};
+use common::proxy::{FaultProxy, ServerSide};
+use common::{TestDb, TestServer, emulator, proto, serve_config};
+use ivschat_rooms::domain::{Operation, RoomPatch};
+use ivschat_rooms::store::{HELD_LOCK_BOUND, LEASE_TTL};
+use proto::watch_rooms_response::Kind;
+use tokio::time::Instant;
+use tonic::Code;
+
+/// The reconciler's takeover goal: a leader cut off is replaced within this.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
+
+/// Beyond [`HELD_LOCK_BOUND`], what a healthy replica's write may take on a
+/// loaded machine (its own statements, the turn, IVS Chat).
+const STALL_SLACK: Duration = Duration::from_secs(4);
+
+/// The first statement of every cache write transaction: it takes the
+/// change log's revision row.
+const REVISION_LOCK: &[u8] = b"SET value = value WHERE key = 'revision'";
+
+/// Where the test database's Postgres listens.
+fn postgres_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").expect("a URL").1;
+    let authority = rest.split(['/', '?']).next().expect("an authority");
+    let host_port = authority.rsplit('@').next().expect("host and port");
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    host_port
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("a numeric host and port")
+}
+
+/// `message` with a client deadline of `deadline`.
+fn within_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+fn rename(arn: &str, name: &str) -> proto::UpdateRoomRequest {
+    proto::UpdateRoomRequest {
+        identifier: arn.to_owned(),
+        name: Some(name.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn cached(arn: &str) -> proto::GetRoomRequest {
+    proto::GetRoomRequest {
+        identifier: arn.to_owned(),
+        consistency: proto::ReadConsistency::Cached as i32,
+    }
+}
+
+/// Renames `arn` through `server` until a rename succeeds: the replica
+/// serves writes again. Returns how long that took.
+async fn serves_writes_again(server: &mut TestServer, arn: &str) -> Duration {
+    let started = Instant::now();
+    within("the replica serving writes again", async {
+        for attempt in 0.. {
+            let renamed = server
+                .client
+                .update_room(within_deadline(
+                    rename(arn, &format!("after-the-heal-{attempt}")),
+                    Duration::from_secs(15),
+                ))
+                .await;
+            match renamed {
+                Ok(_) => return,
+                Err(status) => assert!(
+                    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+                    "only UNAVAILABLE while the replica recovers: {status:?}"
+                ),
+            }
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+/// The next event on `stream` whose room is named `name`.
+async fn event_naming(
+    stream: &mut tonic::Streaming<proto::WatchRoomsResponse>,
+    name: &str,
+) -> proto::RoomEvent {
+    within(&format!("an event naming {name:?}"), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(proto::WatchRoomsResponse {
+                    kind: Some(Kind::Event(event)),
+                })) if event.room.as_ref().is_some_and(|r| r.name == name) => return event,
+                Ok(Some(_)) => {}
+                other => panic!("the watch stream ended: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// After the heal: the cache (through `server`) equals IVS Chat, and the
+/// change log, replayed, gives the cache: nothing lost, nothing twice.
+async fn cache_and_log_equal_ivs_chat(
+    server: &mut TestServer,
+    emulator: &ivschat_rooms::emulator::Emulator,
+) {
+    let (rooms, revision) = list_all(&mut server.client).await;
+    assert_same_rooms(&rooms, &upstream_rooms(emulator));
+    let log = log_through(&mut server.client, revision).await;
+    assert_same_rooms(&fold(&log), &rooms);
+}
+
+/// The newest generation of `region`'s reconciler lease.
+async fn lease_generation(url: &str, region: &str) -> i64 {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query_scalar("SELECT generation FROM leader_leases WHERE scope = $1")
+        .bind(region)
+        .fetch_one(&mut conn)
+        .await
+        .expect("a lease")
+}
+
+/// A replica cut off silently just after its cache write took the change
+/// log's revision row (behind a proxy that keeps the server's side open, so
+/// Postgres's keepalives never notice) holds up the other replica's writes
+/// for at most HELD_LOCK_BOUND: Postgres ends the idle transaction. The
+/// cut-off replica's write, made in IVS Chat, is refused UNAVAILABLE saying
+/// so; the reconciler records it; after the heal the replica serves again
+/// and the cache and the log equal IVS Chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_cut_off_in_its_transaction_holds_the_others_up_at_most_the_bound() {
+    let Some(db) = TestDb::postgres("a_writer_cut_off_in_its_transaction").await else {
+        return;
+    };
+    let (emulator, url) = emulator().await;
+    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
+    // B first: it leads, so A's reconciler writes nothing.
+    let mut b =
+        TestServer::start(serve_config(&db.url, &url, &["--reconcile-interval", "1s"])).await;
+    b.wait_listed().await;
+    let mut a = TestServer::start(serve_config(&proxy.url_for(&db.url), &url, &[])).await;
+    a.wait_listed().await;
+    let cut = b.create_room("cut").await;
+    let healthy = b.create_room("healthy").await;
+    let mut cut_watch = b
+        .client
+        .watch_rooms(proto::WatchRoomsRequest {
+            identifiers: vec![cut.arn.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    // The statement is parsed in one write and executed in the next.
+    proxy.blackhole_after(REVISION_LOCK, 1, ServerSide::Kept);
+    let a_write = tokio::spawn({
+        let mut client = a.client.clone();
+        let arn = cut.arn.clone();
+        async move {
+            client
+                .update_room(within_deadline(
+                    rename(&arn, "made-while-cut-off"),
+                    Duration::from_secs(60),
+                ))
+                .await
+        }
+    });
+    within("A's write taking the revision row", proxy.blackholed()).await;
+
+    let mut longest = Duration::ZERO;
+    for i in 0..5 {
+        let started = Instant::now();
+        b.client
+            .update_room(within_deadline(
+                rename(&healthy.arn, &format!("healthy-{i}")),
+                Duration::from_secs(30),
+            ))
+            .await
+            .expect("the healthy replica's writes succeed");
+        longest = longest.max(started.elapsed());
+    }
+    eprintln!(
+        "FIGURE longest stall of the healthy replica's writes: {:.2} s (bound {} s)",
+        longest.as_secs_f64(),
+        HELD_LOCK_BOUND.as_secs()
+    );
+    assert!(
+        longest <= HELD_LOCK_BOUND + STALL_SLACK,
+        "a cut-off writer held the healthy replica's writes {longest:?}"
+    );
+
+    let refused = a_write
+        .await
+        .unwrap()
+        .expect_err("a write that could not be recorded is not acknowledged");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("IVS Chat made the change"),
+        "the refusal says the change was made: {refused:?}"
+    );
+    assert_eq!(emulator.calls(Operation::UpdateRoom), 6);
+
+    // The reconciler records what IVS Chat has.
+    let settled = event_naming(&mut cut_watch, "made-while-cut-off").await;
+    assert_eq!(settled.source, proto::EventSource::Reconciler as i32);
+
+    proxy.pass();
+    let recovery = serves_writes_again(&mut a, &healthy.arn).await;
+    eprintln!(
+        "FIGURE the cut-off replica served writes again {:.2} s after the heal",
+        recovery.as_secs_f64()
+    );
+    cache_and_log_equal_ivs_chat(&mut a, &emulator).await;
+    cache_and_log_equal_ivs_chat(&mut b, &emulator).await;
+}
+
+/// The leader cut off silently is replaced within TAKEOVER_BOUND: its lease
+/// runs out unrenewed and the other replica takes it (a new generation),
+/// whether or not a proxy between the leader and Postgres hides the cut from
+/// Postgres; the new leader finds a change made behind the service's back.
+async fn the_leader_cut_off_silently_is_replaced(server_side: ServerSide) {
+    let Some(db) = TestDb::postgres("the_leader_cut_off_silently_is_replaced").await else {
+        return;
+    };
+    let (emulator, url) = emulator().await;
+    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
+    let fast = ["--reconcile-interval", "1s"];
+    // A first: it leads.
+    let mut a = TestServer::start(serve_config(&proxy.url_for(&db.url), &url, &fast)).await;
+    a.wait_listed().await;
+    let mut b = TestServer::start(serve_config(&db.url, &url, &fast)).await;
+    b.wait_listed().await;
+    let room = b.create_room("led").await;
+    let before = lease_generation(&db.url, "us-east-1").await;
+    let mut watch = b
+        .client
+        .watch_rooms(proto::WatchRoomsRequest {
+            identifiers: vec![room.arn.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+
+    let cut_at = Instant::now();
+    proxy.blackhole(server_side);
+    emulator
+        .update_room(
+            &room.arn,
+            &RoomPatch {
+                name: Some("renamed-behind-our-back".into()),
+                ..Default::default()
+            },
+        )
+        .expect("rename in IVS Chat");
+    let found = event_naming(&mut watch, "renamed-behind-our-back").await;
+    let takeover = cut_at.elapsed();
+    assert_eq!(found.source, proto::EventSource::Reconciler as i32);
+    let after = lease_generation(&db.url, "us-east-1").await;
+    assert!(
+        after > before,
+        "another replica took the lease ({before} -> {after})"
+    );
+    eprintln!(
+        "FIGURE takeover ({server_side:?}): the new leader's first change in {:.2} s (lease {} s, goal {} s)",
+        takeover.as_secs_f64(),
+        LEASE_TTL.as_secs(),
+        TAKEOVER_BOUND.as_secs()
+    );
+    assert!(
+        takeover <= TAKEOVER_BOUND,
+        "the cut-off leader was replaced only after {takeover:?}"
+    );
+    // The healthy replica writes meanwhile.
+    b.client
+        .update_room(rename(&room.arn, "written-through-the-new-leader"))
+        .await
+        .expect("writes go on");
+
+    proxy.pass();
+    serves_writes_again(&mut a, &room.arn).await;
+    // The deposed leader does not take the lease back while it is held.
+    assert_eq!(lease_generation(&db.url, "us-east-1").await, after);
+    cache_and_log_equal_ivs_chat(&mut a, &emulator).await;
+}
+
+/// Behind a proxy that answers keepalives (HAProxy, PgBouncer, a cloud SQL
+/// proxy): Postgres never notices; the lease moves anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_cut_off_behind_a_proxy_is_replaced() {
+    the_leader_cut_off_silently_is_replaced(ServerSide::Kept).await;
+}
+
+/// Without a proxy: Postgres ends the leader's sessions when its keepalives
+/// go unanswered (played here after 11 s, the sessions' keepalive settings);
+/// the lease does not wait for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_cut_off_without_a_proxy_is_replaced() {
+    the_leader_cut_off_silently_is_replaced(ServerSide::CutAfter(Duration::from_secs(11))).await;
+}
+
+/// Cached reads on a replica cut off from Postgres answer within their
+/// deadline: from memory (rooms changed recently included, marked stale)
+/// when it holds the row; at once UNAVAILABLE naming the database when it
+/// holds none. It sends IVS Chat nothing meanwhile (the budget and the
+/// rooms' turns are in the database: fail closed). After the heal it serves
+/// again, and the cache and log equal IVS Chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_on_a_cut_off_replica_answer_within_their_deadline() {
+    let Some(db) = TestDb::postgres("cached_reads_on_a_cut_off_replica").await else {
+        return;
+    };
+    let (emulator, url) = emulator().await;
+    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
+    let mut b =
+        TestServer::start(serve_config(&db.url, &url, &["--reconcile-interval", "1s"])).await;
+    b.wait_listed().await;
+    let behind_proxy = proxy.url_for(&db.url);
+    let mut a = TestServer::start(serve_config(&behind_proxy, &url, &[])).await;
+    a.wait_listed().await;
+    // A replica without a memory layer: nothing to answer from.
+    let mut c = TestServer::start(serve_config(
+        &behind_proxy,
+        &url,
+        &["--memory-cache-rooms", "0"],
+    ))
+    .await;
+    c.wait_listed().await;
+
+    // A learns of every change through its tailer only (no read through it
+    // refills its memory): what a room changed recently looks like.
+    let mut a_watch = a
+        .client
+        .watch_rooms(proto::WatchRoomsRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut rooms = Vec::new();
+    for i in 0..8 {
+        rooms.push(b.create_room(&format!("room-{i}")).await);
+    }
+    // Half of them changed recently, on the other replica.
+    for room in rooms.iter_mut().take(4) {
+        *room = b
+            .client
+            .update_room(rename(&room.arn, &format!("{}-renamed", room.name)))
+            .await
+            .expect("rename")
+            .into_inner();
+    }
+    // A has applied every change (its watchers see them).
+    for room in rooms.iter().take(4) {
+        event_naming(&mut a_watch, &room.name).await;
+    }
+    let updates_before = emulator.calls(Operation::UpdateRoom);
+
+    proxy.blackhole(ServerSide::Kept);
+    let deadline = Duration::from_secs(2);
+    let (mut asked, mut answered) = (0, 0);
+    for _round in 0..3 {
+        for room in &rooms {
+            asked += 1;
+            let started = Instant::now();
+            let read = a
+                .client
+                .get_room(within_deadline(cached(&room.arn), deadline))
+                .await
+                .unwrap_or_else(|status| {
+                    panic!("a cached read on the cut-off replica: {status:?}")
+                });
+            assert!(started.elapsed() < deadline);
+            let cache = read
+                .metadata()
+                .get("x-cache")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            assert!(
+                matches!(cache.as_deref(), Some("hit" | "stale")),
+                "{cache:?}"
+            );
+            assert_eq!(read.into_inner().name, room.name, "the newest version");
+            answered += 1;
+        }
+    }
+    // No row in memory: refused at once, saying why (after the first read
+    // finds the database gone, well within its deadline too).
+    for room in &rooms {
+        let started = Instant::now();
+        let refused = c
+            .client
+            .get_room(within_deadline(cached(&room.arn), deadline))
+            .await
+            .expect_err("no row to answer with");
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("cache database"), "{refused:?}");
+        assert!(started.elapsed() < deadline);
+    }
+    let refused = c
+        .client
+        .get_room(within_deadline(cached(&rooms[0].arn), deadline))
+        .await
+        .expect_err("still no row");
+    assert!(
+        refused.message().contains("has not answered this replica"),
+        "once the database is known away, the refusal says so at once: {refused:?}"
+    );
+    // A write through the cut-off replica sends IVS Chat nothing.
+    let write = a
+        .client
+        .update_room(within_deadline(
+            rename(&rooms[5].arn, "asked-while-cut-off"),
+            Duration::from_secs(3),
+        ))
+        .await
+        .expect_err("no write while cut off");
+    assert!(
+        // Cancelled: the client's own timer ran out first.
+        matches!(
+            write.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+        ),
+        "{write:?}"
+    );
+    assert_eq!(emulator.calls(Operation::UpdateRoom), updates_before);
+    eprintln!("FIGURE cached reads answered on the cut-off replica: {answered} of {asked}");
+
+    proxy.pass();
+    serves_writes_again(&mut a, &rooms[6].arn).await;
+    let after_heal = a
+        .client
+        .get_room(cached(&rooms[6].arn))
+        .await
+        .expect("read");
+    assert_eq!(
+        after_heal
+            .metadata()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok()),
+        Some("hit")
+    );
+    cache_and_log_equal_ivs_chat(&mut a, &emulator).await;
+    cache_and_log_equal_ivs_chat(&mut c, &emulator).await;
+}
+
+/// A loud failure (every connection to Postgres reset) while writes go on
+/// through the replica: writes fail only UNAVAILABLE meanwhile, the replica
+/// recovers by itself, and every acknowledged write is in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_under_writes_lose_nothing() {
+    let Some(db) = TestDb::postgres("connections_reset_under_writes").await else {
+        return;
+    };
+    let (emulator, url) = emulator().await;
+    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
+    let mut b =
+        TestServer::start(serve_config(&db.url, &url, &["--reconcile-interval", "1s"])).await;
+    b.wait_listed().await;
+    let mut a = TestServer::start(serve_config(&proxy.url_for(&db.url), &url, &[])).await;
+    a.wait_listed().await;
+    let room = a.create_room("reset").await;
+    let mut acknowledged = Vec::new();
+    for i in 0..12 {
+        if i % 4 == 2 {
+            proxy.reset();
+        }
+        let name = format!("write-{i}");
+        match a
+            .client
+            .update_room(within_deadline(
+                rename(&room.arn, &name),
+                Duration::from_secs(20),
+            ))
+            .await
+        {
+            Ok(_) => acknowledged.push(name),
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+    }
+    assert!(!acknowledged.is_empty(), "writes go on between the resets");
+    let (_, revision) = list_all(&mut a.client).await;
+    let log = log_through(&mut a.client, revision).await;
+    for name in &acknowledged {
+        assert!(
+            log.iter()
+                .any(|e| e.room.as_ref().is_some_and(|r| &r.name == name)),
+            "the acknowledged write {name:?} is in the log"
+        );
+    }
+    serves_writes_again(&mut a, &room.arn).await;
+    cache_and_log_equal_ivs_chat(&mut a, &emulator).await;
+}
+
 /// The fault proxy's own behaviour, against plain loopback sockets.
 mod proxy_harness {
     use std::io::ErrorKind;

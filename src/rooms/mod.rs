@@ -386,7 +386,12 @@ impl Rooms {
     /// unknown), the client is told UNAVAILABLE, saying that IVS Chat made
     /// the change; the reconciler records IVS Chat's state later.
     async fn keep_ours(&self, room: Room, asked_at: Timestamp) -> Result<Room> {
-        match self.inner.store.put(&room, asked_at, EventSource::Api).await {
+        match self
+            .inner
+            .store
+            .put(&room, asked_at, EventSource::Api)
+            .await
+        {
             Ok(cached) if !cached.deleted && !cached.room.details_pending => Ok(cached.room),
             Ok(_) => Ok(room),
             Err(e) => Err(unrecorded(&room.arn, &e)),

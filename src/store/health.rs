@@ -46,6 +46,11 @@ use crate::domain::{Error, Result};
 /// Chat answers, sends a statement every [`TURN_HEARTBEAT`].
 pub const HELD_LOCK_BOUND: Duration = Duration::from_secs(4);
 
+/// The longest a replica's write can be held up by another replica cut off
+/// in the middle of its own: [`HELD_LOCK_BOUND`], then a second for the
+/// write itself.
+pub const WRITE_STALL_BOUND: Duration = Duration::from_secs(5);
+
 /// How often a held room's turn tells Postgres it is still alive.
 pub const TURN_HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -150,10 +155,7 @@ impl Store {
             Ok(result) => result,
             Err(_) => {
                 error::count_error("unavailable");
-                let cause = format!(
-                    "no answer within {} s",
-                    DATABASE_DEADLINE.as_secs()
-                );
+                let cause = format!("no answer within {} s", DATABASE_DEADLINE.as_secs());
                 self.suspect(&cause);
                 return Err(if committing.started() {
                     uncertain(&cause)

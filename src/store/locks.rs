@@ -3,9 +3,9 @@
 //! rooms' turns (transaction-scoped advisory locks on connections of their
 //! own, kept alive by a heartbeat).
 
-use super::*;
 use super::budget::db_now;
 use super::health::{HELD_LOCK_BOUND, TURN_HEARTBEAT};
+use super::*;
 
 /// The Postgres advisory lock held by the replica that reconciled when one
 /// region was served ("ivsr"); kept apart from every other key.

@@ -200,11 +200,11 @@ impl Store {
     /// The newest revision handed out (0 before the first change).
     pub async fn revision(&self) -> Result<u64> {
         self.bounded(async {
-        let revision: i64 =
-            sqlx::query_scalar("SELECT value FROM cache_state WHERE key = 'revision'")
-                .fetch_one(&self.pool)
-                .await?;
-        revision_from(revision)
+            let revision: i64 =
+                sqlx::query_scalar("SELECT value FROM cache_state WHERE key = 'revision'")
+                    .fetch_one(&self.pool)
+                    .await?;
+            revision_from(revision)
         })
         .await
     }
@@ -212,16 +212,16 @@ impl Store {
     /// Up to `limit` events with a revision greater than `after`, in order.
     pub async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<RoomEvent>> {
         self.bounded(async {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            event_columns!(),
-            " FROM room_events WHERE revision > $1 ORDER BY revision LIMIT $2"
-        ))
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event).collect()
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                event_columns!(),
+                " FROM room_events WHERE revision > $1 ORDER BY revision LIMIT $2"
+            ))
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(event).collect()
         })
         .await
     }
@@ -229,10 +229,10 @@ impl Store {
     /// The oldest revision the log still holds, if any.
     pub async fn oldest_revision(&self) -> Result<Option<u64>> {
         self.bounded(async {
-        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(revision) FROM room_events")
-            .fetch_one(&self.pool)
-            .await?;
-        oldest.map(revision_from).transpose()
+            let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(revision) FROM room_events")
+                .fetch_one(&self.pool)
+                .await?;
+            oldest.map(revision_from).transpose()
         })
         .await
     }
@@ -244,21 +244,21 @@ impl Store {
     /// by watchers. Returns how many were deleted.
     pub async fn compact(&self, keep: u64, older_than: Option<Timestamp>) -> Result<u64> {
         self.bounded(async {
-        let newest = self.revision().await?;
-        let by_count = newest.saturating_sub(keep.max(1));
-        let result = sqlx::query(
-            "DELETE FROM room_events \
+            let newest = self.revision().await?;
+            let by_count = newest.saturating_sub(keep.max(1));
+            let result = sqlx::query(
+                "DELETE FROM room_events \
              WHERE revision < $1 \
                AND (revision <= $2 \
                     OR revision <= (SELECT COALESCE(MAX(revision), 0) FROM room_events \
                                     WHERE observed_at < $3))",
-        )
-        .bind(i64::try_from(newest).unwrap_or(i64::MAX))
-        .bind(i64::try_from(by_count).unwrap_or(i64::MAX))
-        .bind(older_than.map_or(i64::MIN, Timestamp::as_nanos))
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+            )
+            .bind(i64::try_from(newest).unwrap_or(i64::MAX))
+            .bind(i64::try_from(by_count).unwrap_or(i64::MAX))
+            .bind(older_than.map_or(i64::MIN, Timestamp::as_nanos))
+            .execute(&self.pool)
+            .await?;
+            Ok(result.rows_affected())
         })
         .await
     }
@@ -269,30 +269,30 @@ impl Store {
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn snapshot(&self, arns: &[RoomArn]) -> Result<Snapshot> {
         self.bounded(async {
-        let mut tx = self.begin_read().await?;
-        let revision = revision_in(&mut tx).await?;
-        let rooms = if arns.is_empty() {
-            let rows = sqlx::query(concat!(
-                "SELECT ",
-                columns!(),
-                " FROM rooms WHERE deleted_at IS NULL ORDER BY arn"
-            ))
-            .fetch_all(&mut *tx)
-            .await?;
-            rows.iter().map(room).collect::<Result<Vec<_>>>()?
-        } else {
-            let mut rooms = Vec::with_capacity(arns.len());
-            for arn in arns {
-                if let Some(cached) = get_row(&mut tx, arn).await?
-                    && !cached.deleted
-                {
-                    rooms.push(cached.room);
+            let mut tx = self.begin_read().await?;
+            let revision = revision_in(&mut tx).await?;
+            let rooms = if arns.is_empty() {
+                let rows = sqlx::query(concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM rooms WHERE deleted_at IS NULL ORDER BY arn"
+                ))
+                .fetch_all(&mut *tx)
+                .await?;
+                rows.iter().map(room).collect::<Result<Vec<_>>>()?
+            } else {
+                let mut rooms = Vec::with_capacity(arns.len());
+                for arn in arns {
+                    if let Some(cached) = get_row(&mut tx, arn).await?
+                        && !cached.deleted
+                    {
+                        rooms.push(cached.room);
+                    }
                 }
-            }
-            rooms
-        };
-        tx.commit().await?;
-        Ok(Snapshot { revision, rooms })
+                rooms
+            };
+            tx.commit().await?;
+            Ok(Snapshot { revision, rooms })
         })
         .await
     }

@@ -40,7 +40,9 @@ mod rooms;
 mod rows;
 
 pub use budget::{BudgetPause, Slot};
-pub use health::{Away, DATABASE_DEADLINE, HELD_LOCK_BOUND, LOCK_WAIT, TURN_HEARTBEAT};
+pub use health::{
+    Away, DATABASE_DEADLINE, HELD_LOCK_BOUND, LOCK_WAIT, TURN_HEARTBEAT, WRITE_STALL_BOUND,
+};
 pub use locks::{DEPOSED, Fence, LEASE_RENEWAL, LEASE_TTL, Leadership, RoomLock, fenced};
 pub use requests::Claim;
 

@@ -47,10 +47,10 @@ impl Store {
         expired_before: Timestamp,
     ) -> Result<Claim> {
         self.bounded(async {
-        // A row released between the two statements: claim again.
-        loop {
-            let won = sqlx::query(
-                "INSERT INTO create_requests \
+            // A row released between the two statements: claim again.
+            loop {
+                let won = sqlx::query(
+                    "INSERT INTO create_requests \
                    (request_id, fingerprint, claimed_at, owner, lease_until, arn, room) \
                  VALUES ($1, $2, $3, $4, $5, NULL, NULL) \
                  ON CONFLICT (request_id) DO UPDATE SET \
@@ -59,42 +59,42 @@ impl Store {
                    arn = NULL, room = NULL \
                  WHERE create_requests.claimed_at < $6 \
                  RETURNING request_id",
-            )
-            .bind(request_id)
-            .bind(fingerprint)
-            .bind(now.as_nanos())
-            .bind(owner)
-            .bind(lease_until.as_nanos())
-            .bind(expired_before.as_nanos())
-            .fetch_optional(&self.pool)
-            .await?;
-            if won.is_some() {
-                return Ok(Claim::Won);
-            }
-            let row = sqlx::query(
-                "SELECT fingerprint, claimed_at, owner, lease_until, room \
+                )
+                .bind(request_id)
+                .bind(fingerprint)
+                .bind(now.as_nanos())
+                .bind(owner)
+                .bind(lease_until.as_nanos())
+                .bind(expired_before.as_nanos())
+                .fetch_optional(&self.pool)
+                .await?;
+                if won.is_some() {
+                    return Ok(Claim::Won);
+                }
+                let row = sqlx::query(
+                    "SELECT fingerprint, claimed_at, owner, lease_until, room \
                  FROM create_requests WHERE request_id = $1",
-            )
-            .bind(request_id)
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some(row) = row else { continue };
-            if row.try_get::<String, _>(0)? != fingerprint {
-                return Ok(Claim::OtherParameters);
+                )
+                .bind(request_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(row) = row else { continue };
+                if row.try_get::<String, _>(0)? != fingerprint {
+                    return Ok(Claim::OtherParameters);
+                }
+                if let Some(room) = row.try_get::<Option<String>, _>(4)? {
+                    let room =
+                        serde_json::from_str(&room).context("corrupt room in create_requests")?;
+                    return Ok(Claim::Done(room));
+                }
+                return Ok(Claim::Held {
+                    owner: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+                    lease_until: Timestamp::from_nanos(
+                        row.try_get::<Option<i64>, _>(3)?.unwrap_or_default(),
+                    ),
+                    claimed_at: Timestamp::from_nanos(row.try_get(1)?),
+                });
             }
-            if let Some(room) = row.try_get::<Option<String>, _>(4)? {
-                let room =
-                    serde_json::from_str(&room).context("corrupt room in create_requests")?;
-                return Ok(Claim::Done(room));
-            }
-            return Ok(Claim::Held {
-                owner: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
-                lease_until: Timestamp::from_nanos(
-                    row.try_get::<Option<i64>, _>(3)?.unwrap_or_default(),
-                ),
-                claimed_at: Timestamp::from_nanos(row.try_get(1)?),
-            });
-        }
         })
         .await
     }
@@ -110,18 +110,18 @@ impl Store {
         expired_before: Timestamp,
     ) -> Result<bool> {
         self.bounded(async {
-        let result = sqlx::query(
-            "UPDATE create_requests SET owner = $3, lease_until = $4 \
+            let result = sqlx::query(
+                "UPDATE create_requests SET owner = $3, lease_until = $4 \
              WHERE request_id = $1 AND owner = $2 AND room IS NULL AND lease_until < $5",
-        )
-        .bind(request_id)
-        .bind(from)
-        .bind(owner)
-        .bind(lease_until.as_nanos())
-        .bind(expired_before.as_nanos())
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+            )
+            .bind(request_id)
+            .bind(from)
+            .bind(owner)
+            .bind(lease_until.as_nanos())
+            .bind(expired_before.as_nanos())
+            .execute(&self.pool)
+            .await?;
+            Ok(result.rows_affected() == 1)
         })
         .await
     }
@@ -135,16 +135,16 @@ impl Store {
         lease_until: Timestamp,
     ) -> Result<bool> {
         self.bounded(async {
-        let result = sqlx::query(
-            "UPDATE create_requests SET lease_until = $3 \
+            let result = sqlx::query(
+                "UPDATE create_requests SET lease_until = $3 \
              WHERE request_id = $1 AND owner = $2 AND room IS NULL",
-        )
-        .bind(request_id)
-        .bind(owner)
-        .bind(lease_until.as_nanos())
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+            )
+            .bind(request_id)
+            .bind(owner)
+            .bind(lease_until.as_nanos())
+            .execute(&self.pool)
+            .await?;
+            Ok(result.rows_affected() == 1)
         })
         .await
     }
@@ -158,17 +158,17 @@ impl Store {
         room: &Room,
     ) -> Result<bool> {
         self.bounded(async {
-        let result = sqlx::query(
-            "UPDATE create_requests SET arn = $3, room = $4, lease_until = NULL \
+            let result = sqlx::query(
+                "UPDATE create_requests SET arn = $3, room = $4, lease_until = NULL \
              WHERE request_id = $1 AND owner = $2 AND room IS NULL",
-        )
-        .bind(request_id)
-        .bind(owner)
-        .bind(room.arn.as_str())
-        .bind(serde_json::to_string(room).context("could not encode a room")?)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
+            )
+            .bind(request_id)
+            .bind(owner)
+            .bind(room.arn.as_str())
+            .bind(serde_json::to_string(room).context("could not encode a room")?)
+            .execute(&self.pool)
+            .await?;
+            Ok(result.rows_affected() == 1)
         })
         .await
     }
@@ -177,14 +177,14 @@ impl Store {
     /// starts afresh.
     pub async fn release_request(&self, request_id: &str, owner: &str) -> Result<()> {
         self.bounded(async {
-        sqlx::query(
-            "DELETE FROM create_requests WHERE request_id = $1 AND owner = $2 AND room IS NULL",
-        )
-        .bind(request_id)
-        .bind(owner)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+            sqlx::query(
+                "DELETE FROM create_requests WHERE request_id = $1 AND owner = $2 AND room IS NULL",
+            )
+            .bind(request_id)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
         })
         .await
     }
@@ -192,11 +192,11 @@ impl Store {
     /// Forgets request_ids first claimed before `before`. How many.
     pub async fn purge_requests(&self, before: Timestamp) -> Result<u64> {
         self.bounded(async {
-        let result = sqlx::query("DELETE FROM create_requests WHERE claimed_at < $1")
-            .bind(before.as_nanos())
-            .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected())
+            let result = sqlx::query("DELETE FROM create_requests WHERE claimed_at < $1")
+                .bind(before.as_nanos())
+                .execute(&self.pool)
+                .await?;
+            Ok(result.rows_affected())
         })
         .await
     }
@@ -210,20 +210,20 @@ impl Store {
     /// its mark (`None` on SQLite).
     pub async fn begin_creation(&self, lasts: std::time::Duration) -> Result<Option<String>> {
         self.bounded(async {
-        if !self.is_shared() {
-            return Ok(None);
-        }
-        let id = format!("{:032x}", rand::random::<u128>());
-        sqlx::query(concat!(
-            "INSERT INTO creations_in_flight (id, until) VALUES ($1, ",
-            super::budget::db_now!(),
-            " + $2)"
-        ))
-        .bind(&id)
-        .bind(i64::try_from(lasts.as_nanos()).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await?;
-        Ok(Some(id))
+            if !self.is_shared() {
+                return Ok(None);
+            }
+            let id = format!("{:032x}", rand::random::<u128>());
+            sqlx::query(concat!(
+                "INSERT INTO creations_in_flight (id, until) VALUES ($1, ",
+                super::budget::db_now!(),
+                " + $2)"
+            ))
+            .bind(&id)
+            .bind(i64::try_from(lasts.as_nanos()).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?;
+            Ok(Some(id))
         })
         .await
     }
@@ -263,17 +263,17 @@ impl Store {
     /// Whether a CreateRoom may be in flight on another replica.
     pub async fn creations_in_flight(&self) -> Result<bool> {
         self.bounded(async {
-        if !self.is_shared() {
-            return Ok(false);
-        }
-        let any: bool = sqlx::query_scalar(concat!(
-            "SELECT EXISTS (SELECT 1 FROM creations_in_flight WHERE until > ",
-            super::budget::db_now!(),
-            ")"
-        ))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(any)
+            if !self.is_shared() {
+                return Ok(false);
+            }
+            let any: bool = sqlx::query_scalar(concat!(
+                "SELECT EXISTS (SELECT 1 FROM creations_in_flight WHERE until > ",
+                super::budget::db_now!(),
+                ")"
+            ))
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(any)
         })
         .await
     }

@@ -28,8 +28,8 @@ impl Store {
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn get(&self, arn: &RoomArn) -> Result<Option<CachedRoom>> {
         self.bounded(async {
-        let mut conn = self.pool.acquire().await?;
-        get_row(&mut conn, arn).await
+            let mut conn = self.pool.acquire().await?;
+            get_row(&mut conn, arn).await
         })
         .await
     }
@@ -40,11 +40,11 @@ impl Store {
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn get_at_revision(&self, arn: &RoomArn) -> Result<(Option<CachedRoom>, u64)> {
         self.bounded(async {
-        let mut tx = self.begin_read().await?;
-        let revision = revision_in(&mut tx).await?;
-        let row = get_row(&mut tx, arn).await?;
-        tx.commit().await?;
-        Ok((row, revision))
+            let mut tx = self.begin_read().await?;
+            let revision = revision_in(&mut tx).await?;
+            let row = get_row(&mut tx, arn).await?;
+            tx.commit().await?;
+            Ok((row, revision))
         })
         .await
     }
@@ -55,19 +55,19 @@ impl Store {
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn rows_at_revision(&self, limit: usize) -> Result<(Vec<CachedRoom>, u64)> {
         self.bounded(async {
-        let mut tx = self.begin_read().await?;
-        let revision = revision_in(&mut tx).await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            columns!(),
-            " FROM rooms ORDER BY validated_at DESC LIMIT $1"
-        ))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let rows = rows.iter().map(cached_room).collect::<Result<_>>()?;
-        Ok((rows, revision))
+            let mut tx = self.begin_read().await?;
+            let revision = revision_in(&mut tx).await?;
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM rooms ORDER BY validated_at DESC LIMIT $1"
+            ))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            let rows = rows.iter().map(cached_room).collect::<Result<_>>()?;
+            Ok((rows, revision))
         })
         .await
     }
@@ -89,13 +89,13 @@ impl Store {
     ) -> Result<CachedRoom> {
         let committing = health::Committing::default();
         self.bounded_write(&committing, async {
-        let mut tx = self.begin_write().await?;
-        let (before, after) = upsert(&mut tx, room, validated_at).await?;
-        let revision = self
-            .append_event(&mut tx, before.as_ref(), Some(&after), source)
-            .await?;
-        self.commit(tx, revision, &committing).await?;
-        Ok(after)
+            let mut tx = self.begin_write().await?;
+            let (before, after) = upsert(&mut tx, room, validated_at).await?;
+            let revision = self
+                .append_event(&mut tx, before.as_ref(), Some(&after), source)
+                .await?;
+            self.commit(tx, revision, &committing).await?;
+            Ok(after)
         })
         .await
     }
@@ -112,16 +112,16 @@ impl Store {
     ) -> Result<()> {
         let committing = health::Committing::default();
         self.bounded_write(&committing, async {
-        let mut tx = self.begin_write().await?;
-        let mut newest = None;
-        for room in rooms {
-            let (before, after) = upsert(&mut tx, room, validated_at).await?;
-            newest = self
-                .append_event(&mut tx, before.as_ref(), Some(&after), source)
-                .await?
-                .or(newest);
-        }
-        self.commit(tx, newest, &committing).await
+            let mut tx = self.begin_write().await?;
+            let mut newest = None;
+            for room in rooms {
+                let (before, after) = upsert(&mut tx, room, validated_at).await?;
+                newest = self
+                    .append_event(&mut tx, before.as_ref(), Some(&after), source)
+                    .await?
+                    .or(newest);
+            }
+            self.commit(tx, newest, &committing).await
         })
         .await
     }
@@ -143,25 +143,25 @@ impl Store {
     ) -> Result<Option<CachedRoom>> {
         let committing = health::Committing::default();
         self.bounded_write(&committing, async {
-        let mut tx = self.begin_write().await?;
-        let Some(before) = get_row(&mut tx, arn).await?.filter(|row| !row.deleted) else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "UPDATE rooms SET tags = $1 \
+            let mut tx = self.begin_write().await?;
+            let Some(before) = get_row(&mut tx, arn).await?.filter(|row| !row.deleted) else {
+                return Ok(None);
+            };
+            sqlx::query(
+                "UPDATE rooms SET tags = $1 \
              WHERE arn = $2 AND deleted_at IS NULL AND validated_at <= $3",
-        )
-        .bind(serde_json::to_string(tags).context("could not encode tags")?)
-        .bind(arn.as_str())
-        .bind(asked_at.as_nanos())
-        .execute(&mut *tx)
-        .await?;
-        let after = get_row(&mut tx, arn).await?;
-        let revision = self
-            .append_event(&mut tx, Some(&before), after.as_ref(), source)
+            )
+            .bind(serde_json::to_string(tags).context("could not encode tags")?)
+            .bind(arn.as_str())
+            .bind(asked_at.as_nanos())
+            .execute(&mut *tx)
             .await?;
-        self.commit(tx, revision, &committing).await?;
-        Ok(after)
+            let after = get_row(&mut tx, arn).await?;
+            let revision = self
+                .append_event(&mut tx, Some(&before), after.as_ref(), source)
+                .await?;
+            self.commit(tx, revision, &committing).await?;
+            Ok(after)
         })
         .await
     }
@@ -181,26 +181,26 @@ impl Store {
     ) -> Result<()> {
         let committing = health::Committing::default();
         self.bounded_write(&committing, async {
-        let mut tx = self.begin_write().await?;
-        let before = get_row(&mut tx, arn).await?;
-        sqlx::query(concat!(
-            "INSERT INTO rooms (",
-            columns!(),
-            ") VALUES ($1, $2, '', 0, 0, 0, 0, NULL, NULL, '{}', '[]', $3, $3, 0) \
+            let mut tx = self.begin_write().await?;
+            let before = get_row(&mut tx, arn).await?;
+            sqlx::query(concat!(
+                "INSERT INTO rooms (",
+                columns!(),
+                ") VALUES ($1, $2, '', 0, 0, 0, 0, NULL, NULL, '{}', '[]', $3, $3, 0) \
              ON CONFLICT (arn) DO UPDATE SET \
                deleted_at = excluded.deleted_at, validated_at = excluded.validated_at \
              WHERE rooms.validated_at <= excluded.validated_at"
-        ))
-        .bind(arn.as_str())
-        .bind(arn.id())
-        .bind(at.as_nanos())
-        .execute(&mut *tx)
-        .await?;
-        let after = get_row(&mut tx, arn).await?;
-        let revision = self
-            .append_event(&mut tx, before.as_ref(), after.as_ref(), source)
+            ))
+            .bind(arn.as_str())
+            .bind(arn.id())
+            .bind(at.as_nanos())
+            .execute(&mut *tx)
             .await?;
-        self.commit(tx, revision, &committing).await
+            let after = get_row(&mut tx, arn).await?;
+            let revision = self
+                .append_event(&mut tx, before.as_ref(), after.as_ref(), source)
+                .await?;
+            self.commit(tx, revision, &committing).await
         })
         .await
     }
@@ -217,32 +217,32 @@ impl Store {
         regions: &[&str],
     ) -> Result<(ListedPage<Room>, u64, Option<Timestamp>)> {
         self.bounded(async {
-        let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
-            Some(token) => Some(PageCursor::decode(token)?),
-            None => None,
-        };
-        let limit = query.limit();
-        let mut tx = self.begin_read().await?;
-        let revision = revision_in(&mut tx).await?;
-        // Filters left out bind NULL and match everything. The logging filter
-        // looks for the quoted ARN in the JSON array (the quotes keep an ARN that
-        // is a prefix of another from matching it). Not with LIKE: SQLite's LIKE
-        // ignores ASCII case, and identifiers differing only in case are
-        // distinct; REPLACE compares exactly on both backends.
-        // The regions: one LIKE each ($7, $8, ...), a handful at most.
-        let in_regions = if regions.is_empty() {
-            String::new()
-        } else {
-            let likes: Vec<String> = (0..regions.len())
-                .map(|i| format!("arn LIKE ${}", 7 + i))
-                .collect();
-            format!("AND ({})", likes.join(" OR "))
-        };
-        let statement = format!(
-            concat!(
-                "SELECT ",
-                columns!(),
-                " FROM rooms \
+            let after = match query.next_token.as_deref().filter(|t| !t.is_empty()) {
+                Some(token) => Some(PageCursor::decode(token)?),
+                None => None,
+            };
+            let limit = query.limit();
+            let mut tx = self.begin_read().await?;
+            let revision = revision_in(&mut tx).await?;
+            // Filters left out bind NULL and match everything. The logging filter
+            // looks for the quoted ARN in the JSON array (the quotes keep an ARN that
+            // is a prefix of another from matching it). Not with LIKE: SQLite's LIKE
+            // ignores ASCII case, and identifiers differing only in case are
+            // distinct; REPLACE compares exactly on both backends.
+            // The regions: one LIKE each ($7, $8, ...), a handful at most.
+            let in_regions = if regions.is_empty() {
+                String::new()
+            } else {
+                let likes: Vec<String> = (0..regions.len())
+                    .map(|i| format!("arn LIKE ${}", 7 + i))
+                    .collect();
+                format!("AND ({})", likes.join(" OR "))
+            };
+            let statement = format!(
+                concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM rooms \
                  WHERE deleted_at IS NULL \
                    AND ($1 IS NULL OR name = $1) \
                    AND ($2 IS NULL OR COALESCE(review_handler_uri, '') = $2) \
@@ -252,45 +252,45 @@ impl Store {
                    {} \
                  ORDER BY update_time DESC, arn \
                  LIMIT $6"
-            ),
-            in_regions
-        );
-        let mut select = sqlx::query(sqlx::AssertSqlSafe(statement))
-            .bind(query.name.as_deref())
-            .bind(query.message_review_handler_uri.as_deref())
-            .bind(
-                query
-                    .logging_configuration_identifier
-                    .as_ref()
-                    // The identifier as a JSON string, exactly as the array holds it.
-                    .map(|id| serde_json::Value::from(id.as_str()).to_string()),
-            )
-            .bind(after.as_ref().map(|c| c.update_time.as_nanos()))
-            .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
-            // One more than asked, to know whether there is a next page.
-            .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX));
-        for region in regions {
-            select = select.bind(arn_pattern(region));
-        }
-        let rows = select.fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        let mut rows = rows.iter().map(cached_room).collect::<Result<Vec<_>>>()?;
-        rows.truncate(limit + 1);
-        let validated_at = rows.iter().take(limit).map(|c| c.validated_at).min();
-        let mut rooms: Vec<Room> = rows.into_iter().map(|c| c.room).collect();
-        let next_token = if rooms.len() > limit {
-            rooms.truncate(limit);
-            rooms.last().map(|last| {
-                PageCursor {
-                    update_time: last.update_time,
-                    key: last.arn.clone(),
-                }
-                .encode()
-            })
-        } else {
-            None
-        };
-        Ok((ListedPage { rooms, next_token }, revision, validated_at))
+                ),
+                in_regions
+            );
+            let mut select = sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(query.name.as_deref())
+                .bind(query.message_review_handler_uri.as_deref())
+                .bind(
+                    query
+                        .logging_configuration_identifier
+                        .as_ref()
+                        // The identifier as a JSON string, exactly as the array holds it.
+                        .map(|id| serde_json::Value::from(id.as_str()).to_string()),
+                )
+                .bind(after.as_ref().map(|c| c.update_time.as_nanos()))
+                .bind(after.as_ref().map(|c| c.key.clone()).unwrap_or_default())
+                // One more than asked, to know whether there is a next page.
+                .bind(i64::try_from(limit + 1).unwrap_or(i64::MAX));
+            for region in regions {
+                select = select.bind(arn_pattern(region));
+            }
+            let rows = select.fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            let mut rows = rows.iter().map(cached_room).collect::<Result<Vec<_>>>()?;
+            rows.truncate(limit + 1);
+            let validated_at = rows.iter().take(limit).map(|c| c.validated_at).min();
+            let mut rooms: Vec<Room> = rows.into_iter().map(|c| c.room).collect();
+            let next_token = if rooms.len() > limit {
+                rooms.truncate(limit);
+                rooms.last().map(|last| {
+                    PageCursor {
+                        update_time: last.update_time,
+                        key: last.arn.clone(),
+                    }
+                    .encode()
+                })
+            } else {
+                None
+            };
+            Ok((ListedPage { rooms, next_token }, revision, validated_at))
         })
         .await
     }
@@ -304,17 +304,17 @@ impl Store {
         before: Timestamp,
     ) -> Result<Vec<RoomArn>> {
         self.bounded(async {
-        let rows = sqlx::query(
-            "SELECT arn FROM rooms \
+            let rows = sqlx::query(
+                "SELECT arn FROM rooms \
              WHERE deleted_at IS NULL AND validated_at < $1 AND arn LIKE $2",
-        )
-        .bind(before.as_nanos())
-        .bind(arn_pattern(region))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
-            .collect()
+            )
+            .bind(before.as_nanos())
+            .bind(arn_pattern(region))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
+                .collect()
         })
         .await
     }
@@ -324,18 +324,18 @@ impl Store {
     /// summaries, newest update first.
     pub async fn rooms_pending_details(&self, region: &str, limit: usize) -> Result<Vec<RoomArn>> {
         self.bounded(async {
-        let rows = sqlx::query(
-            "SELECT arn FROM rooms \
+            let rows = sqlx::query(
+                "SELECT arn FROM rooms \
              WHERE details_pending = 1 AND deleted_at IS NULL AND arn LIKE $1 \
              ORDER BY update_time DESC, arn LIMIT $2",
-        )
-        .bind(arn_pattern(region))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
-            .collect()
+            )
+            .bind(arn_pattern(region))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|row| RoomArn::parse("arn", row.try_get::<String, _>(0)?.as_str()))
+                .collect()
         })
         .await
     }
@@ -349,13 +349,13 @@ impl Store {
         at: Timestamp,
     ) -> Result<()> {
         self.bounded(async {
-        sqlx::query(CONFIRM)
-            .bind(at.as_nanos())
-            .bind(arn.as_str())
-            .bind(update_time.as_nanos())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+            sqlx::query(CONFIRM)
+                .bind(at.as_nanos())
+                .bind(arn.as_str())
+                .bind(update_time.as_nanos())
+                .execute(&self.pool)
+                .await?;
+            Ok(())
         })
         .await
     }
@@ -366,25 +366,25 @@ impl Store {
         fields(otel.kind = "client", db.system = self.backend.db_system()))]
     pub async fn confirm_many(&self, listed: &[(RoomArn, Timestamp)], at: Timestamp) -> Result<()> {
         self.bounded(async {
-        if listed.is_empty() {
-            return Ok(());
-        }
-        // A pass's confirmations are fenced by its lease like its writes.
-        let mut tx = if super::locks::current_fence().is_some() {
-            self.begin_write().await?
-        } else {
-            self.pool.begin().await?
-        };
-        for (arn, update_time) in listed {
-            sqlx::query(CONFIRM)
-                .bind(at.as_nanos())
-                .bind(arn.as_str())
-                .bind(update_time.as_nanos())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            if listed.is_empty() {
+                return Ok(());
+            }
+            // A pass's confirmations are fenced by its lease like its writes.
+            let mut tx = if super::locks::current_fence().is_some() {
+                self.begin_write().await?
+            } else {
+                self.pool.begin().await?
+            };
+            for (arn, update_time) in listed {
+                sqlx::query(CONFIRM)
+                    .bind(at.as_nanos())
+                    .bind(arn.as_str())
+                    .bind(update_time.as_nanos())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
         })
         .await
     }
@@ -393,29 +393,30 @@ impl Store {
     /// until then the cache cannot answer ListRooms for it.
     pub async fn full_listing_at(&self, region: &str) -> Result<Option<Timestamp>> {
         self.bounded(async {
-        let value: Option<i64> = sqlx::query_scalar("SELECT value FROM cache_state WHERE key = $1")
-            .bind(full_listing_key(region))
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(value.map(Timestamp::from_nanos))
+            let value: Option<i64> =
+                sqlx::query_scalar("SELECT value FROM cache_state WHERE key = $1")
+                    .bind(full_listing_key(region))
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(value.map(Timestamp::from_nanos))
         })
         .await
     }
 
     pub async fn set_full_listing_at(&self, region: &str, at: Timestamp) -> Result<()> {
         self.bounded(async {
-        // A pass's record is fenced by its lease like its writes.
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO cache_state (key, value) VALUES ($1, $2) \
+            // A pass's record is fenced by its lease like its writes.
+            let mut tx = self.begin_write().await?;
+            sqlx::query(
+                "INSERT INTO cache_state (key, value) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(full_listing_key(region))
-        .bind(at.as_nanos())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+            )
+            .bind(full_listing_key(region))
+            .bind(at.as_nanos())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
         })
         .await
     }

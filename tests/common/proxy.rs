@@ -44,23 +44,45 @@ pub enum ServerSide {
     CutAfter(Duration),
 }
 
-/// A blackhole armed to begin just after the client sends given bytes.
+/// A blackhole armed to begin just after a client sends given bytes (and
+/// then a number of further writes on the same connection).
 struct Trigger {
-    armed: std::sync::Mutex<Option<(Vec<u8>, ServerSide)>>,
+    armed: std::sync::Mutex<Option<Armed>>,
     link: Arc<watch::Sender<Link>>,
+    next_connection: std::sync::atomic::AtomicU64,
+}
+
+struct Armed {
+    needle: Vec<u8>,
+    /// Writes of the matching connection still to pass after the needle's.
+    then: usize,
+    /// The connection that sent the needle, once one has.
+    connection: Option<u64>,
+    server_side: ServerSide,
 }
 
 impl Trigger {
-    /// `sent` was just forwarded to the server: if it holds the armed
-    /// bytes, the blackhole begins now (the server has them, the client
-    /// hears nothing more).
-    fn check(&self, sent: &[u8]) {
+    /// `sent` was just forwarded to the server by `connection`: once the
+    /// armed bytes and the writes after them have gone, the blackhole
+    /// begins (the server has them, the client hears nothing more).
+    fn check(&self, connection: u64, sent: &[u8]) {
         let mut armed = self.armed.lock().expect("trigger");
-        let Some((needle, _)) = armed.as_ref() else {
+        let Some(a) = armed.as_mut() else {
             return;
         };
-        if sent.windows(needle.len()).any(|w| w == needle.as_slice()) {
-            let (_, server_side) = armed.take().expect("armed");
+        match a.connection {
+            None if sent
+                .windows(a.needle.len())
+                .any(|w| w == a.needle.as_slice()) =>
+            {
+                a.connection = Some(connection);
+            }
+            Some(c) if c == connection && a.then > 0 => a.then -= 1,
+            _ => return,
+        }
+        if a.then == 0 {
+            let server_side = a.server_side;
+            *armed = None;
             blackhole(&self.link, server_side);
         }
     }
@@ -120,6 +142,7 @@ impl FaultProxy {
         let trigger = Arc::new(Trigger {
             armed: std::sync::Mutex::new(None),
             link: link.clone(),
+            next_connection: std::sync::atomic::AtomicU64::new(0),
         });
         let acceptor = tokio::spawn(accept(
             listener,
@@ -167,10 +190,17 @@ impl FaultProxy {
     }
 
     /// Arms a blackhole that begins just after a client sends `bytes` (on
-    /// any connection): the server gets them, then nothing more either way.
-    /// What a replica cut off just after it sent a statement meets.
-    pub fn blackhole_after(&self, bytes: &[u8], server_side: ServerSide) {
-        *self.trigger.armed.lock().expect("trigger") = Some((bytes.to_vec(), server_side));
+    /// any connection) and then `then` more writes on that connection: the
+    /// server gets them, then nothing more either way. What a replica cut
+    /// off just after it sent a statement meets (a prepared statement's text
+    /// goes in one write, its execution in the next).
+    pub fn blackhole_after(&self, bytes: &[u8], then: usize, server_side: ServerSide) {
+        *self.trigger.armed.lock().expect("trigger") = Some(Armed {
+            needle: bytes.to_vec(),
+            then,
+            connection: None,
+            server_side,
+        });
     }
 
     /// Waits until the link is blackholed (by `blackhole` or an armed
@@ -262,6 +292,7 @@ async fn relay(
         return rst(client);
     };
     let mut client = client;
+    let id = trigger.next_connection.fetch_add(1, Ordering::SeqCst);
     // Small writes (Postgres's messages) go out at once, as without a proxy.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -271,7 +302,7 @@ async fn relay(
         let (mut control, mut up, mut down) = (link.clone(), link.clone(), link.clone());
         let directions = async {
             tokio::try_join!(
-                pump(client_read, server_write, &mut up, Some(trigger)),
+                pump(client_read, server_write, &mut up, Some((trigger, id))),
                 pump(server_read, client_write, &mut down, None),
             )
         };
@@ -310,7 +341,7 @@ async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     link: &mut watch::Receiver<Link>,
-    trigger: Option<&Trigger>,
+    trigger: Option<(&Trigger, u64)>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0; 64 * 1024];
     loop {
@@ -336,8 +367,8 @@ async fn pump(
                 w = to.write(&buf[written..n]) => written += w?,
             }
         }
-        if let Some(trigger) = trigger {
-            trigger.check(&buf[..n]);
+        if let Some((trigger, connection)) = trigger {
+            trigger.check(connection, &buf[..n]);
         }
     }
 }
