@@ -15,7 +15,7 @@ use ivschat_rooms::feed::{Feed, FeedSettings, WatchItem, WatchRequest};
 use ivschat_rooms::hot::HotRooms;
 use ivschat_rooms::reconciler::Passes;
 use ivschat_rooms::rooms::{Rooms, RoomsSettings};
-use ivschat_rooms::store::Store;
+use ivschat_rooms::store::{DEPOSED, Store, fenced};
 use ivschat_rooms::upstream::{Upstream, UpstreamSettings, Upstreams};
 
 /// The room policy over a fresh store and the emulator at `url`, and the
@@ -296,6 +296,79 @@ async fn one_replica_leads_at_a_time_on_postgres() {
     let next = b.try_lead("us-east-1").await.unwrap();
     assert!(next.is_some(), "the turn passes on");
     other_region.resign().await;
+}
+
+/// On Postgres a leader's lease that ran out unrenewed passes to another
+/// replica with a new generation, and from then on every write of the
+/// deposed leader's passes (fenced by its generation) is refused and
+/// changes nothing, while the new leader's go through; the deposed leader
+/// cannot renew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_passes_cannot_write() {
+    let Some(db) = TestDb::postgres("a_deposed_leaders_passes_cannot_write").await else {
+        return;
+    };
+    let a = Store::open(&db.url).await.unwrap();
+    let b = Store::open(&db.url).await.unwrap();
+    let lease = Duration::from_secs(2);
+    let mut deposed = a
+        .try_lead_for("us-east-1", lease)
+        .await
+        .unwrap()
+        .expect("the first asker leads");
+    let old_fence = deposed.fence().expect("a lease on Postgres");
+    // The lease runs out by the clock (nothing else to wait on), and only then
+    // can it pass on.
+    assert!(b.try_lead_for("us-east-1", lease).await.unwrap().is_none());
+    tokio::time::sleep(lease).await;
+    let leader = b
+        .try_lead_for("us-east-1", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("a lease that ran out passes on");
+    let new_fence = leader.fence().unwrap();
+    assert!(new_fence.generation > old_fence.generation);
+
+    let revision = a.revision().await.unwrap();
+    let stale = room("fencedRoom01", 10, "from-the-deposed-leader");
+    let refused = fenced(
+        old_fence.clone(),
+        a.put(&stale, Timestamp::now(), EventSource::Reconciler),
+    )
+    .await
+    .expect_err("a deposed leader's write");
+    assert!(refused.to_string().contains(DEPOSED), "{refused}");
+    let arn = RoomArn::parse("arn", &stale.arn).unwrap();
+    let refused = fenced(
+        old_fence,
+        a.mark_deleted(&arn, Timestamp::now(), EventSource::Reconciler),
+    )
+    .await
+    .expect_err("a deposed leader's deletion");
+    assert!(refused.to_string().contains(DEPOSED), "{refused}");
+    assert_eq!(a.revision().await.unwrap(), revision, "nothing logged");
+    assert!(a.get(&arn).await.unwrap().is_none(), "nothing cached");
+    assert!(
+        deposed.check().await.is_err(),
+        "the deposed leader cannot renew"
+    );
+
+    let fresh = room("fencedRoom01", 20, "from-the-new-leader");
+    fenced(
+        new_fence,
+        b.put(&fresh, Timestamp::now(), EventSource::Reconciler),
+    )
+    .await
+    .expect("the new leader writes");
+    assert_eq!(a.get(&arn).await.unwrap().unwrap().room, fresh);
+    // Unfenced writes (users') are not the leases' business.
+    a.put(
+        &room("fencedRoom01", 30, "a-user"),
+        Timestamp::now(),
+        EventSource::Api,
+    )
+    .await
+    .expect("a user's write");
 }
 
 /// A store on `db` and a feed over it that bookmarks every `interval`.
