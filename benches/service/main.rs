@@ -1,4 +1,4 @@
-//! The performance measures P1-P9: `cargo bench --bench service [-- --quick] [P1 P4 ...]`.
+//! The performance measures P1-P9 and P11: `cargo bench --bench service [-- --quick] [P1 P4 ...]`.
 //!
 //! Everything runs in-process on loopback: an emulator, the real server
 //! (`server::run` on port 0, a fresh SQLite database in a temporary
@@ -22,6 +22,7 @@
 //! | P7 | three replicas on one Postgres, each offered 10× the rate: most UpdateRoom calls in any 1 s ÷ rate; calls per second ÷ rate | ≤ 1; ≥ 0.9 |
 //! | P8 | a cold cache of 2,500 rooms, the emulator at 5 TPS: time until ListRooms is served ÷ (N / 250 s); until every room is whole ÷ (N / 5 s) | ≤ 1.1; ≤ 1.05 |
 //! | P9 | 1,000 rooms read CACHED at `--max-staleness 10s`, the emulator at 5 TPS and 30 ms, for 3 × the staleness: share of hits; p99 ÷ p50 | ≥ 0.99; ≤ 3 |
+//! | P11 | two replicas on one Postgres, the leader cut off silently (behind a proxy that answers keepalives) in the middle of a write: takeover ÷ 15 s; the healthy replica's longest write ÷ `store::WRITE_STALL_BOUND`; share of cached reads the cut-off replica answered within 2 s (`partition.rs`) | ≤ 1; ≤ 1; = 1 |
 //!
 //! P4 prints two more lines: `fanout_1000` (1,000 watchers over 10
 //! connections; targets ≤ 0.7 beside etcd, ≤ 1.2 beside the bare broadcast)
@@ -39,7 +40,7 @@
 //! `fleet_budget_two_regions`, with two regions served and each offered 10×
 //! its rate: for us-east-1 then eu-west-1, the most in 1 s ÷ rate and calls
 //! per second ÷ rate (targets ≤ 1 and ≥ 0.9 each: every region has its own
-//! quota). P2's second line and P7 need a Postgres:
+//! quota). P2's second line, P7 and P11 need a Postgres:
 //! `IVSCHAT_ROOMS_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), on which each makes a
 //! database of its own and drops it after.
@@ -89,8 +90,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 mod fanout;
+mod partition;
 
-const MEASURES: [&str; 9] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9"];
+const MEASURES: [&str; 10] = ["P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P11"];
 
 /// The upstream budget the service allows per operation by default (AWS's
 /// 5 TPS): P3's target.
@@ -191,6 +193,7 @@ fn run_measure(id: &str, scale: Scale) {
             "P7" => p7_fleet_budget(&scale).await,
             "P8" => p8_cold_start(&scale).await,
             "P9" => p9_working_set(&scale).await,
+            "P11" => partition::p11_partition(&scale).await,
             other => panic!("unknown measure {other}"),
         }
     });
@@ -234,6 +237,8 @@ struct Scale {
     /// P9: rooms read, and the staleness they are read at.
     working_set: usize,
     working_staleness: Duration,
+    /// P11: rooms the cut-off replica is read for.
+    partition_rooms: usize,
 }
 
 impl Scale {
@@ -253,6 +258,7 @@ impl Scale {
                 cold_rooms: 250,
                 working_set: 250,
                 working_staleness: Duration::from_secs(4),
+                partition_rooms: 10,
             }
         } else {
             Scale {
@@ -269,6 +275,7 @@ impl Scale {
                 cold_rooms: 2500,
                 working_set: 1000,
                 working_staleness: Duration::from_secs(10),
+                partition_rooms: 50,
             }
         }
     }

@@ -43,7 +43,7 @@ impl Rooms {
             // Known away: memory answers at once, or nothing does (a read
             // through needs the database too, for the room's turn).
             if let Some(away) = self.inner.store.away() {
-                return self.from_memory(&arn, &away.describe());
+                return self.answer_from_memory(&arn, &away.describe());
             }
             match by(answer_by, self.cached(&arn)).await {
                 Ok(Some(row)) if self.is_fresh(&row) => {
@@ -56,7 +56,7 @@ impl Rooms {
                 // The database did not answer: memory answers, or nothing.
                 Err(Error::Unavailable { message, .. }) => {
                     self.inner.store.suspect(&message);
-                    return self.from_memory(&arn, &message);
+                    return self.answer_from_memory(&arn, &message);
                 }
                 Err(e) => return Read::failed(e),
             }
@@ -97,7 +97,7 @@ impl Rooms {
     /// (`cause`): the row memory holds, marked stale whatever its age (other
     /// replicas' changes cannot reach this one meanwhile), within
     /// `--stale-if-error`; otherwise UNAVAILABLE at once, saying why.
-    fn from_memory(&self, arn: &RoomArn, cause: &str) -> Read {
+    fn answer_from_memory(&self, arn: &RoomArn, cause: &str) -> Read {
         match self.inner.hot.last_known(arn) {
             Some(row) if self.may_serve_stale(&row) => Read {
                 cache: Some(CacheInfo::of(CacheStatus::Stale, &row)),
