@@ -7,13 +7,18 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/s
 
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
+/// How long the startup check that the database keeps sessions waits for
+/// its notification.
+const SESSION_CHECK_WAIT: Duration = Duration::from_secs(10);
+
 /// Connections of the cache's pool on Postgres.
 const CACHE_CONNECTIONS: u32 = 12;
 
 /// Rooms whose turn this process can hold or wait for at once on Postgres
 /// (one connection each; AWS allows 5 calls per second and operation); more
-/// wait for a connection, then UNAVAILABLE. With the cache's pool, the
-/// reconciler's and the listener's, a replica holds at most 26 connections:
+/// wait for a connection, then UNAVAILABLE. With the cache's pool and the
+/// listener (and, while the database is suspected away, a probe), a replica
+/// holds at most 26 connections:
 /// three fit a default Postgres (`max_connections` 100) with room to spare.
 const ROOM_TURN_CONNECTIONS: u32 = 12;
 
@@ -97,9 +102,46 @@ impl Store {
             pauses: tokio::sync::broadcast::Sender::new(64),
             health: Default::default(),
         };
+        if backend == Backend::Postgres {
+            store.check_sessions_are_kept().await?;
+        }
         let revision = store.revision().await?;
         store.committed.send_replace(revision);
         Ok(store)
+    }
+
+    /// Refuses a database that does not keep a session to one client: a
+    /// pooler in transaction or statement mode (PgBouncer, RDS Proxy, ...)
+    /// would lose what the service keeps in its sessions (LISTEN for other
+    /// replicas' commits, the bounds of `health.rs`). Tested by what fails
+    /// there: a notification to a channel this process listens on must
+    /// arrive.
+    async fn check_sessions_are_kept(&self) -> anyhow::Result<()> {
+        let channel = format!("ivschat_rooms_probe_{:016x}", rand::random::<u64>());
+        let check = async {
+            let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+            listener.listen(&channel).await?;
+            sqlx::query("SELECT pg_notify($1, 'probe')")
+                .bind(&channel)
+                .execute(&self.pool)
+                .await?;
+            let heard = listener.recv().await?;
+            Ok::<_, sqlx::Error>(heard.channel() == channel)
+        };
+        match tokio::time::timeout(SESSION_CHECK_WAIT, check).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::new(e)
+                .context("could not check that the database keeps sessions (LISTEN/NOTIFY)")),
+            Ok(Ok(false)) | Err(_) => anyhow::bail!(
+                "the database at {} did not deliver a notification to this process's \
+                 LISTEN within {} s: a connection pooler in transaction or statement mode \
+                 (PgBouncer pool_mode=transaction, ...) is in between? ivschat-rooms keeps \
+                 state in its sessions (LISTEN, session settings): connect to Postgres \
+                 directly or through session pooling",
+                redact(&self.url),
+                SESSION_CHECK_WAIT.as_secs()
+            ),
+        }
     }
 
     /// A transaction whose reads all see one snapshot of the database.

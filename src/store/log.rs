@@ -140,6 +140,10 @@ impl Store {
         while !stop.is_cancelled() {
             let listener = async {
                 let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+                // Keepalives: Postgres ends the session of a replica gone.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(health::session_settings()))
+                    .execute(&mut listener)
+                    .await?;
                 listener
                     .listen_all([EVENTS_CHANNEL, BUDGET_CHANNEL])
                     .await?;
