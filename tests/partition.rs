@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::binary::within;
@@ -29,22 +28,6 @@ const STALL_SLACK: Duration = Duration::from_secs(4);
 /// The first statement of every cache write transaction: it takes the
 /// change log's revision row.
 const REVISION_LOCK: &[u8] = b"SET value = value WHERE key = 'revision'";
-
-/// Where the test database's Postgres listens.
-fn postgres_addr(url: &str) -> SocketAddr {
-    let rest = url.split_once("://").expect("a URL").1;
-    let authority = rest.split(['/', '?']).next().expect("an authority");
-    let host_port = authority.rsplit('@').next().expect("host and port");
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
-    host_port
-        .replace("localhost", "127.0.0.1")
-        .parse()
-        .expect("a numeric host and port")
-}
 
 /// `message` with a client deadline of `deadline`.
 fn within_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
@@ -125,6 +108,27 @@ async fn cache_and_log_equal_ivs_chat(
     assert_same_rooms(&fold(&log), &rooms);
 }
 
+/// A replica on `db` that leads (started first, reconciling every second),
+/// then one that reaches `db` through `proxy`; each with its first listing
+/// done.
+async fn leader_and_replica_behind(
+    proxy: &FaultProxy,
+    db: &TestDb,
+    emulator_url: &str,
+) -> (TestServer, TestServer) {
+    let mut leader = TestServer::start(serve_config(
+        &db.url,
+        emulator_url,
+        &["--reconcile-interval", "1s"],
+    ))
+    .await;
+    leader.wait_listed().await;
+    let mut behind =
+        TestServer::start(serve_config(&proxy.url_for(&db.url), emulator_url, &[])).await;
+    behind.wait_listed().await;
+    (leader, behind)
+}
+
 /// The newest generation of `region`'s reconciler lease.
 async fn lease_generation(url: &str, region: &str) -> i64 {
     use sqlx::Connection as _;
@@ -149,13 +153,9 @@ async fn a_writer_cut_off_in_its_transaction_holds_the_others_up_at_most_the_bou
         return;
     };
     let (emulator, url) = emulator().await;
-    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
+    let proxy = FaultProxy::before_postgres(&db.url).await;
     // B first: it leads, so A's reconciler writes nothing.
-    let mut b =
-        TestServer::start(serve_config(&db.url, &url, &["--reconcile-interval", "1s"])).await;
-    b.wait_listed().await;
-    let mut a = TestServer::start(serve_config(&proxy.url_for(&db.url), &url, &[])).await;
-    a.wait_listed().await;
+    let (mut b, mut a) = leader_and_replica_behind(&proxy, &db, &url).await;
     let cut = b.create_room("cut").await;
     let healthy = b.create_room("healthy").await;
     let mut cut_watch = b
@@ -240,7 +240,7 @@ async fn the_leader_cut_off_silently_is_replaced(server_side: ServerSide) {
         return;
     };
     let (emulator, url) = emulator().await;
-    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
+    let proxy = FaultProxy::before_postgres(&db.url).await;
     let fast = ["--reconcile-interval", "1s"];
     // A first: it leads.
     let mut a = TestServer::start(serve_config(&proxy.url_for(&db.url), &url, &fast)).await;
@@ -328,16 +328,11 @@ async fn cached_reads_on_a_cut_off_replica_answer_within_their_deadline() {
         return;
     };
     let (emulator, url) = emulator().await;
-    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
-    let mut b =
-        TestServer::start(serve_config(&db.url, &url, &["--reconcile-interval", "1s"])).await;
-    b.wait_listed().await;
-    let behind_proxy = proxy.url_for(&db.url);
-    let mut a = TestServer::start(serve_config(&behind_proxy, &url, &[])).await;
-    a.wait_listed().await;
+    let proxy = FaultProxy::before_postgres(&db.url).await;
+    let (mut b, mut a) = leader_and_replica_behind(&proxy, &db, &url).await;
     // A replica without a memory layer: nothing to answer from.
     let mut c = TestServer::start(serve_config(
-        &behind_proxy,
+        &proxy.url_for(&db.url),
         &url,
         &["--memory-cache-rooms", "0"],
     ))
@@ -468,12 +463,8 @@ async fn connections_reset_under_writes_lose_nothing() {
         return;
     };
     let (emulator, url) = emulator().await;
-    let proxy = FaultProxy::start(postgres_addr(&db.url)).await;
-    let mut b =
-        TestServer::start(serve_config(&db.url, &url, &["--reconcile-interval", "1s"])).await;
-    b.wait_listed().await;
-    let mut a = TestServer::start(serve_config(&proxy.url_for(&db.url), &url, &[])).await;
-    a.wait_listed().await;
+    let proxy = FaultProxy::before_postgres(&db.url).await;
+    let (_leader, mut a) = leader_and_replica_behind(&proxy, &db, &url).await;
     let room = a.create_room("reset").await;
     let mut acknowledged = Vec::new();
     for i in 0..12 {

@@ -263,9 +263,9 @@ async fn change_log_matches_the_cache_and_survives_compaction(db: TestDb) {
     assert_eq!(reopened.revision().await.unwrap(), 5);
 }
 
-/// On Postgres one replica at a time holds a region's reconciler turn; it
-/// passes on when the holder gives it up (or its connection dies). Each
-/// region's turn is its own.
+/// On Postgres one replica at a time holds a region's reconciler turn (a
+/// lease); it passes on when the holder gives it up (or its lease runs out).
+/// Each region's turn is its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_leads_at_a_time_on_postgres() {
     let Some(db) = TestDb::postgres("one_replica_leads_at_a_time_on_postgres").await else {

@@ -39,8 +39,7 @@ const REVISION_LOCK: &[u8] = b"SET value = value WHERE key = 'revision'";
 pub(super) async fn p11_partition(scale: &Scale) {
     let (emulator, emulator_url) = emulator(Default::default()).await;
     let db = TempDb::postgres().await;
-    let upstream = postgres_addr(&db.url);
-    let proxy = FaultProxy::start(upstream).await;
+    let proxy = FaultProxy::before_postgres(&db.url).await;
     let fast = ["--reconcile-interval", "1s"];
     // The cut-off replica leads: started first.
     let cut = Service::start(serve_config(&proxy.url_for(&db.url), &emulator_url, &fast)).await;
@@ -236,20 +235,4 @@ async fn next_event(
     })
     .await
     .expect("the event within a minute")
-}
-
-/// Where the database's Postgres listens.
-fn postgres_addr(url: &str) -> std::net::SocketAddr {
-    let rest = url.split_once("://").expect("a URL").1;
-    let authority = rest.split(['/', '?']).next().expect("an authority");
-    let host_port = authority.rsplit('@').next().expect("host and port");
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:5432")
-    };
-    host_port
-        .replace("localhost", "127.0.0.1")
-        .parse()
-        .expect("a numeric host and port")
 }

@@ -40,10 +40,8 @@ mod rooms;
 mod rows;
 
 pub use budget::{BudgetPause, Slot};
-pub use health::{
-    Away, DATABASE_DEADLINE, HELD_LOCK_BOUND, LOCK_WAIT, TURN_HEARTBEAT, WRITE_STALL_BOUND,
-};
-pub use locks::{DEPOSED, Fence, LEASE_RENEWAL, LEASE_TTL, Leadership, RoomLock, fenced};
+pub use health::{Away, HELD_LOCK_BOUND, WRITE_STALL_BOUND};
+pub use locks::{DEPOSED, Fence, LEASE_TTL, Leadership, RoomLock, fenced};
 pub use requests::Claim;
 
 /// The target of the TRACE event logged as each write that has an event

@@ -160,6 +160,11 @@ impl FaultProxy {
         }
     }
 
+    /// A proxy in front of the Postgres server that `url` names.
+    pub async fn before_postgres(url: &str) -> FaultProxy {
+        FaultProxy::start(postgres_addr(url)).await
+    }
+
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -421,4 +426,20 @@ fn rst(stream: TcpStream) {
     // SO_LINGER 0 does not block on close (a nonzero linger would).
     let _ = stream.set_zero_linger();
     drop(stream);
+}
+
+/// Where the Postgres server of `url` (postgres://user@host:port/db) listens.
+fn postgres_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").expect("a URL").1;
+    let authority = rest.split(['/', '?']).next().expect("an authority");
+    let host_port = authority.rsplit('@').next().expect("host and port");
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    host_port
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("a numeric host and port")
 }
