@@ -72,6 +72,11 @@ impl Store {
             .connect(&url)
             .await
             .with_context(|| format!("could not connect to database {}", redact(&url)))?;
+        // Before anything else runs on it (migrations included), so that a
+        // pooler that loses sessions is named as the cause.
+        if backend == Backend::Postgres {
+            check_sessions_are_kept(&pool, &url).await?;
+        }
         match backend {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await,
@@ -102,46 +107,9 @@ impl Store {
             pauses: tokio::sync::broadcast::Sender::new(64),
             health: Default::default(),
         };
-        if backend == Backend::Postgres {
-            store.check_sessions_are_kept().await?;
-        }
         let revision = store.revision().await?;
         store.committed.send_replace(revision);
         Ok(store)
-    }
-
-    /// Refuses a database that does not keep a session to one client: a
-    /// pooler in transaction or statement mode (PgBouncer, RDS Proxy, ...)
-    /// would lose what the service keeps in its sessions (LISTEN for other
-    /// replicas' commits, the bounds of `health.rs`). Tested by what fails
-    /// there: a notification to a channel this process listens on must
-    /// arrive.
-    async fn check_sessions_are_kept(&self) -> anyhow::Result<()> {
-        let channel = format!("ivschat_rooms_probe_{:016x}", rand::random::<u64>());
-        let check = async {
-            let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
-            listener.listen(&channel).await?;
-            sqlx::query("SELECT pg_notify($1, 'probe')")
-                .bind(&channel)
-                .execute(&self.pool)
-                .await?;
-            let heard = listener.recv().await?;
-            Ok::<_, sqlx::Error>(heard.channel() == channel)
-        };
-        match tokio::time::timeout(SESSION_CHECK_WAIT, check).await {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::Error::new(e)
-                .context("could not check that the database keeps sessions (LISTEN/NOTIFY)")),
-            Ok(Ok(false)) | Err(_) => anyhow::bail!(
-                "the database at {} did not deliver a notification to this process's \
-                 LISTEN within {} s: a connection pooler in transaction or statement mode \
-                 (PgBouncer pool_mode=transaction, ...) is in between? ivschat-rooms keeps \
-                 state in its sessions (LISTEN, session settings): connect to Postgres \
-                 directly or through session pooling",
-                redact(&self.url),
-                SESSION_CHECK_WAIT.as_secs()
-            ),
-        }
     }
 
     /// A transaction whose reads all see one snapshot of the database.
@@ -198,5 +166,50 @@ pub(super) fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+/// Refuses a database that does not keep a session to one client: a
+/// pooler in transaction or statement mode (PgBouncer, RDS Proxy, ...)
+/// would lose what the service keeps in its sessions (LISTEN for other
+/// replicas' commits, the bounds of `health.rs`). Tested by what fails
+/// there: a notification to a channel this process listens on must
+/// arrive.
+async fn check_sessions_are_kept(pool: &AnyPool, url: &str) -> anyhow::Result<()> {
+    let channel = format!("ivschat_rooms_probe_{:016x}", rand::random::<u64>());
+    let check = async {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen(&channel).await?;
+        match sqlx::query("SELECT pg_notify($1, 'probe')")
+            .bind(&channel)
+            .execute(pool)
+            .await
+        {
+            // A pooler in transaction mode may hand the LISTEN's server
+            // session to the connection that notifies: it then receives the
+            // notification meant for the listener, which the driver reports
+            // as an unexpected message.
+            Err(sqlx::Error::Protocol(message)) if message.contains("NotificationResponse") => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        let heard = listener.recv().await?;
+        Ok::<_, sqlx::Error>(heard.channel() == channel)
+    };
+    match tokio::time::timeout(SESSION_CHECK_WAIT, check).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e)
+            .context("could not check that the database keeps sessions (LISTEN/NOTIFY)")),
+        Ok(Ok(false)) | Err(_) => anyhow::bail!(
+            "the database at {} did not deliver a notification to this process's \
+             LISTEN within {} s (or delivered it to another connection): a connection pooler in transaction or statement mode \
+             (PgBouncer pool_mode=transaction, ...) is in between? ivschat-rooms keeps \
+             state in its sessions (LISTEN, session settings): connect to Postgres \
+             directly or through session pooling",
+            redact(url),
+            SESSION_CHECK_WAIT.as_secs()
+        ),
     }
 }

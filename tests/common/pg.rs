@@ -14,19 +14,23 @@ pub struct PrivatePostgres {
 
 /// A Postgres program, run as the `postgres` user when we are root
 /// (Postgres refuses to run as root).
-fn command(bin: &Path, program: &str) -> Command {
+pub fn command(bin: &Path, program: &str) -> Command {
     let path = bin.join(program);
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-    if root {
+    if is_root() {
         let mut command = Command::new("runuser");
         command.args(["-u", "postgres", "--"]).arg(path);
         command
     } else {
         Command::new(path)
     }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
 fn run(bin: &Path, program: &str, args: &[&str]) {

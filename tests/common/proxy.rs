@@ -172,12 +172,7 @@ impl FaultProxy {
 
     /// `url` (postgres://user@host:port/db?params) with host:port replaced by the proxy's.
     pub fn url_for(&self, url: &str) -> String {
-        let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
-        let end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(end);
-        // The user (and password) end at the last '@' of the authority.
-        let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
-        format!("{scheme}://{user}{}{tail}", self.addr)
+        with_address(url, self.addr)
     }
 
     /// Forward both ways. Bytes held during a blackhole are delivered now (as TCP
@@ -429,7 +424,7 @@ fn rst(stream: TcpStream) {
 }
 
 /// Where the Postgres server of `url` (postgres://user@host:port/db) listens.
-fn postgres_addr(url: &str) -> SocketAddr {
+pub fn postgres_addr(url: &str) -> SocketAddr {
     let rest = url.split_once("://").expect("a URL").1;
     let authority = rest.split(['/', '?']).next().expect("an authority");
     let host_port = authority.rsplit('@').next().expect("host and port");
@@ -442,4 +437,14 @@ fn postgres_addr(url: &str) -> SocketAddr {
         .replace("localhost", "127.0.0.1")
         .parse()
         .expect("a numeric host and port")
+}
+
+/// `url` (scheme://user@host:port/db?params) with host:port replaced by `addr`.
+pub fn with_address(url: &str, addr: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    // The user (and password) end at the last '@' of the authority.
+    let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
+    format!("{scheme}://{user}{addr}{tail}")
 }
