@@ -10,13 +10,17 @@ use std::time::Duration;
 
 use common::binary::within;
 use common::load::{assert_same_rooms, fold, list_all, log_through, upstream_rooms};
+use common::pgbouncer::PgBouncer;
 use common::proxy::{FaultProxy, ServerSide};
-use common::{TestDb, TestServer, emulator, proto, serve_config};
+use common::{TestDb, TestServer, emulator, proto, serve_config, with_deadline};
 use ivschat_rooms::domain::{Operation, RoomPatch};
-use ivschat_rooms::store::{HELD_LOCK_BOUND, LEASE_TTL};
+use ivschat_rooms::store::{HELD_LOCK_BOUND, LEASE_TTL, Store};
 use proto::watch_rooms_response::Kind;
 use tokio::time::Instant;
 use tonic::Code;
+
+/// Set (by `.ci/run`) when PgBouncer must be there: its test may not skip.
+const PGBOUNCER_REQUIRED: &str = "IVSCHAT_ROOMS_TEST_REQUIRE_PGBOUNCER";
 
 /// The reconciler's takeover goal: a leader cut off is replaced within this.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
@@ -28,13 +32,6 @@ const STALL_SLACK: Duration = Duration::from_secs(4);
 /// The first statement of every cache write transaction: it takes the
 /// change log's revision row.
 const REVISION_LOCK: &[u8] = b"SET value = value WHERE key = 'revision'";
-
-/// `message` with a client deadline of `deadline`.
-fn within_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(deadline);
-    request
-}
 
 fn rename(arn: &str, name: &str) -> proto::UpdateRoomRequest {
     proto::UpdateRoomRequest {
@@ -59,7 +56,7 @@ async fn serves_writes_again(server: &mut TestServer, arn: &str) -> Duration {
         for attempt in 0.. {
             let renamed = server
                 .client
-                .update_room(within_deadline(
+                .update_room(with_deadline(
                     rename(arn, &format!("after-the-heal-{attempt}")),
                     Duration::from_secs(15),
                 ))
@@ -129,6 +126,54 @@ async fn leader_and_replica_behind(
     (leader, behind)
 }
 
+/// Behind PgBouncer: session pooling works (each client keeps its server
+/// session); transaction pooling, which would lose the service's LISTEN and
+/// session settings, is refused at startup, before any migration runs, with
+/// a message that names the cause and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooler_that_loses_sessions_is_refused_at_startup() {
+    if common::pgbouncer::available().is_none() {
+        if std::env::var_os(PGBOUNCER_REQUIRED).is_some() {
+            panic!("{PGBOUNCER_REQUIRED} is set but PgBouncer is not installed");
+        }
+        eprintln!("SKIPPED: no pgbouncer");
+        return;
+    }
+    let Some(db) = TestDb::postgres("pooler").await else {
+        return;
+    };
+    let session = PgBouncer::start(&db.url, "session").await;
+    let store = Store::open(&session.url_for(&db.url))
+        .await
+        .expect("session pooling keeps sessions: the service starts");
+    assert_eq!(store.revision().await.expect("and serves"), 0);
+    store.close().await;
+
+    let other = TestDb::postgres("pooler_transaction").await.unwrap();
+    let transaction = PgBouncer::start(&other.url, "transaction").await;
+    let refused = Store::open(&transaction.url_for(&other.url))
+        .await
+        .err()
+        .expect("transaction pooling is refused");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("did not deliver a notification")
+            && message.contains("pool_mode=transaction")
+            && message.contains("session pooling"),
+        "{message}"
+    );
+    // Refused before the migrations ran: nothing was made in the database.
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&other.url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "no migration ran through the refused pooler");
+}
+
 /// The newest generation of `region`'s reconciler lease.
 async fn lease_generation(url: &str, region: &str) -> i64 {
     use sqlx::Connection as _;
@@ -175,7 +220,7 @@ async fn a_writer_cut_off_in_its_transaction_holds_the_others_up_at_most_the_bou
         let arn = cut.arn.clone();
         async move {
             client
-                .update_room(within_deadline(
+                .update_room(with_deadline(
                     rename(&arn, "made-while-cut-off"),
                     Duration::from_secs(60),
                 ))
@@ -188,7 +233,7 @@ async fn a_writer_cut_off_in_its_transaction_holds_the_others_up_at_most_the_bou
     for i in 0..5 {
         let started = Instant::now();
         b.client
-            .update_room(within_deadline(
+            .update_room(with_deadline(
                 rename(&healthy.arn, &format!("healthy-{i}")),
                 Duration::from_secs(30),
             ))
@@ -375,7 +420,7 @@ async fn cached_reads_on_a_cut_off_replica_answer_within_their_deadline() {
             let started = Instant::now();
             let read = a
                 .client
-                .get_room(within_deadline(cached(&room.arn), deadline))
+                .get_room(with_deadline(cached(&room.arn), deadline))
                 .await
                 .unwrap_or_else(|status| {
                     panic!("a cached read on the cut-off replica: {status:?}")
@@ -400,7 +445,7 @@ async fn cached_reads_on_a_cut_off_replica_answer_within_their_deadline() {
         let started = Instant::now();
         let refused = c
             .client
-            .get_room(within_deadline(cached(&room.arn), deadline))
+            .get_room(with_deadline(cached(&room.arn), deadline))
             .await
             .expect_err("no row to answer with");
         assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
@@ -409,7 +454,7 @@ async fn cached_reads_on_a_cut_off_replica_answer_within_their_deadline() {
     }
     let refused = c
         .client
-        .get_room(within_deadline(cached(&rooms[0].arn), deadline))
+        .get_room(with_deadline(cached(&rooms[0].arn), deadline))
         .await
         .expect_err("still no row");
     assert!(
@@ -419,7 +464,7 @@ async fn cached_reads_on_a_cut_off_replica_answer_within_their_deadline() {
     // A write through the cut-off replica sends IVS Chat nothing.
     let write = a
         .client
-        .update_room(within_deadline(
+        .update_room(with_deadline(
             rename(&rooms[5].arn, "asked-while-cut-off"),
             Duration::from_secs(3),
         ))
@@ -474,7 +519,7 @@ async fn connections_reset_under_writes_lose_nothing() {
         let name = format!("write-{i}");
         match a
             .client
-            .update_room(within_deadline(
+            .update_room(with_deadline(
                 rename(&room.arn, &name),
                 Duration::from_secs(20),
             ))
