@@ -7,18 +7,16 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::binary::{Server, WAIT, within};
+use common::fleet::{emulator_apart, replicas};
 use common::load::Client;
 use common::pg::PrivatePostgres;
-use common::{TestDb, max_per_second, proto, sdk};
+use common::{TestDb, max_per_second, proto, sdk, with_deadline};
 use futures::future::join_all;
-use ivschat_rooms::emulator::{
-    Emulator, EmulatorConfig, Faults, InjectedError, Operation, TpsLimit,
-};
+use ivschat_rooms::emulator::{Emulator, Faults, InjectedError, Operation, TpsLimit};
 use tonic::Code;
 
 /// These tests measure rates at IVS Chat on a two-core machine: one at a
@@ -33,35 +31,6 @@ async fn aws_like_emulator() -> (Emulator, String) {
         ..Faults::default()
     })
     .await
-}
-
-/// An emulator with `faults` on a loopback port, served by a runtime of its
-/// own: it times calls when they arrive, and the test's load generators
-/// must not delay that.
-async fn emulator_apart(faults: Faults) -> (Emulator, String) {
-    let emulator = Emulator::new(EmulatorConfig {
-        faults,
-        ..EmulatorConfig::default()
-    })
-    .expect("emulator");
-    let (serving, url) = tokio::sync::oneshot::channel::<String>();
-    let serve = emulator.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("the emulator's runtime");
-        runtime.block_on(async move {
-            let url = serve
-                .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
-                .await
-                .expect("emulator listens");
-            let _ = serving.send(url);
-            std::future::pending::<()>().await
-        });
-    });
-    (emulator, url.await.expect("the emulator's address"))
 }
 
 /// `n` rooms made in IVS Chat directly (before the service saw them), the
@@ -85,40 +54,6 @@ async fn rooms_upstream(emulator: &Emulator, url: &str, n: usize, prefix: &str) 
     }
     emulator.set_faults(faults);
     arns
-}
-
-/// Replicas of the binary on one database, each with `flags`, every one
-/// serving ListRooms (the first full listing is in).
-async fn replicas(n: usize, db: &str, emulator_url: &str, flags: &[&str]) -> Vec<Server> {
-    let mut servers = Vec::new();
-    for _ in 0..n {
-        servers.push(Server::against(db, emulator_url, flags).await);
-    }
-    for server in &servers {
-        listed(&mut server.client().await).await;
-    }
-    servers
-}
-
-/// Waits for ListRooms to be served (the first full listing is in).
-async fn listed(client: &mut Client) {
-    within("the first full listing", async {
-        loop {
-            match client.list_rooms(proto::ListRoomsRequest::default()).await {
-                Ok(_) => return,
-                Err(status) if status.code() == Code::Unavailable => {}
-                Err(status) => panic!("ListRooms: {status:?}"),
-            }
-        }
-    })
-    .await;
-}
-
-/// A request with a deadline, as a gRPC client sets one.
-fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(deadline);
-    request
 }
 
 /// What a load's requests came back with.

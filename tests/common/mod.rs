@@ -3,8 +3,10 @@
 #![allow(dead_code)] // each test file uses its own part
 
 pub mod binary;
+pub mod fleet;
 pub mod load;
 pub mod pg;
+pub mod pgbouncer;
 pub mod pki;
 pub mod proxy;
 
@@ -354,4 +356,11 @@ where
         })
         .max()
         .unwrap_or(0)
+}
+
+/// A request with a deadline, as a gRPC client sets one.
+pub fn with_deadline<T>(message: T, deadline: std::time::Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
 }
