@@ -67,15 +67,9 @@ impl Rooms {
             Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
                 // Anything the cache still holds, within the hard limit, beats
                 // no answer.
-                let row = self.last_known(&arn, deadline).await;
-                if let Some(row) = row
+                if let Some((row, status)) = self.last_known(&arn, deadline).await
                     && self.may_serve_stale(&row)
                 {
-                    let status = if self.is_fresh(&row) {
-                        CacheStatus::Hit
-                    } else {
-                        CacheStatus::Stale
-                    };
                     return Read {
                         cache: Some(CacheInfo::of(status, &row)),
                         answer: cached_answer(row),
@@ -306,17 +300,32 @@ impl Rooms {
         Ok(row.map(|row| hot.fill(arn, row, as_of)))
     }
 
-    /// The newest row this process can find for `arn` by `deadline`: the
-    /// cache's, or, while the database cannot answer in time, the one in
-    /// memory (never older than a commit this process knows of).
+    /// The newest row this process can find for `arn` by `deadline`, and
+    /// how fresh to call it: the cache's (a hit while fresh), or, while the
+    /// database cannot answer in time, the one in memory (never older than
+    /// a commit this process knows of; stale, as another replica's change
+    /// may not have reached it).
     pub(super) async fn last_known(
         &self,
         arn: &RoomArn,
         deadline: Option<tokio::time::Instant>,
-    ) -> Option<Arc<HotRow>> {
+    ) -> Option<(Arc<HotRow>, CacheStatus)> {
         match by(deadline, self.cached(arn)).await {
-            Ok(row) => row,
-            Err(_) => self.inner.hot.get(arn),
+            Ok(row) => row.map(|row| {
+                let status = if self.is_fresh(&row) {
+                    CacheStatus::Hit
+                } else {
+                    CacheStatus::Stale
+                };
+                (row, status)
+            }),
+            // Not the hot layer's `get`: a change drops the room from it
+            // until a read fills it again, and this read could not.
+            Err(_) => self
+                .inner
+                .hot
+                .last_known(arn)
+                .map(|row| (row, CacheStatus::Stale)),
         }
     }
 
