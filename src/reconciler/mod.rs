@@ -2,9 +2,10 @@
 //!
 //! One reconciler runs per region served, each on its own: a region whose
 //! IVS Chat is down or throttling does not hold the others up. One replica
-//! at a time reconciles a region (the store's leadership: a Postgres advisory
-//! lock per region, passed on when its holder dies, so a fleet's regions may
-//! be led by different replicas; SQLite has one process).
+//! at a time reconciles a region (the store's leadership: a lease per region
+//! that its holder renews, taken over by another replica when it runs out, so
+//! a fleet's regions may be led by different replicas; SQLite has one
+//! process).
 //! The leader starts with a full listing, then every `interval` looks at the
 //! most recently updated rooms (usually one ListRooms call), and lists
 //! everything again to find deletions, creations and tag-only changes further
