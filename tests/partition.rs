@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::binary::within;
 use common::load::{assert_same_rooms, fold, list_all, log_through, upstream_rooms};
 use common::pgbouncer::PgBouncer;
-use common::proxy::{FaultProxy, ServerSide};
+use common::proxy::{FaultProxy, REVISION_LOCK, ServerSide};
 use common::{TestDb, TestServer, emulator, proto, serve_config, with_deadline};
 use ivschat_rooms::domain::{Operation, RoomPatch};
 use ivschat_rooms::store::{HELD_LOCK_BOUND, LEASE_TTL, Store};
@@ -28,10 +28,6 @@ const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 /// Beyond [`HELD_LOCK_BOUND`], what a healthy replica's write may take on a
 /// loaded machine (its own statements, the turn, IVS Chat).
 const STALL_SLACK: Duration = Duration::from_secs(4);
-
-/// The first statement of every cache write transaction: it takes the
-/// change log's revision row.
-const REVISION_LOCK: &[u8] = b"SET value = value WHERE key = 'revision'";
 
 fn rename(arn: &str, name: &str) -> proto::UpdateRoomRequest {
     proto::UpdateRoomRequest {

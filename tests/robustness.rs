@@ -4,8 +4,10 @@
 //! a nemesis injects faults at random, one at a time: a replica killed with
 //! `kill -9` and started again, a replica's link to Postgres cut silently
 //! (behind a proxy that keeps the server's side open, or one that closes it
-//! as the server's keepalive would) or reset loudly, the database stopped and
-//! started again, and IVS Chat failing, throttling and answering too late.
+//! as the server's keepalive would; or just after a cache write took the
+//! change log's revision row, the lock every replica's writes need) or reset
+//! loudly, the database stopped and started again, and IVS Chat failing,
+//! throttling and answering too late.
 //!
 //! Every client records its history (what it asked, when, what came back),
 //! every watcher what it saw; after the heal the histories are checked:
@@ -57,7 +59,7 @@ use common::load::{
     Client, RealVersions, as_proto, assert_same_rooms, fold, list_all, log_through, upstream_rooms,
 };
 use common::pg::PrivatePostgres;
-use common::proxy::{FaultProxy, ServerSide};
+use common::proxy::{FaultProxy, REVISION_LOCK, ServerSide};
 use common::{max_per_second, proto, with_deadline};
 
 const SEED_VAR: &str = "IVSCHAT_ROOMS_ROBUSTNESS_SEED";
@@ -491,12 +493,18 @@ fn watcher(
 enum Fault {
     /// `kill -9` a replica, start it again after `down`.
     Kill { replica: usize, down: Duration },
-    /// Blackhole a replica's link to Postgres for `length`.
+    /// Blackhole a replica's link to Postgres for `length`: the reconciler's
+    /// leader when `leader` (if one leads), else `replica`.
     Silent {
         replica: usize,
+        leader: bool,
         server_side: ServerSide,
         length: Duration,
     },
+    /// Blackhole a replica's link to Postgres just after its next cache
+    /// write took the change log's revision row (the lock every replica's
+    /// writes need), with the server's side kept; `pass` after `length`.
+    InTransaction { replica: usize, length: Duration },
     /// Reset a replica's connections to Postgres `times` times.
     Loud { replica: usize, times: u32 },
     /// Stop the database, start it again after `down`.
@@ -510,18 +518,20 @@ fn draw_fault(rng: &mut StdRng) -> Fault {
     let secs = |rng: &mut StdRng, from: u64, to: u64| {
         Duration::from_millis(rng.random_range(from * 1000..to * 1000))
     };
-    match rng.random_range(0..6) {
+    match rng.random_range(0..7) {
         0 => Fault::Kill {
             replica,
             down: secs(rng, 0, 3),
         },
         1 => Fault::Silent {
             replica,
+            leader: rng.random_bool(0.5),
             server_side: ServerSide::Kept,
             length: secs(rng, 3, 13),
         },
         2 => Fault::Silent {
             replica,
+            leader: rng.random_bool(0.5),
             server_side: ServerSide::CutAfter(secs(rng, 1, 6)),
             length: secs(rng, 3, 13),
         },
@@ -529,7 +539,11 @@ fn draw_fault(rng: &mut StdRng) -> Fault {
             replica,
             times: rng.random_range(1..4),
         },
-        4 => Fault::RestartPostgres {
+        4 => Fault::InTransaction {
+            replica,
+            length: secs(rng, 3, 13),
+        },
+        5 => Fault::RestartPostgres {
             down: secs(rng, 1, 5),
         },
         _ => Fault::Upstream {
@@ -556,6 +570,26 @@ impl Fleet {
         self.servers[replica] = Some(server);
     }
 
+    /// The replica whose reconciler leads the region, by its lease's holder
+    /// (which names the process).
+    async fn leader(&self) -> Option<usize> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.pg.url()).await.ok()?;
+        // One region served: one lease.
+        let holder: String = sqlx::query_scalar("SELECT holder FROM leader_leases")
+            .fetch_optional(&mut conn)
+            .await
+            .ok()??;
+        // hostname-pid-nonce
+        let pid: u32 = holder.rsplit('-').nth(1)?.parse().ok()?;
+        let leader = self
+            .servers
+            .iter()
+            .position(|server| server.as_ref().is_some_and(|s| s.pid() == pid));
+        eprintln!("robustness:         the leader is replica {leader:?}");
+        leader
+    }
+
     async fn inject(&mut self, fault: Fault) {
         match fault {
             Fault::Kill { replica, down } => {
@@ -569,12 +603,30 @@ impl Fleet {
             }
             Fault::Silent {
                 replica,
+                leader,
                 server_side,
                 length,
             } => {
+                let replica = match leader {
+                    true => self.leader().await.unwrap_or(replica),
+                    false => replica,
+                };
                 self.proxies[replica].blackhole(server_side);
                 tokio::time::sleep(length).await;
                 self.proxies[replica].pass();
+            }
+            Fault::InTransaction { replica, length } => {
+                let proxy = &self.proxies[replica];
+                proxy.blackhole_after(REVISION_LOCK, 1, ServerSide::Kept);
+                // The blackhole begins with the replica's next write, if
+                // one comes; the cut lasts `length` from then.
+                if tokio::time::timeout(length, proxy.blackholed())
+                    .await
+                    .is_ok()
+                {
+                    tokio::time::sleep(length).await;
+                }
+                proxy.pass();
             }
             Fault::Loud { replica, times } => {
                 for _ in 0..times {

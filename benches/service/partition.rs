@@ -23,7 +23,7 @@ use tonic::Request;
 #[allow(dead_code)] // the bench uses part of it
 mod proxy;
 
-use proxy::{FaultProxy, ServerSide};
+use proxy::{FaultProxy, REVISION_LOCK, ServerSide};
 
 use super::{Scale, Service, TempDb, bar, emulator, serve_config};
 
@@ -32,9 +32,6 @@ const TAKEOVER_GOAL: Duration = Duration::from_secs(15);
 
 /// A cached read's deadline on the cut-off replica.
 const READ_DEADLINE: Duration = Duration::from_secs(2);
-
-/// The first statement of every cache write transaction.
-const REVISION_LOCK: &[u8] = b"SET value = value WHERE key = 'revision'";
 
 pub(super) async fn p11_partition(scale: &Scale) {
     let (emulator, emulator_url) = emulator(Default::default()).await;

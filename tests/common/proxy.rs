@@ -21,6 +21,11 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+/// The first statement of every cache write transaction (it takes the change
+/// log's revision row), for `blackhole_after`: a replica cut off just after
+/// it holds the lock every other replica's writes need.
+pub const REVISION_LOCK: &[u8] = b"SET value = value WHERE key = 'revision'";
+
 /// A fault-injecting TCP proxy on a loopback port in front of one upstream
 /// server; dropping it stops the proxy and closes every connection.
 pub struct FaultProxy {
@@ -178,7 +183,9 @@ impl FaultProxy {
     /// Forward both ways. Bytes held during a blackhole are delivered now (as TCP
     /// retransmission would after a partition heals); a connection whose server side was cut
     /// meanwhile gets its client side reset (RST: what the client's retransmission meets).
+    /// A blackhole armed by `blackhole_after` and not begun is disarmed.
     pub fn pass(&self) {
+        *self.trigger.armed.lock().expect("trigger") = None;
         self.link.send_modify(|link| link.mode = Mode::Pass);
     }
 
