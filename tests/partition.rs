@@ -209,8 +209,8 @@ async fn a_writer_cut_off_in_its_transaction_holds_the_others_up_at_most_the_bou
         .expect("watch")
         .into_inner();
 
-    // The statement is parsed in one write and executed in the next.
-    proxy.blackhole_after(REVISION_LOCK, 1, ServerSide::Kept);
+    // Cut just after A's next write executes the revision row's lock.
+    proxy.blackhole_after(REVISION_LOCK, ServerSide::Kept);
     let a_write = tokio::spawn({
         let mut client = a.client.clone();
         let arn = cut.arn.clone();
@@ -741,5 +741,41 @@ mod proxy_harness {
             proxy.url_for("postgres://127.0.0.1:5432/db"),
             format!("postgres://{addr}/db")
         );
+    }
+
+    /// `blackhole_after` a statement begins with its execution, also when
+    /// the connection prepared it earlier and now only binds it by name (as
+    /// sqlx does from a statement's second use), and not before: preparing
+    /// it, or running other statements, passes.
+    #[tokio::test]
+    async fn blackhole_after_a_statement_knows_prepared_statements() {
+        use sqlx::Connection as _;
+        let Some(db) = crate::common::TestDb::postgres("blackhole_after_prepared").await else {
+            return;
+        };
+        let proxy = FaultProxy::before_postgres(&db.url).await;
+        let mut conn = sqlx::PgConnection::connect(&proxy.url_for(&db.url))
+            .await
+            .expect("connect through the proxy");
+        let marked = "SELECT 1 AS marked_statement";
+        // Prepared and executed once, before the trigger is armed.
+        sqlx::query(marked)
+            .execute(&mut conn)
+            .await
+            .expect("first use");
+        proxy.blackhole_after(b"marked_statement", ServerSide::Kept);
+        sqlx::query("SELECT 2")
+            .execute(&mut conn)
+            .await
+            .expect("another statement passes");
+        // Second use: a Bind naming the statement, no text on the wire. The
+        // server gets it; its answer never comes back.
+        let (answer, began) = tokio::join!(
+            timeout(QUIET, sqlx::query(marked).execute(&mut conn)),
+            timeout(PROMPT, proxy.blackholed()),
+        );
+        began.expect("the blackhole begins with the statement's execution");
+        assert!(answer.is_err(), "nothing comes back after it: {answer:?}");
+        proxy.pass();
     }
 }

@@ -79,7 +79,7 @@ pub(super) async fn p11_partition(scale: &Scale) {
         .into_inner();
 
     // The cut: just after the cut-off replica's write took the revision row.
-    proxy.blackhole_after(REVISION_LOCK, 1, ServerSide::Kept);
+    proxy.blackhole_after(REVISION_LOCK, ServerSide::Kept);
     let cut_write = tokio::spawn({
         let mut client = to_cut.clone();
         let arn = arns[1].clone();

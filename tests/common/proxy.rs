@@ -10,6 +10,7 @@
 //! delivered, in order, on heal: what TCP retransmission does after a
 //! partition.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,48 +50,115 @@ pub enum ServerSide {
     CutAfter(Duration),
 }
 
-/// A blackhole armed to begin just after a client sends given bytes (and
-/// then a number of further writes on the same connection).
+/// A blackhole armed to begin just after a client executes a statement.
 struct Trigger {
     armed: std::sync::Mutex<Option<Armed>>,
     link: Arc<watch::Sender<Link>>,
-    next_connection: std::sync::atomic::AtomicU64,
 }
 
 struct Armed {
+    /// Bytes of the statement's text.
     needle: Vec<u8>,
-    /// Writes of the matching connection still to pass after the needle's.
-    then: usize,
-    /// The connection that sent the needle, once one has.
-    connection: Option<u64>,
     server_side: ServerSide,
 }
 
 impl Trigger {
-    /// `sent` was just forwarded to the server by `connection`: once the
-    /// armed bytes and the writes after them have gone, the blackhole
-    /// begins (the server has them, the client hears nothing more).
-    fn check(&self, connection: u64, sent: &[u8]) {
+    /// A write that executed `executed` (statements' texts) was just
+    /// forwarded to the server: when one of them is the armed statement,
+    /// the blackhole begins (the server has it, the client hears nothing
+    /// more).
+    fn check(&self, executed: &[Vec<u8>]) {
         let mut armed = self.armed.lock().expect("trigger");
-        let Some(a) = armed.as_mut() else {
+        let Some(a) = armed.as_ref() else {
             return;
         };
-        match a.connection {
-            None if sent
-                .windows(a.needle.len())
-                .any(|w| w == a.needle.as_slice()) =>
-            {
-                a.connection = Some(connection);
-            }
-            Some(c) if c == connection && a.then > 0 => a.then -= 1,
-            _ => return,
-        }
-        if a.then == 0 {
+        let hit = executed.iter().any(|text| {
+            text.windows(a.needle.len())
+                .any(|w| w == a.needle.as_slice())
+        });
+        if hit {
             let server_side = a.server_side;
             *armed = None;
             blackhole(&self.link, server_side);
         }
     }
+}
+
+/// Reads a client's side of the Postgres protocol as it goes through, to
+/// tell which statements each write executes: a simple query's text, or the
+/// text a Bind's prepared statement was parsed from (sqlx parses a statement
+/// once per connection and then only binds it by name).
+#[derive(Default)]
+struct Statements {
+    /// Bytes of a message not yet whole.
+    pending: Vec<u8>,
+    /// The startup (and any SSL or GSS request before it) is done: every
+    /// message from now on starts with its type byte.
+    started: bool,
+    /// Prepared statements by name (`""`: the unnamed one).
+    prepared: HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Statements {
+    /// The texts of the statements that `sent` (the next bytes the client
+    /// sent) executes.
+    fn executed(&mut self, sent: &[u8]) -> Vec<Vec<u8>> {
+        self.pending.extend_from_slice(sent);
+        let mut executed = Vec::new();
+        let mut at = 0;
+        loop {
+            let rest = &self.pending[at..];
+            let (header, typed) = if self.started { (5, true) } else { (4, false) };
+            if rest.len() < header {
+                break;
+            }
+            let length_at = usize::from(typed);
+            let length = u32::from_be_bytes(rest[length_at..length_at + 4].try_into().unwrap());
+            let whole = length as usize + length_at;
+            if rest.len() < whole {
+                break;
+            }
+            let message = &rest[..whole];
+            if typed {
+                let body = &message[5..];
+                match message[0] {
+                    b'Q' => executed.push(cstring(body, 0).0.to_vec()),
+                    b'P' => {
+                        let (name, next) = cstring(body, 0);
+                        let (text, _) = cstring(body, next);
+                        self.prepared.insert(name.to_vec(), text.to_vec());
+                    }
+                    b'B' => {
+                        let (_portal, next) = cstring(body, 0);
+                        let (name, _) = cstring(body, next);
+                        if let Some(text) = self.prepared.get(name) {
+                            executed.push(text.clone());
+                        }
+                    }
+                    _ => {}
+                }
+            } else {
+                // SSLRequest and GSSENCRequest (code 1234.5679 and .5680)
+                // are answered by one byte and followed by the startup;
+                // anything else is the startup itself.
+                let code = message
+                    .get(4..8)
+                    .map(|c| u32::from_be_bytes(c.try_into().unwrap()));
+                self.started = !matches!(code, Some(80877103 | 80877104));
+            }
+            at += whole;
+        }
+        self.pending.drain(..at);
+        executed
+    }
+}
+
+/// The NUL-terminated string at `from` in `body`, and where the next field
+/// begins.
+fn cstring(body: &[u8], from: usize) -> (&[u8], usize) {
+    let rest = body.get(from..).unwrap_or_default();
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    (&rest[..end], from + end + 1)
 }
 
 fn blackhole(link: &watch::Sender<Link>, server_side: ServerSide) {
@@ -147,7 +215,6 @@ impl FaultProxy {
         let trigger = Arc::new(Trigger {
             armed: std::sync::Mutex::new(None),
             link: link.clone(),
-            next_connection: std::sync::atomic::AtomicU64::new(0),
         });
         let acceptor = tokio::spawn(accept(
             listener,
@@ -196,16 +263,15 @@ impl FaultProxy {
         blackhole(&self.link, server_side);
     }
 
-    /// Arms a blackhole that begins just after a client sends `bytes` (on
-    /// any connection) and then `then` more writes on that connection: the
-    /// server gets them, then nothing more either way. What a replica cut
-    /// off just after it sent a statement meets (a prepared statement's text
-    /// goes in one write, its execution in the next).
-    pub fn blackhole_after(&self, bytes: &[u8], then: usize, server_side: ServerSide) {
+    /// Arms a blackhole that begins just after a client (on any connection)
+    /// executes a statement whose text contains `statement`: the server gets
+    /// the execution, then nothing more goes either way. What a replica cut
+    /// off just after it sent a statement meets. The proxy reads the
+    /// protocol to know a prepared statement's text when only its name is
+    /// sent (plaintext connections: the tests' Postgres has no TLS).
+    pub fn blackhole_after(&self, statement: &[u8], server_side: ServerSide) {
         *self.trigger.armed.lock().expect("trigger") = Some(Armed {
-            needle: bytes.to_vec(),
-            then,
-            connection: None,
+            needle: statement.to_vec(),
             server_side,
         });
     }
@@ -299,7 +365,6 @@ async fn relay(
         return rst(client);
     };
     let mut client = client;
-    let id = trigger.next_connection.fetch_add(1, Ordering::SeqCst);
     // Small writes (Postgres's messages) go out at once, as without a proxy.
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
@@ -309,7 +374,7 @@ async fn relay(
         let (mut control, mut up, mut down) = (link.clone(), link.clone(), link.clone());
         let directions = async {
             tokio::try_join!(
-                pump(client_read, server_write, &mut up, Some((trigger, id))),
+                pump(client_read, server_write, &mut up, Some(trigger)),
                 pump(server_read, client_write, &mut down, None),
             )
         };
@@ -348,9 +413,10 @@ async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     link: &mut watch::Receiver<Link>,
-    trigger: Option<(&Trigger, u64)>,
+    trigger: Option<&Trigger>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0; 64 * 1024];
+    let mut statements = Statements::default();
     loop {
         until(link, |l| l.mode == Mode::Pass).await;
         let n = tokio::select! {
@@ -374,8 +440,8 @@ async fn pump(
                 w = to.write(&buf[written..n]) => written += w?,
             }
         }
-        if let Some((trigger, connection)) = trigger {
-            trigger.check(connection, &buf[..n]);
+        if let Some(trigger) = trigger {
+            trigger.check(&statements.executed(&buf[..n]));
         }
     }
 }
