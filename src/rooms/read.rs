@@ -66,8 +66,9 @@ impl Rooms {
         match fetched {
             Err(e) if consistency == Consistency::Cached && unanswerable_upstream(&e) => {
                 // Anything the cache still holds, within the hard limit, beats
-                // no answer.
-                if let Some((row, status)) = self.last_known(&arn, deadline).await
+                // no answer; looked for by `answer_by`, so that the answer
+                // from memory still reaches the caller in time.
+                if let Some((row, status)) = self.last_known(&arn, answer_by).await
                     && self.may_serve_stale(&row)
                 {
                     return Read {

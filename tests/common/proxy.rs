@@ -97,12 +97,22 @@ struct Statements {
     started: bool,
     /// Prepared statements by name (`""`: the unnamed one).
     prepared: HashMap<Vec<u8>, Vec<u8>>,
+    /// The stream could not be read as the protocol (TLS, or a length no
+    /// message has): nothing more is read from it.
+    lost: bool,
 }
+
+/// The longest message read; anything longer means the stream is not read
+/// right (the tests' statements are short).
+const LONGEST_MESSAGE: usize = 64 << 20;
 
 impl Statements {
     /// The texts of the statements that `sent` (the next bytes the client
     /// sent) executes.
     fn executed(&mut self, sent: &[u8]) -> Vec<Vec<u8>> {
+        if self.lost {
+            return Vec::new();
+        }
         self.pending.extend_from_slice(sent);
         let mut executed = Vec::new();
         let mut at = 0;
@@ -115,6 +125,12 @@ impl Statements {
             let length_at = usize::from(typed);
             let length = u32::from_be_bytes(rest[length_at..length_at + 4].try_into().unwrap());
             let whole = length as usize + length_at;
+            // A length counts itself (and an untyped message's code).
+            if whole < header + usize::from(!typed) * 4 || whole > LONGEST_MESSAGE {
+                self.lost = true;
+                self.pending = Vec::new();
+                return executed;
+            }
             if rest.len() < whole {
                 break;
             }
@@ -127,6 +143,10 @@ impl Statements {
                         let (name, next) = cstring(body, 0);
                         let (text, _) = cstring(body, next);
                         self.prepared.insert(name.to_vec(), text.to_vec());
+                    }
+                    // Close of a prepared statement.
+                    b'C' if body.first() == Some(&b'S') => {
+                        self.prepared.remove(cstring(body, 1).0);
                     }
                     b'B' => {
                         let (_portal, next) = cstring(body, 0);
@@ -270,6 +290,7 @@ impl FaultProxy {
     /// protocol to know a prepared statement's text when only its name is
     /// sent (plaintext connections: the tests' Postgres has no TLS).
     pub fn blackhole_after(&self, statement: &[u8], server_side: ServerSide) {
+        assert!(!statement.is_empty(), "a statement to wait for");
         *self.trigger.armed.lock().expect("trigger") = Some(Armed {
             needle: statement.to_vec(),
             server_side,
