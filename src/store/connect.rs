@@ -204,10 +204,10 @@ async fn check_sessions_are_kept(pool: &AnyPool, url: &str) -> anyhow::Result<()
             .context("could not check that the database keeps sessions (LISTEN/NOTIFY)")),
         Ok(Ok(false)) | Err(_) => anyhow::bail!(
             "the database at {} did not deliver a notification to this process's \
-             LISTEN within {} s (or delivered it to another connection): a connection pooler in transaction or statement mode \
-             (PgBouncer pool_mode=transaction, ...) is in between? ivschat-rooms keeps \
-             state in its sessions (LISTEN, session settings): connect to Postgres \
-             directly or through session pooling",
+             LISTEN within {} s (or delivered it to another connection): a connection \
+             pooler in transaction or statement mode (PgBouncer pool_mode=transaction, \
+             ...) is in between? ivschat-rooms keeps state in its sessions (LISTEN, \
+             session settings): connect to Postgres directly or through session pooling",
             redact(url),
             SESSION_CHECK_WAIT.as_secs()
         ),

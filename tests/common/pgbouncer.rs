@@ -10,12 +10,24 @@ use std::time::Duration;
 use super::pg::is_root;
 use super::proxy::{postgres_addr, with_address};
 
-/// The PgBouncer program, when this machine has it.
+/// Set (by `.ci/run`) when PgBouncer must be there: its tests may not skip.
+pub const REQUIRE_VAR: &str = "IVSCHAT_ROOMS_TEST_REQUIRE_PGBOUNCER";
+
+/// The PgBouncer program, when this machine has it; without it, a test
+/// skips (saying so), or fails when [`REQUIRE_VAR`] is set.
 pub fn available() -> Option<&'static Path> {
-    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+    let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
         .into_iter()
         .map(Path::new)
-        .find(|p| p.exists())
+        .find(|p| p.exists());
+    if program.is_none() {
+        assert!(
+            std::env::var_os(REQUIRE_VAR).is_none(),
+            "{REQUIRE_VAR} is set but PgBouncer is not installed"
+        );
+        eprintln!("SKIPPED: no pgbouncer (Debian's pgbouncer)");
+    }
+    program
 }
 
 /// A running PgBouncer; killed when dropped.
@@ -70,27 +82,29 @@ impl PgBouncer {
         if is_root() {
             command.args(["-u", "postgres"]);
         }
-        let child = command
+        let mut child = command
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start pgbouncer");
-        let bouncer = PgBouncer {
-            child,
-            port,
-            _dir: dir,
-        };
         super::binary::within("PgBouncer to listen", async {
             while tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_err()
             {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("PgBouncer exited ({status}) with {}", config.display());
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
         .await;
-        bouncer
+        PgBouncer {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 
     /// `url` (postgres://user@host:port/db) through this PgBouncer.
